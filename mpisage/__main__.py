@@ -1,0 +1,5 @@
+import sys
+
+from mpisage.run import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""The hooks an algorithm fills in. The role loops (client.py, sserver.py, fserver.py) call them; an algorithm
+file holds only what makes the method different.
+
+Client side   make_client, client_step, shared_modules (what the F-server averages)
+S-server side make_server, expected_uploads, on_upload (its replies go back to that client), end_server_round,
+              evaluate
+F-server side aggregate (FedAvg of each shared module by default)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mpisage.data import eval_transform
+from mpisage.models import activation_shape
+from mpisage.state import fedavg
+from mpisage.transport import Kind, S_SERVER, Transport
+from mpisage.world import World
+
+
+@dataclass
+class ClientState:
+    """One virtual client: its data, its models and optimisers, its random stream."""
+    cid: int
+    x: torch.Tensor                 # uint8 [n, C, H, W]
+    y: torch.Tensor                 # int64 [n]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator      # batch order and augmentation
+    aux: nn.Module | None = None
+    aux_optimizer: torch.optim.Optimizer | None = None
+
+
+@dataclass
+class ServerState:
+    """Everything the S-server holds (algorithms add entries to `extra`)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_stats: np.ndarray          # [num_clients, 3] loss sum, correct, samples of this round's server steps
+    extra: dict = field(default_factory=dict)
+
+
+class ClientLink:
+    """A client's view of its S-server for one round: uploads and the replies addressed to it."""
+
+    def __init__(self, transport: Transport, cid: int, round: int):
+        self.transport, self.cid, self.round = transport, cid, round
+
+    def upload(self, z: torch.Tensor, y: torch.Tensor, seq: int) -> None:
+        self.transport.send(S_SERVER, Kind.ACTIVATION, z, round=self.round, client=self.cid, seq=seq)
+        self.transport.send(S_SERVER, Kind.LABELS, y, round=self.round, client=self.cid, seq=seq)
+
+    def receive(self, kind: Kind, seq: int | None = None, **expect) -> torch.Tensor:
+        return self.transport.recv(kind, S_SERVER, round=self.round, client=self.cid, seq=seq, **expect).tensor
+
+
+def adam(params, cfg, lr: float | None = None, weight_decay: float | None = None) -> torch.optim.Adam:
+    """The paper's optimiser: Adam, betas 0.9/0.999, weight decay as L2."""
+    return torch.optim.Adam(params, lr=cfg.lr if lr is None else lr,
+                            weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
+
+
+class Algorithm:
+    name = "base"
+
+    def __init__(self, world: World):
+        self.world = world
+        self.cfg = world.cfg
+        data = world.data
+        self.activation_shape = activation_shape(world.build_model(), data.in_channels, data.image_size)
+
+    # ------------------------------------------------------------------ client side
+    def make_client(self, cid: int) -> ClientState:
+        split = self.world.build_model()
+        rows = torch.from_numpy(self.world.local_index[cid])
+        return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], split.client,
+                           adam(split.client.parameters(), self.cfg), self.world.generator("client", cid))
+
+    def client_step(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One local iteration on batch (x, y); returns (summed loss, correct predictions)."""
+        raise NotImplementedError
+
+    def client_checkpoint(self, c: ClientState) -> dict:
+        """Everything a client must keep to continue exactly."""
+        state = {"model": c.model.state_dict(), "optimizer": c.optimizer.state_dict(),
+                 "generator": c.generator.get_state()}
+        if c.aux is not None:
+            state["aux"] = c.aux.state_dict()
+        if c.aux_optimizer is not None:
+            state["aux_optimizer"] = c.aux_optimizer.state_dict()
+        return state
+
+    def shared_modules(self, c: ClientState) -> dict[Kind, nn.Module]:
+        """The client's modules that go to the F-server each round and come back averaged."""
+        return {Kind.CLIENT_MODEL: c.model}
+
+    def fserver_templates(self) -> dict[Kind, nn.Module]:
+        """Modules laid out like `shared_modules`, for the F-server to unpack and average."""
+        split = self.world.build_model()
+        return {Kind.CLIENT_MODEL: split.client}
+
+    # ------------------------------------------------------------------ S-server side
+    def make_server(self) -> ServerState:
+        split = self.world.build_model()
+        return ServerState(split.server, adam(split.server.parameters(), self.cfg),
+                           np.zeros((self.world.num_clients, 3)))
+
+    def expected_uploads(self, cid: int) -> int:
+        """How many smashed batches client `cid` sends the S-server in one round."""
+        return 0
+
+    def on_upload(self, s: ServerState, round: int, cid: int, seq: int, z: torch.Tensor,
+                  y: torch.Tensor) -> list[tuple[Kind, torch.Tensor]]:
+        """Handles one uploaded smashed batch; returns the messages to send back to that client."""
+        return []
+
+    def end_server_round(self, s: ServerState, round: int) -> None:
+        pass
+
+    def server_checkpoint(self, s: ServerState) -> dict:
+        """Everything the S-server must keep to continue exactly (nested dicts of tensors and plain values)."""
+        return {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict()}
+
+    def server_step(self, s: ServerState, cid: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of the server model on (z, y); returns the logits (for train metrics)."""
+        s.model.train()
+        s.optimizer.zero_grad(set_to_none=True)
+        logits = s.model(z)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        s.optimizer.step()
+        s.train_stats[cid] += (loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y))
+        return logits
+
+    @torch.no_grad()
+    def evaluate(self, s: ServerState, client_model: nn.Module) -> tuple[float, float]:
+        """Global model = server(aggregated client(x)), BN in eval mode, whole test set: (mean loss, accuracy)."""
+        data, dev = self.world.data, self.world.device
+        transform = eval_transform(data)
+        was_training = s.model.training
+        client_model.eval()
+        s.model.eval()
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(data.test_y), self.cfg.eval_batch_size):
+            x = transform(data.test_x[start:start + self.cfg.eval_batch_size].to(dev))
+            y = data.test_y[start:start + self.cfg.eval_batch_size].to(dev)
+            logits = s.model(client_model(x))
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        s.model.train(was_training)
+        n = len(data.test_y)
+        return loss_sum / n, correct / n
+
+    # ------------------------------------------------------------------ F-server side
+    def aggregate(self, kind: Kind, packed: list[torch.Tensor], template: nn.Module) -> torch.Tensor:
+        """FedAvg weighted by n_i / n over the whole state_dict, clients in id order."""
+        weights = [self.world.num_samples(cid) for cid in range(self.world.num_clients)]
+        return fedavg(packed, weights, template.state_dict())
+
+    def describe(self) -> dict:
+        """Facts about this run's algorithm for the metrics file."""
+        return {"algorithm": self.name, "server_order": "canonical" if self.cfg.deterministic else "arrival"}

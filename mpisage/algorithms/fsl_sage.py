@@ -1,0 +1,112 @@
+"""FSL-SAGE (Nair et al., ICML 2025): clients step on the gradient of an auxiliary model that stands in for the
+server; every Q-th step they upload the smashed batch and the S-server takes one step on it; at round 0 and every
+l rounds the S-server aligns each client's auxiliary model to its own true cut-layer gradients and sends it back.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, adam
+from mpisage.state import load_packed, pack_state, state_nbytes
+from mpisage.transport import Kind
+
+
+class FslSage(Algorithm):
+    name = "fsl_sage"
+
+    def is_align_round(self, round: int) -> bool:
+        return round % self.cfg.align_interval == 0
+
+    # ------------------------------------------------------------------ client
+    def make_client(self, cid: int) -> ClientState:
+        c = super().make_client(cid)
+        c.aux = self.world.build_model().aux     # replaced by the aligned model at round 0; never trained here
+        return c
+
+    def client_step(self, c: ClientState, link: ClientLink, k: int, x, y):
+        Q = self.cfg.server_update_interval
+        c.model.train()
+        z = c.model(x)
+        if k % Q == 0:
+            link.upload(z, y, seq=k // Q)
+        if k == 0 and self.is_align_round(link.round):
+            load_packed(c.aux, link.receive(Kind.AUX_MODEL, seq=0, nbytes=state_nbytes(c.aux.state_dict())))
+        # The estimate of dL/dz: the auxiliary model's input gradient with the true labels, mean over the batch.
+        z_leaf = z.detach().requires_grad_(True)
+        c.aux.train()
+        logits = c.aux(z_leaf)
+        loss = F.cross_entropy(logits, y)
+        (g_hat,) = torch.autograd.grad(loss, z_leaf)
+        c.optimizer.zero_grad(set_to_none=True)
+        z.backward(g_hat)
+        c.optimizer.step()
+        return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
+
+    # ------------------------------------------------------------------ S-server
+    def make_server(self) -> ServerState:
+        s = super().make_server()
+        # Per client: an auxiliary copy with its own Adam (state persists across alignments) and a FIFO of the
+        # last `align_buffer_size` uploaded samples (kept as uploaded: they go stale, as in the paper).
+        s.extra["aux"] = {}
+        s.extra["aux_optimizer"] = {}
+        s.extra["buffer_z"] = {}
+        s.extra["buffer_y"] = {}
+        for cid in range(self.world.num_clients):
+            aux = self.world.build_model().aux
+            s.extra["aux"][cid] = aux
+            s.extra["aux_optimizer"][cid] = adam(aux.parameters(), self.cfg, lr=self.cfg.align_lr, weight_decay=0.0)
+        return s
+
+    def expected_uploads(self, cid: int) -> int:
+        steps = self.world.steps_per_round(cid)
+        return -(-steps // self.cfg.server_update_interval)
+
+    def on_upload(self, s, round, cid, seq, z, y):
+        self.server_step(s, cid, z, y)
+        self._buffer(s, cid, z, y)
+        if seq == 0 and self.is_align_round(round):
+            self.align(s, cid)
+            return [(Kind.AUX_MODEL, pack_state(s.extra["aux"][cid].state_dict()))]
+        return []
+
+    def _buffer(self, s: ServerState, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
+        n = self.cfg.align_buffer_size
+        bz, by = s.extra["buffer_z"].get(cid), s.extra["buffer_y"].get(cid)
+        s.extra["buffer_z"][cid] = (z if bz is None else torch.cat([bz, z]))[-n:]
+        s.extra["buffer_y"][cid] = (y if by is None else torch.cat([by, y]))[-n:]
+
+    def align(self, s: ServerState, cid: int) -> float:
+        """Lazy alignment: the true cut-layer gradients of the current server model on the whole buffer
+        (server in train mode: BN statistics update, weights do not), then `align_steps` Adam steps of the
+        client's auxiliary copy on sum((g_aux(z) - G)^2), g_aux by double back-propagation (align batch = the
+        whole buffer, so estimate and target share the 1/N scale). Returns the last loss."""
+        z, y = s.extra["buffer_z"][cid], s.extra["buffer_y"][cid]
+        aux, opt = s.extra["aux"][cid], s.extra["aux_optimizer"][cid]
+        s.model.train()
+        z_leaf = z.detach().clone().requires_grad_(True)
+        (target,) = torch.autograd.grad(F.cross_entropy(s.model(z_leaf), y), z_leaf)   # scale 1/N
+        aux.train()
+        losses = []
+        for _ in range(self.cfg.align_steps):
+            z_leaf = z.detach().clone().requires_grad_(True)
+            (g_aux,) = torch.autograd.grad(F.cross_entropy(aux(z_leaf), y), z_leaf, create_graph=True)
+            loss = ((g_aux - target) ** 2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        if losses:   # first and last alignment loss of this client's latest alignment, for the metrics
+            s.extra.setdefault("align_loss", {})[cid] = (losses[0], losses[-1])
+        return losses[-1] if losses else float("nan")
+
+    def server_checkpoint(self, s: ServerState) -> dict:
+        x = s.extra
+        return {**super().server_checkpoint(s),
+                "aux": {cid: m.state_dict() for cid, m in x["aux"].items()},
+                "aux_optimizer": {cid: o.state_dict() for cid, o in x["aux_optimizer"].items()},
+                "buffer_z": dict(x["buffer_z"]), "buffer_y": dict(x["buffer_y"])}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "Q": self.cfg.server_update_interval, "l": self.cfg.align_interval,
+                "align_buffer_size": self.cfg.align_buffer_size, "align_steps": self.cfg.align_steps}

@@ -1,0 +1,63 @@
+"""The client-rank loop: train each hosted client for a round, send its shared modules to the F-server, load the
+averages, repeat until the F-server says stop."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from mpisage.algorithms import Algorithm, ClientLink, ClientState
+from mpisage.checkpoint import checkpoint_due, send_checkpoint
+from mpisage.data import train_transform
+from mpisage.state import load_packed, pack_state, state_nbytes
+from mpisage.transport import F_SERVER, Kind
+
+# per-client figures sent to the F-server after each round: local loss sum, correct, samples, seconds
+CLIENT_STATS = 4
+
+
+def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) -> np.ndarray:
+    """E local epochs over the client's shard (step counter k restarts every round); ragged last batch kept."""
+    cfg, dev = algo.cfg, algo.world.device
+    start = time.perf_counter()
+    loss_sum, correct, seen, k = 0.0, 0, 0, 0
+    n = len(c.y)
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=c.generator)
+        for first in range(0, n, cfg.batch_size):
+            idx = order[first:first + cfg.batch_size]
+            x = transform(c.x[idx].to(dev), c.generator)
+            y = c.y[idx].to(dev)
+            batch_loss, batch_correct = algo.client_step(c, link, k, x, y)
+            if not np.isfinite(batch_loss):
+                raise FloatingPointError(f"non-finite training loss on client {c.cid} in round {link.round}, "
+                                         f"local step {k}")
+            loss_sum, correct, seen, k = loss_sum + batch_loss, correct + batch_correct, seen + len(y), k + 1
+    return np.array([loss_sum, correct, seen, time.perf_counter() - start])
+
+
+def run_client(algo: Algorithm) -> None:
+    world, t = algo.world, algo.world.transport
+    clients = [algo.make_client(cid) for cid in world.clients_of(world.rank)]
+    transform = train_transform(world.data, world.cfg.dataset.augment)
+    for round in range(world.cfg.rounds):
+        busy = 0.0
+        for c in clients:
+            stats = train_round(algo, c, ClientLink(t, c.cid, round), transform)
+            busy += stats[3]
+            for kind, module in algo.shared_modules(c).items():
+                t.send(F_SERVER, kind, pack_state(module.state_dict()), round=round, client=c.cid)
+            t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=round, client=c.cid)
+        t.send_counters(F_SERVER, round=round, extra=np.array([t.wait_seconds, busy]))
+        for c in clients:
+            for kind, module in algo.shared_modules(c).items():
+                msg = t.recv(kind, F_SERVER, round=round, client=c.cid, nbytes=state_nbytes(module.state_dict()))
+                load_packed(module, msg.tensor)
+        stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
+        if checkpoint_due(world.cfg, round, stop):
+            state = {f"client{c.cid}": algo.client_checkpoint(c) for c in clients}
+            send_checkpoint(t, {**state, "torch_rng": torch.get_rng_state()}, round)
+        if stop:
+            break
+    t.flush()

@@ -1,0 +1,179 @@
+"""Run configuration: a typed schema (OmegaConf structured config), YAML files and `key=value` overrides.
+
+Every rank parses the same command line, so every rank holds the same validated config; a bad key or value is
+a `ConfigError` naming the key, the value and what is allowed, raised before anything trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "fashion_mnist"
+    root: Optional[str] = None           # where the data lives; None: the standard places (see mpisage.data)
+    distribution: str = "iid"            # iid | noniid_dirichlet | shards
+    alpha: float = 1.0                   # Dirichlet concentration (noniid_dirichlet)
+    shards_per_client: int = 2           # shards
+    augment: bool = True                 # crop+flip for CIFAR-style data (Fashion-MNIST is never augmented)
+
+
+@dataclass
+class Config:
+    algorithm: str = "fsl_sage"
+    model: str = "cnn"
+    aux_model: str = "default"           # linear | half | default | full
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    num_clients: Optional[int] = None    # None: one client per client rank (mpirun -n 11 -> 9 clients)
+    rounds: int = 20
+    batch_size: int = 64
+    local_epochs: int = 1
+    seed: int = 200
+    run_dir: str = "runs/default"
+    comm_threshold_mb: float = 204800.0  # stop after the round in which the paper-figure load reaches this (MiB)
+    deterministic: bool = False          # canonical message order on the S-server: bit-identical reruns
+
+    # optimiser (Adam on clients and S-server, as in the paper)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+    # FSL-SAGE
+    server_update_interval: int = 5      # Q: upload every Q-th local step (one server step per upload)
+    align_interval: int = 10             # l: align the auxiliary models at round 0 and every l rounds
+    align_buffer_size: int = 1000        # per-client FIFO of uploaded smashed samples on the S-server
+    align_steps: int = 100               # Adam steps per alignment
+    align_lr: float = 1e-3
+
+    # evaluation, output, runtime
+    eval_batch_size: int = 1000
+    checkpoint_interval: int = 10        # rounds between checkpoints (the last round is always checkpointed)
+    keep_checkpoints: int = 2
+    torch_threads: int = 1               # per rank; ranks usually outnumber cores
+    comm_timeout_s: float = 1800.0       # a wait for a peer longer than this is an error naming the peer
+    log_interval: int = 1                # rounds between progress lines
+
+
+ALGORITHMS = ("fsl_sage",)
+# The FSL-SAGE authors' names for datasets, accepted as aliases.
+DATASET_ALIASES = {"fmnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "cifar": "cifar10"}
+# `dataset=NAME` is shorthand for `dataset.name=NAME` (the authors' command lines use it).
+GROUP_SHORTHANDS = {"dataset": "dataset.name"}
+
+
+def _rewrite_override(item: str) -> str:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (example: rounds=5)")
+    key, value = item.split("=", 1)
+    key = key.strip().lstrip("+")
+    return f"{GROUP_SHORTHANDS.get(key, key)}={value}"
+
+
+def _known_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += _known_keys(f.default_factory, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Schema defaults, then the YAML file (if any), then the overrides; validated. Returns a plain `Config`."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    try:
+        if config_file is not None:
+            if not os.path.isfile(config_file):
+                raise ConfigError(f"config file {config_file!r} does not exist (see the files in configs/)")
+            file_cfg = OmegaConf.load(config_file)
+            if isinstance(file_cfg.get("dataset"), str):     # `dataset: cifar10` in a file, as on the command line
+                file_cfg["dataset"] = {"name": file_cfg["dataset"]}
+            layers.append(file_cfg)
+        layers.append(OmegaConf.from_dotlist([_rewrite_override(o) for o in overrides]))
+        merged = OmegaConf.merge(schema, *layers)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        known = ", ".join(_known_keys(Config))
+        raise ConfigError(f"bad config key or value at {key!r}: {e.msg if hasattr(e, 'msg') else e}\n"
+                          f"  known keys: {known}") from None
+    cfg.dataset.name = DATASET_ALIASES.get(cfg.dataset.name.lower(), cfg.dataset.name.lower())
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data and no MPI: choices and ranges. (Rank counts and data sizes are checked at start-up.)"""
+    from mpisage.data import DATASETS, PARTITIONS
+    from mpisage.models import AUX_VARIANTS, MODELS
+
+    _require(cfg.algorithm in ALGORITHMS, "algorithm", cfg.algorithm, f"one of {', '.join(ALGORITHMS)}")
+    _require(cfg.model in MODELS, "model", cfg.model, f"one of {', '.join(MODELS)}")
+    _require(cfg.aux_model in AUX_VARIANTS, "aux_model", cfg.aux_model, f"one of {', '.join(AUX_VARIANTS)}")
+    _require(cfg.dataset.name in DATASETS, "dataset", cfg.dataset.name, f"one of {', '.join(DATASETS)}")
+    _require(cfg.dataset.distribution in PARTITIONS, "dataset.distribution", cfg.dataset.distribution,
+             f"one of {', '.join(PARTITIONS)}")
+    _require(cfg.dataset.alpha > 0, "dataset.alpha", cfg.dataset.alpha, "must be > 0 (the paper uses 1..10000)")
+    _require(cfg.dataset.shards_per_client >= 1, "dataset.shards_per_client", cfg.dataset.shards_per_client,
+             "must be >= 1")
+    _require(cfg.num_clients is None or cfg.num_clients >= 1, "num_clients", cfg.num_clients,
+             "must be >= 1, or null for one client per client rank")
+    for key in ("rounds", "batch_size", "local_epochs", "server_update_interval", "align_interval",
+                "align_buffer_size", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
+                "torch_threads", "log_interval"):
+        _require(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
+    _require(cfg.align_steps >= 0, "align_steps", cfg.align_steps, "must be >= 0")
+    for key in ("lr", "align_lr", "comm_threshold_mb", "comm_timeout_s"):
+        _require(getattr(cfg, key) > 0, key, getattr(cfg, key), "must be > 0")
+    _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+    _require(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def parse_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """`[-c FILE | --config FILE | config=FILE] key=value ...` -> (file, overrides)."""
+    config_file, overrides = None, []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-c", "--config"):
+            config_file = next(it, None)
+            if config_file is None:
+                raise ConfigError(f"{arg} needs a YAML file path (example: {arg} configs/default.yaml)")
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg.startswith("config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            raise SystemExit(HELP)
+        else:
+            overrides.append(arg)
+    return config_file, overrides
+
+
+HELP = """usage: mpirun -n RANKS python -m mpisage.run [-c configs/FILE.yaml] [key=value ...]
+
+rank 0: F-server, rank 1: S-server, ranks 2..: clients (RANKS >= 3).
+examples:
+  mpirun -n 11 python -m mpisage.run
+  mpirun -n 11 python -m mpisage.run rounds=5 dataset.distribution=noniid_dirichlet dataset.alpha=1
+  mpirun -n 11 python -m mpisage.run -c configs/resnet18_cifar10.yaml dataset.root=/data
+keys: """ + ", ".join(_known_keys(Config))

@@ -1,0 +1,36 @@
+"""Facts about the software and machine a run used, stored with its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+
+import h5py
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import mpisage
+
+
+def git_revision() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(comm) -> str:
+    """A JSON string: versions, MPI library and size, device facts, git revision."""
+    import mpi4py
+    return json.dumps({
+        "mpisage": mpisage.__version__, "git": git_revision(), "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "mpi4py": mpi4py.__version__,
+        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(), "mpi_ranks": comm.Get_size(),
+        "cuda_available": torch.cuda.is_available(), "cuda_aware_mpi": False,
+        "host": platform.node(), "torch_threads": torch.get_num_threads(),
+    })

@@ -1,0 +1,117 @@
+"""The F-server loop (rank 0): collect each client's shared modules, average them, send the averages back with
+the continue/stop decision, have the S-server evaluate the new global model, and record the round. Rank 0 is the
+only rank that prints or writes files."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from mpisage.algorithms import Algorithm
+from mpisage.checkpoint import checkpoint_due, recv_checkpoint, write_checkpoint
+from mpisage.client import CLIENT_STATS
+from mpisage.config import to_yaml
+from mpisage.metrics import MetricsFile
+from mpisage.state import flatten_state, state_nbytes
+from mpisage.sserver import sserver_extra_len
+from mpisage.transport import NUM_KINDS, S_SERVER, Kind
+from mpisage.environment import environment
+
+GIB = 1024 ** 3
+
+
+def run_fserver(algo: Algorithm, log=print) -> dict:
+    world, t, cfg = algo.world, algo.world.transport, algo.cfg
+    m = world.num_clients
+    templates = algo.fserver_templates()
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
+        "config": to_yaml(cfg), "environment": environment(t.comm), "algorithm": algo.describe(),
+        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]})
+    metrics.set("label_histograms", world.histograms)
+    metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
+    threshold = cfg.comm_threshold_mb * 1024 ** 2
+    last_counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
+    start = time.perf_counter()
+    prev_wait = np.zeros(t.size)
+    summary = {}
+    for round in range(cfg.rounds):
+        round_start = time.perf_counter()
+        # 1. every client's shared modules and local figures, in client id order (deterministic sums)
+        packed = {kind: [] for kind in templates}
+        client_stats = np.zeros((m, CLIENT_STATS))
+        for cid in range(m):
+            src = world.rank_of(cid)
+            for kind, module in templates.items():
+                packed[kind].append(t.recv(kind, src, round=round, client=cid,
+                                           nbytes=state_nbytes(module.state_dict())).tensor)
+            client_stats[cid] = t.recv(Kind.CONTROL, src, round=round, client=cid, shape=(CLIENT_STATS,)).tensor.numpy()
+        rank_extra = {}
+        for r in world.client_ranks:
+            last_counters[r], rank_extra[r] = t.recv_counters(r, round=round, n_extra=2)
+        last_counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=round, n_extra=sserver_extra_len(m))
+
+        # 2. average and send back; decide whether this was the last round
+        averaged = {kind: algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
+        for cid in range(m):
+            for kind in templates:
+                t.send(world.rank_of(cid), kind, averaged[kind], round=round, client=cid)
+        totals = sum(last_counters.values()) + t.counters()
+        paper_total = int(totals[1].sum())
+        stop = round == cfg.rounds - 1 or paper_total >= threshold
+        flag = torch.tensor([int(stop)], dtype=torch.int64)
+        for r in range(1, t.size):
+            t.send(r, Kind.CONTROL, flag, round=round)
+        t.send(S_SERVER, Kind.EVAL, averaged[Kind.CLIENT_MODEL], round=round)
+
+        # 3. the S-server's evaluation of the new global model
+        test_loss, test_acc, eval_s = t.recv(Kind.EVAL, S_SERVER, round=round, shape=(3,),
+                                             dtype=torch.float64).tensor.tolist()
+        totals = sum(last_counters.values()) + t.counters()
+        wall = time.perf_counter() - start
+        waits = np.array([t.wait_seconds, s_extra[0]] + [rank_extra[r][0] for r in world.client_ranks])
+        round_wait, prev_wait = waits - prev_wait, waits
+        round_s = time.perf_counter() - round_start
+        s_train = s_extra[3:3 + 3 * m].reshape(m, 3)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row = {
+                "round": round, "test_acc": test_acc, "test_loss": test_loss,
+                "comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()), "wall_time": wall,
+                "round_seconds": round_s, "eval_seconds": eval_s,
+                "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
+                "messages_by_kind": totals[2].sum(axis=1),
+                "wire_bytes_by_link": _by_link(last_counters, t.counters(), world),
+                "client_local_loss": client_stats[:, 0] / client_stats[:, 2],
+                "client_local_acc": client_stats[:, 1] / client_stats[:, 2],
+                "client_train_seconds": client_stats[:, 3],
+                "server_train_loss": s_train[:, 0] / s_train[:, 2],
+                "server_train_acc": s_train[:, 1] / s_train[:, 2],
+                "align_loss": s_extra[3 + 3 * m:].reshape(m, 2),
+                "sserver_busy_seconds": s_extra[1], "sserver_round_seconds": s_extra[2],
+                "wait_seconds_by_rank": round_wait,
+            }
+        metrics.append(row)
+        if round % cfg.log_interval == 0 or stop:
+            log(f"round {round + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
+                f"{row['comm_bytes'] / GIB:8.3f} GiB | {round_s:6.2f} s/round")
+        if checkpoint_due(cfg, round, stop):
+            ranks = {f"rank{r}": recv_checkpoint(t, r, round) for r in range(1, t.size)}
+            ranks["fserver"] = flatten_state({kind.name.lower(): {"packed": averaged[kind]} for kind in templates})
+            write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+        summary = row
+        if stop:
+            break
+    metrics.close()
+    t.flush()
+    return summary
+
+
+def _by_link(last_counters: dict, own: np.ndarray, world) -> np.ndarray:
+    """[source role, destination role] cumulative wire bytes."""
+    out = np.zeros((3, 3), dtype=np.int64)
+    out[0] = own[0].sum(axis=0)
+    for r, c in last_counters.items():
+        out[min(r, 2)] += c[0].sum(axis=0)
+    return out

@@ -1,0 +1,53 @@
+"""The run's metrics file, written by rank 0 only: `<run_dir>/metrics.h5`, one entry per completed round in
+resizable datasets under the group `rounds`, flushed every round so it can be read while the run goes. The
+resolved config and the environment are attributes of the file."""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+
+
+class MetricsFile:
+    def __init__(self, path: str, attrs: dict):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.file = h5py.File(path, "w", libver="latest")
+        for k, v in attrs.items():
+            self.file.attrs[k] = v if isinstance(v, (str, int, float, np.ndarray)) else json.dumps(v)
+        self.rounds = self.file.create_group("rounds")
+
+    def set(self, name: str, value) -> None:
+        """A per-run dataset (e.g. the label histograms), written once, before the first round."""
+        self.file.create_dataset(name, data=np.asarray(value))
+
+    def append(self, values: dict) -> None:
+        """Appends one round: each value is a scalar or an array of fixed shape."""
+        for name, value in values.items():
+            arr = np.asarray(value)
+            if name not in self.rounds:
+                self.rounds.create_dataset(name, shape=(0, *arr.shape), maxshape=(None, *arr.shape),
+                                           dtype=arr.dtype if arr.dtype != np.float32 else np.float64,
+                                           chunks=(64, *arr.shape))
+            d = self.rounds[name]
+            d.resize(d.shape[0] + 1, axis=0)
+            d[-1] = arr
+        if not self.file.swmr_mode:
+            # From here on readers may open the file while the run writes it (no dataset may be added after).
+            self.file.swmr_mode = True
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_rounds(path: str) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r", swmr=True) as f:
+        return {k: f["rounds"][k][()] for k in f["rounds"]}
+
+
+def read_attrs(path: str) -> dict:
+    with h5py.File(path, "r", swmr=True) as f:
+        return dict(f.attrs)

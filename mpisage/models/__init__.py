@@ -1,0 +1,66 @@
+"""Split models: a client part, a server part and an auxiliary head that stands in for the server.
+
+All parts output raw logits (no log_softmax); the loss everywhere is F.cross_entropy (mean).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import cnn, resnet
+
+MODELS = ("cnn", "resnet18")
+AUX_VARIANTS = ("linear", "half", "default", "full")
+_BUILDERS = {"cnn": cnn.build, "resnet18": resnet.build}
+
+
+@dataclass
+class SplitModel:
+    """client: x [B,C,H,W] -> smashed z; server: z -> logits; aux: z -> logits."""
+
+    client: nn.Module
+    server: nn.Module
+    aux: nn.Module
+
+    def whole(self) -> nn.Module:
+        """client followed by server, sharing the same module objects (for evaluation)."""
+        return nn.Sequential(self.client, self.server)
+
+
+def build_split(name: str, *, in_channels: int, image_size: int, num_classes: int,
+                aux: str = "default") -> SplitModel:
+    """Builds fresh modules from torch's global RNG (the caller seeds it, identically on every rank).
+
+    Raises ValueError naming the bad value and the allowed ones for an unknown model name or aux variant,
+    an unsupported image_size, or a non-positive in_channels / num_classes.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {MODELS}")
+    if aux not in AUX_VARIANTS:
+        raise ValueError(f"unknown aux variant {aux!r}; allowed: {AUX_VARIANTS}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"unsupported in_channels={in_channels!r}; must be a positive int")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"unsupported num_classes={num_classes!r}; must be an int >= 2")
+    client, server, aux_model = _BUILDERS[name](
+        in_channels=in_channels, image_size=image_size, num_classes=num_classes, aux=aux)
+    return SplitModel(client=client, server=server, aux=aux_model)
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers (BN running stats and int64 num_batches_tracked included)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def activation_shape(split: SplitModel, in_channels: int, image_size: int) -> tuple:
+    """Per-sample shape of the smashed activation, from a 2-sample dummy forward in eval mode."""
+    ref = next(split.client.parameters())
+    flags = [(m, m.training) for m in split.client.modules()]  # restore exactly, even mixed flags
+    split.client.eval()
+    try:
+        with torch.no_grad():
+            z = split.client(torch.zeros(2, in_channels, image_size, image_size, device=ref.device, dtype=ref.dtype))
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return tuple(z.shape[1:])

@@ -1,0 +1,80 @@
+"""Entry point: `mpirun -n 11 python -m mpisage.run [-c configs/X.yaml] [key=value ...]`.
+
+Rank 0 is the F-server, rank 1 the S-server, ranks 2.. the clients. Any exception on any rank aborts the whole
+job (MPI_Abort) after printing the rank, its role and the reason, so nothing hangs."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+# Ranks outnumber cores: keep each rank to its threads and make MPICH waits yield (set before MPI starts).
+os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _fail(rank: int, role: str, exc: BaseException) -> None:
+    from mpi4py import MPI
+    detail = "".join(traceback.format_exception(exc)) if os.environ.get("MPISAGE_TRACEBACK", "1") != "0" else ""
+    sys.stderr.write(f"{detail}[mpisage] rank {rank} ({role}) failed: {type(exc).__name__}: {exc}\n"
+                     f"[mpisage] aborting all ranks\n")
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mpi4py import MPI
+
+    from mpisage.config import ConfigError, load_config, parse_args
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    role = {0: "F-server", 1: "S-server"}.get(rank, "client")
+    try:
+        # Every rank parses the same arguments identically, so a bad config stops every rank the same way.
+        cfg = load_config(*parse_args(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        if rank == 0:
+            sys.stderr.write(f"[mpisage] config error: {e}\n")
+        return 2
+    except SystemExit as e:   # --help
+        if rank == 0:
+            print(e.code)
+        return 0
+    try:
+        import torch
+
+        from mpisage.data import DataError
+        from mpisage.algorithms import make_algorithm
+        from mpisage.transport import Transport
+        from mpisage.world import make_world
+
+        torch.set_num_threads(cfg.torch_threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        world = make_world(cfg, Transport(comm, timeout_s=cfg.comm_timeout_s))
+        algo = make_algorithm(world)
+        if rank == 0:
+            from mpisage.fserver import run_fserver
+            print(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
+                  f"{world.num_clients} clients on {comm.Get_size() - 2} client ranks | {cfg.rounds} rounds | "
+                  f"run_dir {cfg.run_dir}", flush=True)
+            run_fserver(algo, log=lambda line: print(line, flush=True))
+        elif rank == 1:
+            from mpisage.sserver import run_sserver
+            run_sserver(algo)
+        else:
+            from mpisage.client import run_client
+            run_client(algo)
+    except (ConfigError, DataError) as e:
+        # Start-up checks that need MPI or data (rank counts, partitions, files) fail identically on every rank.
+        if rank == 0:
+            sys.stderr.write(f"[mpisage] config error: {e}\n")
+        return 2
+    except BaseException as e:  # noqa: BLE001 - any failure must take the whole job down, not hang it
+        _fail(rank, role, e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The S-server loop: answer every upload of the round (in arrival order, or in the canonical client order when
+`deterministic=true`), report the round to the F-server, then evaluate the averaged client model on the test set."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpisage.algorithms import Algorithm
+from mpisage.state import load_packed, state_nbytes
+from mpisage.checkpoint import checkpoint_due, send_checkpoint
+from mpisage.transport import F_SERVER, Kind, ProtocolError
+
+
+def _uploads(algo: Algorithm, round: int, expected: dict[int, int]):
+    """Yields (activation message, labels) for every upload of the round, validated against what each client
+    must send: its id is hosted by the sending rank, uploads arrive in sequence, nobody sends too many."""
+    world, t = algo.world, algo.world.transport
+    per_sample = algo.activation_shape
+    if algo.cfg.deterministic:
+        order = [(cid, seq) for cid in range(world.num_clients) for seq in range(expected[cid])]
+    else:
+        order = [(None, None)] * sum(expected.values())
+    next_seq = dict.fromkeys(expected, 0)
+    for cid, seq in order:
+        source = MPI.ANY_SOURCE if cid is None else world.rank_of(cid)
+        act = t.recv(Kind.ACTIVATION, source, round=round, client=cid, seq=seq, clients_of=world.clients_of,
+                      trailing_shape=per_sample, device=world.device)
+        if act.seq != next_seq[act.client] or act.seq >= expected[act.client]:
+            raise ProtocolError(f"ACTIVATION from rank {act.source}: client {act.client} sent upload {act.seq} of "
+                                f"round {round}; expected upload {next_seq[act.client]} of {expected[act.client]}")
+        next_seq[act.client] += 1
+        labels = t.recv(Kind.LABELS, act.source, round=round, client=act.client, seq=act.seq, dtype=torch.int64,
+                        shape=(act.tensor.shape[0],), device=world.device)
+        yield act, labels.tensor
+
+
+def run_sserver(algo: Algorithm) -> None:
+    world, t, cfg = algo.world, algo.world.transport, algo.cfg
+    s = algo.make_server()
+    eval_client = world.build_model().client
+    for round in range(cfg.rounds):
+        start, busy = time.perf_counter(), 0.0
+        s.train_stats[:] = 0
+        s.extra.pop("align_loss", None)
+        expected = {cid: algo.expected_uploads(cid) for cid in range(world.num_clients)}
+        for act, labels in _uploads(algo, round, expected):
+            t0 = time.perf_counter()
+            y_bad = (labels < 0) | (labels >= world.data.num_classes)
+            if y_bad.any():
+                raise ProtocolError(f"LABELS from rank {act.source}: client {act.client} sent labels outside "
+                                    f"0..{world.data.num_classes - 1}")
+            if not torch.isfinite(act.tensor).all():
+                raise FloatingPointError(f"non-finite smashed activations from client {act.client} in round {round}")
+            for kind, tensor in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
+                t.send(act.source, kind, tensor, round=round, client=act.client, seq=act.seq)
+            busy += time.perf_counter() - t0
+        algo.end_server_round(s, round)
+        align = s.extra.get("align_loss", {})
+        align_loss = np.array([align.get(cid, (np.nan, np.nan)) for cid in range(world.num_clients)]).ravel()
+        extra = np.concatenate([[t.wait_seconds, busy, time.perf_counter() - start], s.train_stats.ravel(), align_loss])
+        t.send_counters(F_SERVER, round=round, extra=extra)
+
+        stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
+        msg = t.recv(Kind.EVAL, F_SERVER, round=round, nbytes=state_nbytes(eval_client.state_dict()))
+        load_packed(eval_client, msg.tensor)
+        t0 = time.perf_counter()
+        loss, acc = algo.evaluate(s, eval_client)
+        t.send(F_SERVER, Kind.EVAL, torch.tensor([loss, acc, time.perf_counter() - t0], dtype=torch.float64),
+               round=round)
+        if checkpoint_due(cfg, round, stop):
+            send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state()}, round)
+        if stop:
+            break
+    t.flush()
+
+
+def sserver_extra_len(num_clients: int) -> int:
+    """Length of the float figures the S-server appends to its round report (see run_sserver)."""
+    return 3 + 3 * num_clients + 2 * num_clients

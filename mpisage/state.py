@@ -1,0 +1,108 @@
+"""Model state <-> one contiguous byte payload, and federated averaging.
+
+Both ends of a model transfer build the same architecture, so the layout (names, dtypes, shapes, in state_dict
+order) is known on both sides and only raw bytes cross the wire: the payload of a model message is exactly
+params + buffers, the size the FSL-SAGE reference counts. Named states of unknown layout (checkpoints) carry a
+JSON manifest instead; JSON is parsed, never unpickled.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def state_nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All tensors of a state_dict, in order, as one uint8 tensor (on CPU)."""
+    parts = [t.detach().to("cpu").contiguous().view(-1).view(torch.uint8) for t in state.values()]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+def unpack_state(buf: torch.Tensor, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `pack_state` for a state laid out like `template` (views into `buf`)."""
+    expected = state_nbytes(template)
+    if buf.dtype != torch.uint8 or buf.numel() != expected:
+        raise ValueError(f"model payload has {buf.numel()} bytes, the model needs {expected}")
+    out, offset = {}, 0
+    for name, t in template.items():
+        n = t.numel() * t.element_size()
+        out[name] = buf[offset:offset + n].view(t.dtype).view(t.shape)
+        offset += n
+    return out
+
+
+def load_packed(module: nn.Module, buf: torch.Tensor) -> None:
+    """Copies a packed state into `module` in place (device and dtype of the module's tensors are kept)."""
+    target = module.state_dict()
+    with torch.no_grad():
+        for name, value in unpack_state(buf, target).items():
+            target[name].copy_(value)
+
+
+def fedavg(packed: list[torch.Tensor], weights: list[float], template: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted average of packed states over the WHOLE state_dict (BN running statistics included).
+    Sums in float64 in the given (canonical) order; integer buffers (num_batches_tracked) are rounded."""
+    total = float(sum(weights))
+    states = [unpack_state(p, template) for p in packed]
+    averaged = {}
+    for name, t in template.items():
+        acc = torch.zeros(t.shape, dtype=torch.float64)
+        for s, w in zip(states, weights):
+            acc += s[name].to(torch.float64) * (w / total)
+        averaged[name] = acc.round().to(t.dtype) if not t.dtype.is_floating_point else acc.to(t.dtype)
+    return pack_state(averaged)
+
+
+# ---------------------------------------------------------------- named states (checkpoints)
+def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Nested dicts/lists of tensors and plain values (e.g. an optimizer state_dict) -> flat
+    {path: tensor} plus a JSON-able dict {path: value} of the non-tensor leaves."""
+    tensors, plain = {}, {}
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu()
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            t, p = flatten_state(v, f"{prefix}/{k}" if prefix else str(k))
+            tensors.update(t)
+            plain.update(p)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            t, p = flatten_state(v, f"{prefix}/{i}")
+            tensors.update(t)
+            plain.update(p)
+    else:
+        plain[prefix] = obj
+    return tensors, plain
+
+
+def pack_named(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(manifest, payload): a UTF-8 JSON manifest (names, dtypes, shapes, offsets, meta) and the raw bytes."""
+    entries, offset = [], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, n])
+        offset += n
+    manifest = json.dumps({"tensors": entries, "meta": meta or {}}).encode()
+    return torch.frombuffer(bytearray(manifest), dtype=torch.uint8), pack_state(tensors)
+
+
+def unpack_named(manifest: torch.Tensor, payload: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    info = json.loads(bytes(manifest.numpy()).decode())
+    out = {}
+    for name, dtype, shape, offset, n in info["tensors"]:
+        if offset + n > payload.numel():
+            raise ValueError(f"named state entry {name!r} runs past the payload ({offset + n} > {payload.numel()})")
+        out[name] = payload[offset:offset + n].view(getattr(torch, dtype)).view(shape)
+    return out, info["meta"]
+
+
+def numpy_of(t: torch.Tensor) -> np.ndarray:
+    """A numpy view for HDF5 (bf16 has no numpy type: stored as raw uint16 bits)."""
+    t = t.detach().cpu()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()

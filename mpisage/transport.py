@@ -1,0 +1,235 @@
+"""The only module that talks MPI point-to-point.
+
+A message is a typed header (a fixed-size int64 vector: kind, round, client, seq, dtype, shape, payload bytes)
+followed by one contiguous payload, both sent with Isend. Each kind has its own pair of tags, so a receiver
+asks for "the next ACTIVATION from anyone" or "the next CLIENT_MODEL from rank 3" and MPI's non-overtaking rule
+keeps each stream in order. Every header is validated on receipt; a bad one raises `ProtocolError` naming the
+sender and the kind. Nothing is pickled: payloads are raw bytes described by the header.
+
+Bytes are counted at the send, per kind and destination role: the wire figure (header + payload, every message)
+and the paper figure (payload only, for the kinds the FSL-SAGE reference counts; labels, control, evaluation and
+checkpoint traffic are wire-only).
+
+Waiting polls `Test()` with a short, growing sleep: ranks outnumber cores, and a blocking MPI wait busy-spins.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+F_SERVER, S_SERVER = 0, 1
+ROLE_NAMES = ("fserver", "sserver", "client")
+
+
+def role_of(rank: int) -> int:
+    """0 = F-server, 1 = S-server, 2 = client (all ranks >= 2)."""
+    return min(rank, 2)
+
+
+class Kind(enum.IntEnum):
+    ACTIVATION = 0
+    GRADIENT = 1
+    LABELS = 2
+    CLIENT_MODEL = 3
+    AUX_MODEL = 4
+    SERVER_MODEL = 5
+    CONTROL = 6
+    EVAL = 7
+    CHECKPOINT = 8
+
+
+# What the FSL-SAGE reference counts as communication load (labels and bookkeeping are not counted).
+PAPER_KINDS = frozenset({Kind.ACTIVATION, Kind.GRADIENT, Kind.CLIENT_MODEL, Kind.AUX_MODEL, Kind.SERVER_MODEL})
+NUM_KINDS = len(Kind)
+
+# dtype codes in the header; anything else is refused.
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
+          torch.bool)
+DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
+
+MAGIC = 0x6D706973616765   # "mpisage"
+MAX_NDIM = 6
+# header: magic, kind, round, client, seq, dtype, ndim, shape[MAX_NDIM], nbytes
+HEADER_LEN = 7 + MAX_NDIM + 1
+HEADER_BYTES = HEADER_LEN * 8
+MAX_PAYLOAD_BYTES = 1 << 34
+
+
+class ProtocolError(RuntimeError):
+    """A message that should not have come: malformed header, wrong kind, round, client or size."""
+
+
+class CommTimeout(RuntimeError):
+    """A peer did not answer within comm_timeout_s."""
+
+
+@dataclass
+class Message:
+    kind: Kind
+    source: int
+    round: int
+    client: int
+    seq: int
+    tensor: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+def _as_buffer(t: torch.Tensor):
+    """A writable/readable MPI buffer over the tensor's bytes, without a copy."""
+    flat = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    if flat.is_cuda:   # CUDA-aware MPI reads device memory through __cuda_array_interface__/DLPack
+        return [flat, MPI.BYTE]
+    return flat.numpy()
+
+
+class Transport:
+    def __init__(self, comm: MPI.Comm, timeout_s: float = 1800.0):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.timeout_s = timeout_s
+        # [kind, destination role]
+        self.wire_bytes = np.zeros((NUM_KINDS, 3), dtype=np.int64)
+        self.paper_bytes = np.zeros((NUM_KINDS, 3), dtype=np.int64)
+        self.messages = np.zeros((NUM_KINDS, 3), dtype=np.int64)
+        self.wait_seconds = 0.0        # time spent blocked on peers (idle time)
+        self._pending: list[tuple[MPI.Request, object]] = []   # in-flight sends and the buffers they read
+
+    # ------------------------------------------------------------------ sending
+    def send(self, dest: int, kind: Kind, tensor: torch.Tensor, *, round: int, client: int = -1, seq: int = 0,
+             count: bool = True) -> None:
+        """Nonblocking send of header + payload. The tensor must not be modified until `flush()`;
+        the transport keeps a reference so it stays alive."""
+        if tensor.dtype not in DTYPE_CODE:
+            raise TypeError(f"cannot send dtype {tensor.dtype} (supported: {DTYPES})")
+        if tensor.dim() > MAX_NDIM:
+            raise ValueError(f"cannot send a {tensor.dim()}-d tensor (at most {MAX_NDIM} dims)")
+        payload = tensor.detach().contiguous()
+        if payload.is_cuda:
+            torch.cuda.current_stream(payload.device).synchronize()   # MPI reads memory, not the stream
+        nbytes = payload.numel() * payload.element_size()
+        header = np.zeros(HEADER_LEN, dtype=np.int64)
+        header[:7] = (MAGIC, int(kind), round, client, seq, DTYPE_CODE[payload.dtype], payload.dim())
+        header[7:7 + payload.dim()] = payload.shape
+        header[-1] = nbytes
+        tag = 2 * int(kind)
+        self._pending.append((self.comm.Isend(header, dest=dest, tag=tag), header))
+        self._pending.append((self.comm.Isend(_as_buffer(payload), dest=dest, tag=tag + 1), payload))
+        if count:
+            self.count(kind, dest, nbytes)
+        self._reap()
+
+    def count(self, kind: Kind, dest: int, nbytes: int) -> None:
+        """Adds one message of `nbytes` payload to the counters (done by `send`; exposed for pre-counting the
+        counter snapshot that reports itself)."""
+        role = role_of(dest)
+        self.wire_bytes[kind, role] += HEADER_BYTES + nbytes
+        self.messages[kind, role] += 1
+        if kind in PAPER_KINDS:
+            self.paper_bytes[kind, role] += nbytes
+
+    def _reap(self) -> None:
+        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+
+    def flush(self) -> None:
+        """Waits until every send of this rank has completed (buffers may be reused after)."""
+        for req, _ in self._pending:
+            self._wait(req, what="a send to complete", peer=None, kind=None)
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ receiving
+    def recv(self, kind: Kind, source: int = MPI.ANY_SOURCE, *, round: int | None = None,
+             client: int | None = None, seq: int | None = None, clients_of=None, dtype=None,
+             shape: tuple[int, ...] | None = None, trailing_shape: tuple[int, ...] | None = None,
+             nbytes: int | None = None, max_nbytes: int = MAX_PAYLOAD_BYTES, device=None) -> Message:
+        """Receives the next message of `kind` (from `source`, or anyone) and validates its header against
+        every expectation given. `clients_of(rank)` -> the client ids that rank may speak for."""
+        tag = 2 * int(kind)
+        header = np.empty(HEADER_LEN, dtype=np.int64)
+        status = MPI.Status()
+        req = self.comm.Irecv(header, source=source, tag=tag)
+        self._wait(req, what=f"a {kind.name} header", peer=source, kind=kind, status=status)
+        src = status.Get_source()
+        where = f"{kind.name} message from rank {src} ({ROLE_NAMES[role_of(src)]})"
+
+        def bad(why: str):
+            return ProtocolError(f"malformed or unexpected {where}: {why}")
+
+        if status.Get_count(MPI.BYTE) != HEADER_BYTES or header[0] != MAGIC:
+            raise bad("not an mpisage header (wrong size or magic)")
+        _, h_kind, h_round, h_client, h_seq, h_dtype, h_ndim = (int(v) for v in header[:7])
+        h_nbytes = int(header[-1])
+        if h_kind != int(kind):
+            raise bad(f"header says kind {h_kind}")
+        if not 0 <= h_dtype < len(DTYPES) or not 0 <= h_ndim <= MAX_NDIM:
+            raise bad(f"dtype code {h_dtype} / ndim {h_ndim} out of range")
+        h_shape = tuple(int(s) for s in header[7:7 + h_ndim])
+        t_dtype = DTYPES[h_dtype]
+        if any(s < 0 for s in h_shape) or int(np.prod(h_shape, dtype=np.int64)) * _elsize(t_dtype) != h_nbytes:
+            raise bad(f"shape {h_shape} x {t_dtype} does not match {h_nbytes} payload bytes")
+        checks = [("round", round, h_round), ("client", client, h_client), ("seq", seq, h_seq),
+                  ("dtype", dtype, t_dtype), ("shape", shape, h_shape), ("payload bytes", nbytes, h_nbytes)]
+        for name, want, got in checks:
+            if want is not None and want != got:
+                raise bad(f"{name} is {got}, expected {want}")
+        if trailing_shape is not None and h_shape[1:] != tuple(trailing_shape):
+            raise bad(f"shape {h_shape}, expected (*, {', '.join(map(str, trailing_shape))})")
+        if h_nbytes > max_nbytes:
+            raise bad(f"{h_nbytes} payload bytes exceed the limit {max_nbytes}")
+        if clients_of is not None and h_client not in clients_of(src):
+            raise bad(f"rank {src} does not host client {h_client}")
+        tensor = torch.empty(h_shape, dtype=t_dtype, device=device or "cpu")
+        req = self.comm.Irecv(_as_buffer(tensor), source=src, tag=tag + 1)
+        status = MPI.Status()
+        self._wait(req, what=f"the {kind.name} payload", peer=src, kind=kind, status=status)
+        if status.Get_count(MPI.BYTE) != h_nbytes:
+            raise bad(f"payload has {status.Get_count(MPI.BYTE)} bytes, header announced {h_nbytes}")
+        return Message(Kind(h_kind), src, h_round, h_client, h_seq, tensor)
+
+    # ------------------------------------------------------------------ waiting
+    def _wait(self, req: MPI.Request, *, what: str, peer, kind, status: MPI.Status | None = None) -> None:
+        """Polls without spinning: ranks outnumber cores and a blocking MPI wait burns a core."""
+        if req.Test(status):
+            return
+        start = time.perf_counter()
+        pause = 2e-5
+        while not req.Test(status):
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2e-3)
+            waited = time.perf_counter() - start
+            if waited > self.timeout_s:
+                req.Cancel()
+                who = "any rank" if peer in (None, MPI.ANY_SOURCE) else f"rank {peer} ({ROLE_NAMES[role_of(peer)]})"
+                raise CommTimeout(f"rank {self.rank} waited {waited:.0f} s for {what} from {who}; "
+                                  f"the peer is dead or stuck (raise comm_timeout_s if it is only slow)")
+        self.wait_seconds += time.perf_counter() - start
+
+    def counters(self) -> np.ndarray:
+        """[3, NUM_KINDS, 3] int64: wire bytes, paper bytes, messages per (kind, destination role)."""
+        return np.stack([self.wire_bytes, self.paper_bytes, self.messages])
+
+    def send_counters(self, dest: int, *, round: int, extra: np.ndarray | None = None) -> None:
+        """Reports this rank's counters (plus `extra` float64 figures) to `dest`, counting this very message
+        first, so the figure it carries is exact."""
+        n_extra = 0 if extra is None else len(extra)
+        self.count(Kind.CONTROL, dest, 8 * (3 * NUM_KINDS * 3 + n_extra))
+        payload = np.concatenate([self.counters().ravel().astype(np.float64),
+                                  np.zeros(0) if extra is None else np.asarray(extra, dtype=np.float64)])
+        self.send(dest, Kind.CONTROL, torch.from_numpy(payload), round=round, count=False)
+
+    def recv_counters(self, source: int, *, round: int, n_extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        msg = self.recv(Kind.CONTROL, source, round=round, dtype=torch.float64, shape=(3 * NUM_KINDS * 3 + n_extra,))
+        values = msg.tensor.numpy()
+        return values[:3 * NUM_KINDS * 3].astype(np.int64).reshape(3, NUM_KINDS, 3), values[3 * NUM_KINDS * 3:]
+
+
+def _elsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()

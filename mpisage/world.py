@@ -1,0 +1,119 @@
+"""What every rank knows at start-up: ranks and roles, the virtual clients each client rank hosts, the data
+partition (computed from the seed, identical everywhere), the model factory and the random streams."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mpisage.config import Config, ConfigError
+from mpisage.data import ImageDataset, label_histograms, load_dataset, partition
+from mpisage.models import SplitModel, build_split
+from mpisage.transport import F_SERVER, S_SERVER, Transport
+
+STREAMS = {"init": 0, "client": 1, "server": 2, "fserver": 3}
+
+
+def derive_seed(seed: int, stream: str, index: int = 0) -> int:
+    """Independent, reproducible 63-bit seeds per (seed, role stream, client id)."""
+    return int(np.random.SeedSequence([seed, STREAMS[stream], index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class World:
+    cfg: Config
+    transport: Transport
+    data: ImageDataset
+    parts: list[np.ndarray]               # train indices per client
+    histograms: np.ndarray                # [num_clients, num_classes]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    local_index: dict[int, np.ndarray] = field(default_factory=dict)   # client id -> rows of this rank's train_x
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.parts)
+
+    @property
+    def client_ranks(self) -> list[int]:
+        return list(range(2, self.transport.size))
+
+    def rank_of(self, cid: int) -> int:
+        """Virtual clients are dealt round-robin over the client ranks; a rank runs its clients in id order."""
+        return 2 + cid % (self.transport.size - 2)
+
+    def clients_of(self, rank: int) -> list[int]:
+        if rank < 2:
+            return []
+        return list(range(rank - 2, self.num_clients, self.transport.size - 2))
+
+    def num_samples(self, cid: int) -> int:
+        return len(self.parts[cid])
+
+    def steps_per_round(self, cid: int) -> int:
+        return self.cfg.local_epochs * math.ceil(self.num_samples(cid) / self.cfg.batch_size)
+
+    def batch_sizes(self, cid: int) -> list[int]:
+        """The size of every local step of a round (the last batch of an epoch is ragged)."""
+        n, b = self.num_samples(cid), self.cfg.batch_size
+        epoch = [b] * (n // b) + ([n % b] if n % b else [])
+        return epoch * self.cfg.local_epochs
+
+    def build_model(self) -> SplitModel:
+        """The same initial weights on every rank and for every client (the paper starts all clients from one)."""
+        torch.manual_seed(derive_seed(self.cfg.seed, "init"))
+        split = build_split(self.cfg.model, in_channels=self.data.in_channels, image_size=self.data.image_size,
+                            num_classes=self.data.num_classes, aux=self.cfg.aux_model)
+        for module in (split.client, split.server, split.aux):
+            module.to(self.device)
+        return split
+
+    def generator(self, stream: str, index: int = 0) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(derive_seed(self.cfg.seed, stream, index))
+        return g
+
+
+def make_world(cfg: Config, transport: Transport) -> World:
+    """Loads the data, checks the rank count and partition, and keeps on this rank only what its role needs."""
+    size = transport.size
+    if size < 3:
+        raise ConfigError(f"mpisage needs at least 3 MPI ranks (F-server, S-server, one client rank); got {size}. "
+                          f"Run e.g. `mpirun -n 11 python -m mpisage.run`.")
+    num_clients = cfg.num_clients if cfg.num_clients is not None else size - 2
+    if num_clients < size - 2:
+        raise ConfigError(f"num_clients={num_clients} is fewer than the {size - 2} client ranks of `mpirun -n {size}`: "
+                          f"every client rank must host a client. Use num_clients>={size - 2} or "
+                          f"`mpirun -n {num_clients + 2}`.")
+    data = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    labels = data.train_y.numpy()
+    try:
+        parts = partition(labels, num_clients, cfg.dataset.distribution, alpha=cfg.dataset.alpha,
+                          shards_per_client=cfg.dataset.shards_per_client, seed=derive_seed(cfg.seed, "init", 1))
+    except ValueError as e:
+        raise ConfigError(f"cannot partition {data.name} for num_clients={num_clients}: {e}") from None
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ConfigError(f"clients {empty[:5]} got no training data ({len(labels)} samples for {num_clients} "
+                          f"clients, distribution={cfg.dataset.distribution}); use fewer clients")
+    hist = label_histograms(labels, parts, data.num_classes)
+    world = World(cfg, transport, data, parts, hist)
+    # Keep what this rank's role needs (11 ranks share one machine's memory).
+    if transport.rank == F_SERVER:
+        data.train_x = data.train_x[:0]
+        data.test_x, data.test_y = data.test_x[:0], data.test_y[:0]
+    elif transport.rank == S_SERVER:
+        data.train_x = data.train_x[:0]
+    else:
+        mine = world.clients_of(transport.rank)
+        keep = torch.from_numpy(np.concatenate([parts[c] for c in mine]))
+        offsets = np.cumsum([0] + [len(parts[c]) for c in mine])
+        world.local_index = {c: np.arange(offsets[i], offsets[i + 1]) for i, c in enumerate(mine)}
+        data.train_x, data.train_y = data.train_x[keep].clone(), data.train_y[keep].clone()
+        data.test_x, data.test_y = data.test_x[:0], data.test_y[:0]
+    return world
