@@ -2,6 +2,7 @@
 averages, repeat until the F-server says stop."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -37,11 +38,19 @@ def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) ->
     return np.array([loss_sum, correct, seen, time.perf_counter() - start])
 
 
+def _inject_fault(rank: int, round: int) -> None:
+    """Test hook: MPISAGE_INJECT_FAULT=RANK:ROUND makes that client rank raise at the start of that round."""
+    spec = os.environ.get("MPISAGE_INJECT_FAULT")
+    if spec and tuple(int(v) for v in spec.split(":")) == (rank, round):
+        raise RuntimeError(f"fault injected by MPISAGE_INJECT_FAULT={spec}")
+
+
 def run_client(algo: Algorithm) -> None:
     world, t = algo.world, algo.world.transport
     clients = [algo.make_client(cid) for cid in world.clients_of(world.rank)]
     transform = train_transform(world.data, world.cfg.dataset.augment)
     for round in range(world.cfg.rounds):
+        _inject_fault(world.rank, round)
         busy = 0.0
         for c in clients:
             stats = train_round(algo, c, ClientLink(t, c.cid, round), transform)

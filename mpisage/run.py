@@ -22,6 +22,38 @@ def _fail(rank: int, role: str, exc: BaseException) -> None:
     MPI.COMM_WORLD.Abort(1)
 
 
+def run_job(cfg, comm, log=None) -> dict:
+    """Runs one job on `comm` (every rank calls it); returns the last round's metrics on rank 0, {} elsewhere."""
+    import torch
+
+    from mpisage.algorithms import make_algorithm
+    from mpisage.transport import Transport
+    from mpisage.world import make_world
+
+    torch.set_num_threads(cfg.torch_threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    world = make_world(cfg, Transport(comm, timeout_s=cfg.comm_timeout_s))
+    algo = make_algorithm(world)
+    rank = comm.Get_rank()
+    if rank == 0:
+        from mpisage.fserver import run_fserver
+        if log is None:
+            def log(line):
+                print(line, flush=True)
+        log(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
+            f"{world.num_clients} clients on {comm.Get_size() - 2} client ranks | up to {cfg.rounds} rounds | "
+            f"run_dir {cfg.run_dir}")
+        return run_fserver(algo, log=log)
+    if rank == 1:
+        from mpisage.sserver import run_sserver
+        run_sserver(algo)
+    else:
+        from mpisage.client import run_client
+        run_client(algo)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI
 
@@ -41,35 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(e.code)
         return 0
+    from mpisage.data import DataError
+
     try:
-        import torch
-
-        from mpisage.data import DataError
-        from mpisage.algorithms import make_algorithm
-        from mpisage.transport import Transport
-        from mpisage.world import make_world
-
-        torch.set_num_threads(cfg.torch_threads)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-        world = make_world(cfg, Transport(comm, timeout_s=cfg.comm_timeout_s))
-        algo = make_algorithm(world)
+        summary = run_job(cfg, comm)
         if rank == 0:
-            from mpisage.fserver import run_fserver
-            print(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
-                  f"{world.num_clients} clients on {comm.Get_size() - 2} client ranks | {cfg.rounds} rounds | "
-                  f"run_dir {cfg.run_dir}", flush=True)
-            run_fserver(algo, log=lambda line: print(line, flush=True))
-        elif rank == 1:
-            from mpisage.sserver import run_sserver
-            run_sserver(algo)
-        else:
-            from mpisage.client import run_client
-            run_client(algo)
+            print(f"[mpisage] done: test acc {summary['test_acc']:.4f} after {summary['round'] + 1} rounds, "
+                  f"{summary['comm_bytes'] / 1024 ** 3:.3f} GiB, metrics in {cfg.run_dir}/metrics.h5", flush=True)
     except (ConfigError, DataError) as e:
         # Start-up checks that need MPI or data (rank counts, partitions, files) fail identically on every rank.
         if rank == 0:
-            sys.stderr.write(f"[mpisage] config error: {e}\n")
+            sys.stderr.write(f"[mpisage] {'data' if isinstance(e, DataError) else 'config'} error: {e}\n")
         return 2
     except BaseException as e:  # noqa: BLE001 - any failure must take the whole job down, not hang it
         _fail(rank, role, e)

@@ -24,6 +24,14 @@ def pack_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
 
+def _typed(buf: torch.Tensor, offset: int, n: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """bytes [offset, offset+n) of `buf` as a tensor: a view when aligned for `dtype`, else a copy."""
+    raw = buf[offset:offset + n]
+    if offset % torch.empty(0, dtype=dtype).element_size():
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
+
+
 def unpack_state(buf: torch.Tensor, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `pack_state` for a state laid out like `template` (views into `buf`)."""
     expected = state_nbytes(template)
@@ -32,7 +40,7 @@ def unpack_state(buf: torch.Tensor, template: dict[str, torch.Tensor]) -> dict[s
     out, offset = {}, 0
     for name, t in template.items():
         n = t.numel() * t.element_size()
-        out[name] = buf[offset:offset + n].view(t.dtype).view(t.shape)
+        out[name] = _typed(buf, offset, n, t.dtype, t.shape)
         offset += n
     return out
 
@@ -98,7 +106,7 @@ def unpack_named(manifest: torch.Tensor, payload: torch.Tensor) -> tuple[dict[st
     for name, dtype, shape, offset, n in info["tensors"]:
         if offset + n > payload.numel():
             raise ValueError(f"named state entry {name!r} runs past the payload ({offset + n} > {payload.numel()})")
-        out[name] = payload[offset:offset + n].view(getattr(torch, dtype)).view(shape)
+        out[name] = _typed(payload, offset, n, getattr(torch, dtype), shape)
     return out, info["meta"]
 
 
