@@ -52,6 +52,7 @@ class FslSage(Algorithm):
         s.extra["aux_optimizer"] = {}
         s.extra["buffer_z"] = {}
         s.extra["buffer_y"] = {}
+        s.extra["buffer_fill"] = {}
         for cid in range(self.world.num_clients):
             aux = self.world.build_model().aux
             s.extra["aux"][cid] = aux
@@ -71,17 +72,32 @@ class FslSage(Algorithm):
         return []
 
     def _buffer(self, s: ServerState, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
+        """Keeps the last `align_buffer_size` samples in a ring (alignment uses the whole buffer as one batch, so
+        the order inside it does not matter; a ring avoids re-copying the buffer on every upload)."""
         n = self.cfg.align_buffer_size
-        bz, by = s.extra["buffer_z"].get(cid), s.extra["buffer_y"].get(cid)
-        s.extra["buffer_z"][cid] = (z if bz is None else torch.cat([bz, z]))[-n:]
-        s.extra["buffer_y"][cid] = (y if by is None else torch.cat([by, y]))[-n:]
+        if cid not in s.extra["buffer_z"]:
+            s.extra["buffer_z"][cid] = z.new_empty((n, *z.shape[1:]))
+            s.extra["buffer_y"][cid] = y.new_empty((n,))
+            s.extra["buffer_fill"][cid] = torch.zeros(2, dtype=torch.int64)   # samples held, next write position
+        bz, by, fill = s.extra["buffer_z"][cid], s.extra["buffer_y"][cid], s.extra["buffer_fill"][cid]
+        z, y = z[-n:], y[-n:]
+        pos = int(fill[1])
+        first = min(len(y), n - pos)
+        bz[pos:pos + first], by[pos:pos + first] = z[:first], y[:first]
+        bz[:len(y) - first], by[:len(y) - first] = z[first:], y[first:]
+        fill[0] = min(n, int(fill[0]) + len(y))
+        fill[1] = (pos + len(y)) % n
+
+    def buffered(self, s: ServerState, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        held = int(s.extra["buffer_fill"][cid][0])
+        return s.extra["buffer_z"][cid][:held], s.extra["buffer_y"][cid][:held]
 
     def align(self, s: ServerState, cid: int) -> float:
         """Lazy alignment: the true cut-layer gradients of the current server model on the whole buffer
         (server in train mode: BN statistics update, weights do not), then `align_steps` Adam steps of the
         client's auxiliary copy on sum((g_aux(z) - G)^2), g_aux by double back-propagation (align batch = the
         whole buffer, so estimate and target share the 1/N scale). Returns the last loss."""
-        z, y = s.extra["buffer_z"][cid], s.extra["buffer_y"][cid]
+        z, y = self.buffered(s, cid)
         aux, opt = s.extra["aux"][cid], s.extra["aux_optimizer"][cid]
         s.model.train()
         z_leaf = z.detach().clone().requires_grad_(True)
@@ -105,7 +121,8 @@ class FslSage(Algorithm):
         return {**super().server_checkpoint(s),
                 "aux": {cid: m.state_dict() for cid, m in x["aux"].items()},
                 "aux_optimizer": {cid: o.state_dict() for cid, o in x["aux_optimizer"].items()},
-                "buffer_z": dict(x["buffer_z"]), "buffer_y": dict(x["buffer_y"])}
+                "buffer_z": dict(x["buffer_z"]), "buffer_y": dict(x["buffer_y"]),
+                "buffer_fill": dict(x["buffer_fill"])}
 
     def describe(self) -> dict:
         return {**super().describe(), "Q": self.cfg.server_update_interval, "l": self.cfg.align_interval,

@@ -1,0 +1,78 @@
+"""`python -m mpisage.bench [-n RANKS] [--rounds R] [key=value ...]`: runs a fixed job under mpirun and prints
+seconds per round, how busy the S-server was and how idle the clients were, from the run's own metrics.
+
+Figures are medians over the steady-state rounds (an alignment round is reported on its own); they come from one
+run, so compare ratios within a run rather than absolute times across machines."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from mpisage.metrics import read_rounds
+
+FIXED = ["algorithm=fsl_sage", "model=cnn", "dataset=fashion_mnist", "dataset.distribution=iid", "batch_size=64",
+         "seed=200", "checkpoint_interval=1000"]
+
+
+def mpirun() -> str:
+    local = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return local if os.path.exists(local) else "mpirun"
+
+
+def figures(metrics_path: str) -> dict:
+    r = read_rounds(metrics_path)
+    rounds = r["round_seconds"]
+    s_busy = (r["sserver_busy_seconds"] + r["eval_seconds"]) / rounds
+    client_idle = r["wait_seconds_by_rank"][:, 2:] / rounds[:, None]
+    aligned = ~np.isnan(r["align_loss"][:, 0, 0])
+    steady = ~aligned
+    steady[0] = False      # the first round also pays start-up skew
+    pick = steady if steady.any() else np.ones_like(steady)
+    return {
+        "rounds": len(rounds),
+        "s_per_round": float(np.median(rounds[pick])),
+        "s_per_alignment_round": float(np.median(rounds[aligned])) if aligned.any() else float("nan"),
+        "sserver_busy_fraction": float(np.median(s_busy[pick])),
+        "client_idle_fraction": float(np.median(client_idle[pick])),
+        "eval_seconds": float(np.median(r["eval_seconds"][pick])),
+        "test_acc": float(r["test_acc"][-1]),
+        "gib_per_round": float(np.median(np.diff(np.concatenate([[0], r["comm_bytes"]]))[pick]) / 1024 ** 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpisage.bench", description=__doc__)
+    p.add_argument("-n", "--ranks", type=int, default=11)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--keep", help="keep the run here instead of a temporary directory")
+    p.add_argument("overrides", nargs="*", help="extra key=value settings")
+    args = p.parse_args(argv)
+    run_dir = args.keep or tempfile.mkdtemp(prefix="mpisage-bench-")
+    cmd = [mpirun(), "-n", str(args.ranks), sys.executable, "-m", "mpisage.run", *FIXED, f"rounds={args.rounds}",
+           f"run_dir={run_dir}", *args.overrides]
+    print("[bench]", " ".join(cmd[:3] + ["python", "-m", "mpisage.run"] + cmd[6:]), flush=True)
+    env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1"}
+    if subprocess.run(cmd, env=env).returncode != 0:
+        return 1
+    f = figures(os.path.join(run_dir, "metrics.h5"))
+    print(f"[bench] {args.ranks} ranks, {f['rounds']} rounds (medians over steady-state rounds)")
+    print(f"[bench] seconds per round        {f['s_per_round']:.2f}")
+    print(f"[bench] seconds, alignment round {f['s_per_alignment_round']:.2f}")
+    print(f"[bench] S-server busy fraction   {f['sserver_busy_fraction']:.2f}  (server steps + alignment + eval)")
+    print(f"[bench] client idle fraction     {f['client_idle_fraction']:.2f}  (waiting on peers, median rank)")
+    print(f"[bench] evaluation seconds       {f['eval_seconds']:.2f}")
+    print(f"[bench] GiB per round (paper)    {f['gib_per_round']:.3f}")
+    print(f"[bench] final test accuracy      {f['test_acc']:.4f}")
+    if not args.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
