@@ -35,7 +35,7 @@ class Config:
     aux_model: str = "default"           # linear | half | default | full
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     num_clients: Optional[int] = None    # None: one client per client rank (mpirun -n 11 -> 9 clients)
-    rounds: int = 10
+    rounds: int = 12
     batch_size: int = 64
     local_epochs: int = 1
     seed: int = 200

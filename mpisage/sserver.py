@@ -14,7 +14,7 @@ from mpisage.checkpoint import checkpoint_due, send_checkpoint
 from mpisage.transport import F_SERVER, Kind, ProtocolError
 
 
-def _uploads(algo: Algorithm, round: int, expected: dict[int, int]):
+def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
     """Yields (activation message, labels) for every upload of the round, validated against what each client
     must send: its id is hosted by the sending rank, uploads arrive in sequence, nobody sends too many."""
     world, t = algo.world, algo.world.transport
@@ -27,7 +27,7 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int]):
     for cid, seq in order:
         source = MPI.ANY_SOURCE if cid is None else world.rank_of(cid)
         act = t.recv(Kind.ACTIVATION, source, round=round, client=cid, seq=seq, clients_of=world.clients_of,
-                      trailing_shape=per_sample, device=world.device)
+                      trailing_shape=per_sample, device=world.device, idle=idle)
         if act.seq != next_seq[act.client] or act.seq >= expected[act.client]:
             raise ProtocolError(f"ACTIVATION from rank {act.source}: client {act.client} sent upload {act.seq} of "
                                 f"round {round}; expected upload {next_seq[act.client]} of {expected[act.client]}")
@@ -40,13 +40,25 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int]):
 def run_sserver(algo: Algorithm) -> None:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
-    eval_client = world.build_model().client
+    global_client = world.build_model().client   # receives each round's averaged client model
+    evaluation, eval_round = None, -1      # the previous round's evaluation, run in idle moments
+
+    def evaluate_in_background() -> bool:
+        if evaluation is None or evaluation.done:
+            return False
+        evaluation.step()
+        return True
+
+    def finish_evaluation() -> None:
+        loss, acc, seconds = evaluation.result()
+        t.send(F_SERVER, Kind.EVAL, torch.tensor([loss, acc, seconds], dtype=torch.float64), round=eval_round)
+
     for round in range(cfg.rounds):
         start, busy = time.perf_counter(), 0.0
         s.train_stats[:] = 0
         s.extra.pop("align_loss", None)
         expected = {cid: algo.expected_uploads(cid) for cid in range(world.num_clients)}
-        for act, labels in _uploads(algo, round, expected):
+        for act, labels in _uploads(algo, round, expected, idle=evaluate_in_background):
             t0 = time.perf_counter()
             y_bad = (labels < 0) | (labels >= world.data.num_classes)
             if y_bad.any():
@@ -57,6 +69,8 @@ def run_sserver(algo: Algorithm) -> None:
             for kind, tensor in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
                 t.send(act.source, kind, tensor, round=round, client=act.client, seq=act.seq)
             busy += time.perf_counter() - t0
+        if evaluation is not None:
+            finish_evaluation()
         algo.end_server_round(s, round)
         align = s.extra.get("align_loss", {})
         align_loss = np.array([align.get(cid, (np.nan, np.nan)) for cid in range(world.num_clients)]).ravel()
@@ -64,15 +78,13 @@ def run_sserver(algo: Algorithm) -> None:
         t.send_counters(F_SERVER, round=round, extra=extra)
 
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
-        msg = t.recv(Kind.EVAL, F_SERVER, round=round, nbytes=state_nbytes(eval_client.state_dict()))
-        load_packed(eval_client, msg.tensor)
-        t0 = time.perf_counter()
-        loss, acc = algo.evaluate(s, eval_client)
-        t.send(F_SERVER, Kind.EVAL, torch.tensor([loss, acc, time.perf_counter() - t0], dtype=torch.float64),
-               round=round)
+        msg = t.recv(Kind.EVAL, F_SERVER, round=round, nbytes=state_nbytes(global_client.state_dict()))
+        load_packed(global_client, msg.tensor)    # the previous evaluation has finished with it
+        evaluation, eval_round = algo.evaluation(s, global_client), round
         if checkpoint_due(cfg, round, stop):
             send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state()}, round)
         if stop:
+            finish_evaluation()
             break
     t.flush()
 

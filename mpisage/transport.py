@@ -149,14 +149,16 @@ class Transport:
     def recv(self, kind: Kind, source: int = MPI.ANY_SOURCE, *, round: int | None = None,
              client: int | None = None, seq: int | None = None, clients_of=None, dtype=None,
              shape: tuple[int, ...] | None = None, trailing_shape: tuple[int, ...] | None = None,
-             nbytes: int | None = None, max_nbytes: int = MAX_PAYLOAD_BYTES, device=None) -> Message:
+             nbytes: int | None = None, max_nbytes: int = MAX_PAYLOAD_BYTES, device=None, idle=None) -> Message:
         """Receives the next message of `kind` (from `source`, or anyone) and validates its header against
-        every expectation given. `clients_of(rank)` -> the client ids that rank may speak for."""
+        every expectation given. `clients_of(rank)` -> the client ids that rank may speak for. While nothing has
+        arrived, `idle()` (if given) is called to do a small piece of background work; it returns False when
+        it has none left."""
         tag = 2 * int(kind)
         header = np.empty(HEADER_LEN, dtype=np.int64)
         status = MPI.Status()
         req = self.comm.Irecv(header, source=source, tag=tag)
-        self._wait(req, what=f"a {kind.name} header", peer=source, kind=kind, status=status)
+        self._wait(req, what=f"a {kind.name} header", peer=source, kind=kind, status=status, idle=idle)
         src = status.Get_source()
         where = f"{kind.name} message from rank {src} ({ROLE_NAMES[role_of(src)]})"
 
@@ -195,22 +197,26 @@ class Transport:
         return Message(Kind(h_kind), src, h_round, h_client, h_seq, tensor)
 
     # ------------------------------------------------------------------ waiting
-    def _wait(self, req: MPI.Request, *, what: str, peer, kind, status: MPI.Status | None = None) -> None:
-        """Polls without spinning: ranks outnumber cores and a blocking MPI wait burns a core."""
-        if req.Test(status):
-            return
-        start = time.perf_counter()
-        pause = 2e-5
+    def _wait(self, req: MPI.Request, *, what: str, peer, kind, status: MPI.Status | None = None,
+              idle=None) -> None:
+        """Polls without spinning: ranks outnumber cores and a blocking MPI wait burns a core. Only the sleeps
+        count as idle time and towards the timeout; `idle()` background work does not."""
+        pause, waited = 2e-5, 0.0
         while not req.Test(status):
+            if idle is not None and idle():
+                waited = 0.0
+                continue
+            slept = time.perf_counter()
             time.sleep(pause)
+            slept = time.perf_counter() - slept
+            waited += slept
+            self.wait_seconds += slept
             pause = min(pause * 1.5, 2e-3)
-            waited = time.perf_counter() - start
             if waited > self.timeout_s:
                 req.Cancel()
                 who = "any rank" if peer in (None, MPI.ANY_SOURCE) else f"rank {peer} ({ROLE_NAMES[role_of(peer)]})"
                 raise CommTimeout(f"rank {self.rank} waited {waited:.0f} s for {what} from {who}; "
                                   f"the peer is dead or stuck (raise comm_timeout_s if it is only slow)")
-        self.wait_seconds += time.perf_counter() - start
 
     def counters(self) -> np.ndarray:
         """[3, NUM_KINDS, 3] int64: wire bytes, paper bytes, messages per (kind, destination role)."""

@@ -33,8 +33,8 @@ def test_resnet18_full_aux_matches_server_size():
 
 
 @pytest.mark.parametrize("name,c,s,expected", [
-    ("cnn", 1, 28, (32, 14, 14)),
-    ("cnn", 3, 32, (32, 16, 16)),
+    ("cnn", 1, 28, (16, 14, 14)),
+    ("cnn", 3, 32, (16, 16, 16)),
     ("resnet18", 3, 32, (128, 4, 4)),
 ])
 def test_activation_shape(name, c, s, expected):

@@ -8,6 +8,8 @@ F-server side aggregate (FedAvg of each shared module by default)
 """
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +44,39 @@ class ServerState:
     optimizer: torch.optim.Optimizer
     train_stats: np.ndarray          # [num_clients, 3] loss sum, correct, samples of this round's server steps
     extra: dict = field(default_factory=dict)
+
+
+class Evaluation:
+    """Global model = server(client(x)), BN in eval mode, on the whole test set, one batch per `step()` so the
+    S-server can interleave it with uploads. `result()` -> (mean loss, accuracy, seconds spent)."""
+
+    def __init__(self, server: nn.Module, client: nn.Module, data, batch_size: int, device):
+        self.server, self.client = server.eval(), client.eval()
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.transform = eval_transform(data)
+        self.position, self.loss_sum, self.correct, self.seconds = 0, 0.0, 0, 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.data.test_y)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        start = time.perf_counter()
+        end = self.position + self.batch_size
+        x = self.transform(self.data.test_x[self.position:end].to(self.device))
+        y = self.data.test_y[self.position:end].to(self.device)
+        logits = self.server(self.client(x))
+        self.loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        self.correct += (logits.argmax(1) == y).sum().item()
+        self.position = end
+        self.seconds += time.perf_counter() - start
+
+    def result(self) -> tuple[float, float, float]:
+        while not self.done:
+            self.step()
+        n = len(self.data.test_y)
+        return self.loss_sum / n, self.correct / n, self.seconds
 
 
 class ClientLink:
@@ -136,24 +171,14 @@ class Algorithm:
         s.train_stats[cid] += (loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y))
         return logits
 
-    @torch.no_grad()
-    def evaluate(self, s: ServerState, client_model: nn.Module) -> tuple[float, float]:
-        """Global model = server(aggregated client(x)), BN in eval mode, whole test set: (mean loss, accuracy)."""
-        data, dev = self.world.data, self.world.device
-        transform = eval_transform(data)
-        was_training = s.model.training
-        client_model.eval()
-        s.model.eval()
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(data.test_y), self.cfg.eval_batch_size):
-            x = transform(data.test_x[start:start + self.cfg.eval_batch_size].to(dev))
-            y = data.test_y[start:start + self.cfg.eval_batch_size].to(dev)
-            logits = s.model(client_model(x))
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-        s.model.train(was_training)
-        n = len(data.test_y)
-        return loss_sum / n, correct / n
+    def eval_models(self, s: ServerState, client_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(server, client) modules that make the global model of this round. The server part is a snapshot:
+        evaluation runs while the S-server already trains on the next round's uploads."""
+        return copy.deepcopy(s.model), client_model
+
+    def evaluation(self, s: ServerState, client_model: nn.Module) -> "Evaluation":
+        server, client = self.eval_models(s, client_model)
+        return Evaluation(server, client, self.world.data, self.cfg.eval_batch_size, self.world.device)
 
     # ------------------------------------------------------------------ F-server side
     def aggregate(self, kind: Kind, packed: list[torch.Tensor], template: nn.Module) -> torch.Tensor:
