@@ -69,14 +69,17 @@ def test_resnet18_round_bytes_match_closed_form(shared_tmp):
     data = os.path.join(shared_tmp, "cifar")
     _write_on_root(write_cifar10_fixture, data, 120, 20, n_batches=3)
     run_dir = os.path.join(shared_tmp, "resnet")
-    # 3 clients x 40 samples, batch 16 -> steps of 16, 16, 8; Q=2 uploads steps 0 and 2 -> 16 + 8 samples
-    run_job([f"dataset.root={data}", "dataset=cifar10", "model=resnet18", "num_clients=3", "rounds=3",
-             "batch_size=16", "server_update_interval=2", "align_interval=2", "align_steps=1",
-             f"run_dir={run_dir}", "eval_batch_size=20", "checkpoint_interval=100"])
     client_b, aux_b, act_per_sample = 2_740_048, 8_419_408, 128 * 4 * 4 * 4
     uploaded_samples = 3 * (16 + 8)
     base = uploaded_samples * act_per_sample + 3 * 2 * client_b
     expected = [base + 3 * aux_b, base, base + 3 * aux_b]          # rounds 0 and 2 align (l = 2)
+    # 4 rounds asked for, but a budget just above the first two rounds' load: the run must stop after round 3
+    budget_mib = (sum(expected[:2]) + 1) / 2 ** 20
+    # 3 clients x 40 samples, batch 16 -> steps of 16, 16, 8; Q=2 uploads steps 0 and 2 -> 16 + 8 samples
+    run_job([f"dataset.root={data}", "dataset=cifar10", "model=resnet18", "num_clients=3", "rounds=4",
+             "batch_size=16", "server_update_interval=2", "align_interval=2", "align_steps=1",
+             f"comm_threshold_mb={budget_mib}", f"run_dir={run_dir}", "eval_batch_size=20",
+             "checkpoint_interval=100"])
 
     def check():
         from mpisage.metrics import read_rounds
@@ -95,6 +98,7 @@ def test_resnet18_round_bytes_match_closed_form(shared_tmp):
                                   r["comm_bytes"][-1], sum(paper)]
 
     got = on_root(check)
+    assert len(got) == 11, f"the run did {len(got) - 8} rounds; the budget should stop it after 3"
     assert list(got[:3]) == expected, f"paper bytes per round {got[:3]} != closed form {expected}"
     assert got[3], "wire figure smaller than paper figure + labels"
     assert got[4], "wire bytes of a paper kind are not its payload + headers"
