@@ -37,7 +37,7 @@ def figures(metrics_path: str) -> dict:
     return {
         "rounds": len(rounds),
         "s_per_round": float(np.median(rounds[pick])),
-        "s_per_alignment_round": float(np.median(rounds[aligned])) if aligned.any() else float("nan"),
+        "alignment_rounds": [(int(i), float(rounds[i])) for i in np.flatnonzero(aligned)],
         "sserver_busy_fraction": float(np.median(s_busy[pick])),
         "client_idle_fraction": float(np.median(client_idle[pick])),
         "eval_seconds": float(np.median(r["eval_seconds"][pick])),
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     f = figures(os.path.join(run_dir, "metrics.h5"))
     print(f"[bench] {args.ranks} ranks, {f['rounds']} rounds (medians over steady-state rounds)")
     print(f"[bench] seconds per round        {f['s_per_round']:.2f}")
-    print(f"[bench] seconds, alignment round {f['s_per_alignment_round']:.2f}")
+    for i, seconds in f["alignment_rounds"]:
+        print(f"[bench] seconds, alignment round {i:<3d}{seconds:.2f}")
     print(f"[bench] S-server busy fraction   {f['sserver_busy_fraction']:.2f}  (server steps + alignment + eval)")
     print(f"[bench] client idle fraction     {f['client_idle_fraction']:.2f}  (waiting on peers, median rank)")
     print(f"[bench] evaluation seconds       {f['eval_seconds']:.2f}")
