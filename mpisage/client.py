@@ -30,12 +30,21 @@ def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) ->
             idx = order[first:first + cfg.batch_size]
             x = transform(c.x[idx].to(dev), c.generator)
             y = c.y[idx].to(dev)
-            batch_loss, batch_correct = algo.client_step(c, link, k, x, y)
-            if not np.isfinite(batch_loss):
+            local = algo.client_step(c, link, k, x, y)
+            if local is None:        # the loss lives on the S-server, which checks what it receives
+                local = (np.nan, 0)
+            elif not np.isfinite(local[0]):
                 raise FloatingPointError(f"non-finite training loss on client {c.cid} in round {link.round}, "
                                          f"local step {k}")
-            loss_sum, correct, seen, k = loss_sum + batch_loss, correct + batch_correct, seen + len(y), k + 1
+            loss_sum, correct, seen, k = loss_sum + local[0], correct + local[1], seen + len(y), k + 1
     return np.array([loss_sum, correct, seen, time.perf_counter() - start])
+
+
+def _load_from_fserver(algo: Algorithm, c: ClientState, round: int) -> None:
+    t = algo.world.transport
+    for kind, module in algo.shared_modules(c).items():
+        msg = t.recv(kind, F_SERVER, round=round, client=c.cid, nbytes=state_nbytes(module.state_dict()))
+        load_packed(module, msg.tensor)
 
 
 def _inject_fault(rank: int, round: int) -> None:
@@ -53,16 +62,17 @@ def run_client(algo: Algorithm) -> None:
         _inject_fault(world.rank, round)
         busy = 0.0
         for c in clients:
+            if algo.sequential:         # take over the model the previous client trained
+                _load_from_fserver(algo, c, round)
             stats = train_round(algo, c, ClientLink(t, c.cid, round), transform)
             busy += stats[3]
             for kind, module in algo.shared_modules(c).items():
                 t.send(F_SERVER, kind, pack_state(module.state_dict()), round=round, client=c.cid)
             t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=round, client=c.cid)
         t.send_counters(F_SERVER, round=round, extra=np.array([t.wait_seconds, busy]))
-        for c in clients:
-            for kind, module in algo.shared_modules(c).items():
-                msg = t.recv(kind, F_SERVER, round=round, client=c.cid, nbytes=state_nbytes(module.state_dict()))
-                load_packed(module, msg.tensor)
+        if not algo.sequential:         # the averages
+            for c in clients:
+                _load_from_fserver(algo, c, round)
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
         if checkpoint_due(world.cfg, round, stop):
             state = {f"client{c.cid}": algo.client_checkpoint(c) for c in clients}

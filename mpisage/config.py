@@ -63,7 +63,10 @@ class Config:
     log_interval: int = 1                # rounds between progress lines
 
 
-ALGORITHMS = ("fsl_sage",)
+ALGORITHMS = ("fsl_sage", "cse_fsl", "local_loss", "fed_avg", "sl_single_server", "sl_multi_server", "sl_vanilla")
+ALGORITHM_ALIASES = {"fedavg": "fed_avg", "splitfed_v1": "sl_multi_server", "splitfed_v2": "sl_single_server",
+                     "sflv1": "sl_multi_server", "sflv2": "sl_single_server", "vanilla_sl": "sl_vanilla",
+                     "sl": "sl_vanilla", "cse-fsl": "cse_fsl", "fsl-sage": "fsl_sage"}
 # The FSL-SAGE authors' names for datasets, accepted as aliases.
 DATASET_ALIASES = {"fmnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "cifar": "cifar10"}
 # `dataset=NAME` is shorthand for `dataset.name=NAME` (the authors' command lines use it).
@@ -108,6 +111,7 @@ def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | 
         known = ", ".join(_known_keys(Config))
         raise ConfigError(f"bad config key or value at {key!r}: {e.msg if hasattr(e, 'msg') else e}\n"
                           f"  known keys: {known}") from None
+    cfg.algorithm = ALGORITHM_ALIASES.get(cfg.algorithm.lower(), cfg.algorithm.lower())
     cfg.dataset.name = DATASET_ALIASES.get(cfg.dataset.name.lower(), cfg.dataset.name.lower())
     validate(cfg)
     return cfg

@@ -14,7 +14,7 @@ from mpisage.checkpoint import checkpoint_due, recv_checkpoint, write_checkpoint
 from mpisage.client import CLIENT_STATS
 from mpisage.config import to_yaml
 from mpisage.metrics import MetricsFile
-from mpisage.state import flatten_state, state_nbytes
+from mpisage.state import flatten_state, pack_state, state_nbytes
 from mpisage.sserver import sserver_extra_len
 from mpisage.transport import NUM_KINDS, S_SERVER, Kind
 from mpisage.environment import environment
@@ -25,7 +25,9 @@ GIB = 1024 ** 3
 def run_fserver(algo: Algorithm, log=print) -> dict:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     m = world.num_clients
-    templates = algo.fserver_templates()
+    templates = algo.shared_templates()
+    # the current global modules: the common initial weights until the first round is done
+    current = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     os.makedirs(cfg.run_dir, exist_ok=True)
     metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
         "config": to_yaml(cfg), "environment": environment(t.comm), "algorithm": algo.describe(),
@@ -39,14 +41,20 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
     summary = {}
     ready = 0.0    # when the previous round's averaged model was ready (seconds since start)
     for round in range(cfg.rounds):
-        # 1. every client's shared modules and local figures, in client id order (deterministic sums)
+        # 1. every client's shared modules and local figures, in client id order (deterministic sums);
+        #    a sequential method hands each client the modules the previous one trained instead
         packed = {kind: [] for kind in templates}
         client_stats = np.zeros((m, CLIENT_STATS))
         for cid in range(m):
             src = world.rank_of(cid)
+            if algo.sequential:
+                for kind in templates:
+                    t.send(src, kind, current[kind], round=round, client=cid)
             for kind, module in templates.items():
                 packed[kind].append(t.recv(kind, src, round=round, client=cid,
                                            nbytes=state_nbytes(module.state_dict())).tensor)
+                if algo.sequential:
+                    current[kind] = packed[kind][-1]
             client_stats[cid] = t.recv(Kind.CONTROL, src, round=round, client=cid, shape=(CLIENT_STATS,)).tensor.numpy()
         rank_extra = {}
         for r in world.client_ranks:
@@ -54,17 +62,19 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
         last_counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=round, n_extra=sserver_extra_len(m))
 
         # 2. average and send back; decide whether this was the last round
-        averaged = {kind: algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
-        for cid in range(m):
-            for kind in templates:
-                t.send(world.rank_of(cid), kind, averaged[kind], round=round, client=cid)
+        if not algo.sequential:
+            current = {kind: algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
+            for cid in range(m):
+                for kind in templates:
+                    t.send(world.rank_of(cid), kind, current[kind], round=round, client=cid)
         totals = sum(last_counters.values()) + t.counters()
         paper_total = int(totals[1].sum())
         stop = round == cfg.rounds - 1 or paper_total >= threshold
         flag = torch.tensor([int(stop)], dtype=torch.int64)
         for r in range(1, t.size):
             t.send(r, Kind.CONTROL, flag, round=round)
-        t.send(S_SERVER, Kind.EVAL, averaged[Kind.CLIENT_MODEL], round=round)
+        for kind in templates:
+            t.send(S_SERVER, Kind.EVAL, current[kind], round=round, seq=int(kind))
         # The round's clock stops when its global model exists; its evaluation runs while the next round trains.
         round_s, ready = time.perf_counter() - start - ready, time.perf_counter() - start
 
@@ -98,7 +108,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
                 f"{row['comm_bytes'] / GIB:8.3f} GiB | {round_s:6.2f} s/round")
         if checkpoint_due(cfg, round, stop):
             ranks = {f"rank{r}": recv_checkpoint(t, r, round) for r in range(1, t.size)}
-            ranks["fserver"] = flatten_state({kind.name.lower(): {"packed": averaged[kind]} for kind in templates})
+            ranks["fserver"] = flatten_state({kind.name.lower(): {"packed": current[kind]} for kind in templates})
             write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
         summary = row
         if stop:

@@ -40,18 +40,23 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
 def run_sserver(algo: Algorithm) -> None:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
-    global_client = world.build_model().client   # receives each round's averaged client model
+    global_modules = algo.shared_templates()     # receive each round's averaged modules, for evaluation
     evaluation, eval_round = None, -1      # the previous round's evaluation, run in idle moments
 
     def evaluate_in_background() -> bool:
-        if evaluation is None or evaluation.done:
+        if evaluation is None:
             return False
         evaluation.step()
+        if evaluation.done:       # report at once: a sequential F-server waits for it before the next round
+            finish_evaluation()
         return True
 
     def finish_evaluation() -> None:
-        loss, acc, seconds = evaluation.result()
-        t.send(F_SERVER, Kind.EVAL, torch.tensor([loss, acc, seconds], dtype=torch.float64), round=eval_round)
+        nonlocal evaluation
+        if evaluation is not None:
+            loss, acc, seconds = evaluation.result()
+            t.send(F_SERVER, Kind.EVAL, torch.tensor([loss, acc, seconds], dtype=torch.float64), round=eval_round)
+            evaluation = None
 
     for round in range(cfg.rounds):
         start, busy = time.perf_counter(), 0.0
@@ -69,8 +74,7 @@ def run_sserver(algo: Algorithm) -> None:
             for kind, tensor in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
                 t.send(act.source, kind, tensor, round=round, client=act.client, seq=act.seq)
             busy += time.perf_counter() - t0
-        if evaluation is not None:
-            finish_evaluation()
+        finish_evaluation()
         algo.end_server_round(s, round)
         align = s.extra.get("align_loss", {})
         align_loss = np.array([align.get(cid, (np.nan, np.nan)) for cid in range(world.num_clients)]).ravel()
@@ -78,9 +82,10 @@ def run_sserver(algo: Algorithm) -> None:
         t.send_counters(F_SERVER, round=round, extra=extra)
 
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
-        msg = t.recv(Kind.EVAL, F_SERVER, round=round, nbytes=state_nbytes(global_client.state_dict()))
-        load_packed(global_client, msg.tensor)    # the previous evaluation has finished with it
-        evaluation, eval_round = algo.evaluation(s, global_client), round
+        for kind, module in global_modules.items():   # the previous evaluation has finished with them
+            msg = t.recv(Kind.EVAL, F_SERVER, round=round, seq=int(kind), nbytes=state_nbytes(module.state_dict()))
+            load_packed(module, msg.tensor)
+        evaluation, eval_round = algo.evaluation(s, global_modules), round
         if checkpoint_due(cfg, round, stop):
             send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state()}, round)
         if stop:

@@ -1,8 +1,12 @@
 """Algorithms by config name. Each is a small file of hooks (see base.py)."""
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState
+from mpisage.algorithms.fed_avg import FedAvg
 from mpisage.algorithms.fsl_sage import FslSage
+from mpisage.algorithms.local_loss import CseFsl, LocalLoss
+from mpisage.algorithms.split_learning import SplitFedV1, SplitFedV2, VanillaSL
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FslSage,)}
+REGISTRY: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FslSage, CseFsl, LocalLoss, FedAvg, SplitFedV1, SplitFedV2, VanillaSL)}
 
 
 def make_algorithm(world) -> Algorithm:

@@ -35,6 +35,7 @@ class ClientState:
     generator: torch.Generator      # batch order and augmentation
     aux: nn.Module | None = None
     aux_optimizer: torch.optim.Optimizer | None = None
+    server: nn.Module | None = None        # a client-held copy of the server part (FedAvg trains the whole model)
 
 
 @dataclass
@@ -101,6 +102,9 @@ def adam(params, cfg, lr: float | None = None, weight_decay: float | None = None
 
 class Algorithm:
     name = "base"
+    # Sequential methods (vanilla split learning) train one client at a time and hand the shared modules on
+    # through the F-server instead of averaging them.
+    sequential = False
 
     def __init__(self, world: World):
         self.world = world
@@ -111,12 +115,18 @@ class Algorithm:
     # ------------------------------------------------------------------ client side
     def make_client(self, cid: int) -> ClientState:
         split = self.world.build_model()
-        rows = torch.from_numpy(self.world.local_index[cid])
-        return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], split.client,
-                           adam(split.client.parameters(), self.cfg), self.world.generator("client", cid))
+        return self.new_client(cid, split.client, adam(split.client.parameters(), self.cfg), aux=split.aux)
 
-    def client_step(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        """One local iteration on batch (x, y); returns (summed loss, correct predictions)."""
+    def new_client(self, cid: int, model: nn.Module, optimizer: torch.optim.Optimizer, **parts) -> ClientState:
+        """A client with its shard of this rank's data and its own random stream."""
+        rows = torch.from_numpy(self.world.local_index[cid])
+        return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
+                           self.world.generator("client", cid), **parts)
+
+    def client_step(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[float, int] | None:
+        """One local iteration on batch (x, y); returns (summed loss, correct predictions) of the loss the client
+        itself computed, or None when only the server sees the loss (split learning with returned gradients)."""
         raise NotImplementedError
 
     def client_checkpoint(self, c: ClientState) -> dict:
@@ -127,14 +137,17 @@ class Algorithm:
             state["aux"] = c.aux.state_dict()
         if c.aux_optimizer is not None:
             state["aux_optimizer"] = c.aux_optimizer.state_dict()
+        if c.server is not None:
+            state["server"] = c.server.state_dict()
         return state
 
     def shared_modules(self, c: ClientState) -> dict[Kind, nn.Module]:
         """The client's modules that go to the F-server each round and come back averaged."""
         return {Kind.CLIENT_MODEL: c.model}
 
-    def fserver_templates(self) -> dict[Kind, nn.Module]:
-        """Modules laid out like `shared_modules`, for the F-server to unpack and average."""
+    def shared_templates(self) -> dict[Kind, nn.Module]:
+        """Modules laid out like `shared_modules` (with the common initial weights), for the F-server to unpack and
+        average and for the S-server to evaluate."""
         split = self.world.build_model()
         return {Kind.CLIENT_MODEL: split.client}
 
@@ -160,24 +173,30 @@ class Algorithm:
         """Everything the S-server must keep to continue exactly (nested dicts of tensors and plain values)."""
         return {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict()}
 
-    def server_step(self, s: ServerState, cid: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimiser step of the server model on (z, y); returns the logits (for train metrics)."""
-        s.model.train()
-        s.optimizer.zero_grad(set_to_none=True)
-        logits = s.model(z)
+    def server_step(self, s: ServerState, cid: int, z: torch.Tensor, y: torch.Tensor, *, model: nn.Module = None,
+                    optimizer: torch.optim.Optimizer = None, return_grad: bool = False) -> torch.Tensor | None:
+        """One optimiser step of the server model (default: the S-server's) on (z, y); with return_grad, the
+        gradient of the mean loss with respect to z, for the client to back-propagate."""
+        model, optimizer = model or s.model, optimizer or s.optimizer
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        if return_grad:
+            z = z.detach().requires_grad_(True)
+        logits = model(z)
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        s.optimizer.step()
+        optimizer.step()
         s.train_stats[cid] += (loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y))
-        return logits
+        return z.grad if return_grad else None
 
-    def eval_models(self, s: ServerState, client_model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """(server, client) modules that make the global model of this round. The server part is a snapshot:
-        evaluation runs while the S-server already trains on the next round's uploads."""
-        return copy.deepcopy(s.model), client_model
+    def eval_models(self, s: ServerState, shared: dict[Kind, nn.Module]) -> tuple[nn.Module, nn.Module]:
+        """(server, client) modules that make this round's global model, from the S-server's state and the
+        averaged shared modules. The server part is a snapshot: evaluation runs while the S-server already trains
+        on the next round's uploads."""
+        return copy.deepcopy(s.model), shared[Kind.CLIENT_MODEL]
 
-    def evaluation(self, s: ServerState, client_model: nn.Module) -> "Evaluation":
-        server, client = self.eval_models(s, client_model)
+    def evaluation(self, s: ServerState, shared: dict[Kind, nn.Module]) -> "Evaluation":
+        server, client = self.eval_models(s, shared)
         return Evaluation(server, client, self.world.data, self.cfg.eval_batch_size, self.world.device)
 
     # ------------------------------------------------------------------ F-server side

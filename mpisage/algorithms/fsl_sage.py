@@ -19,12 +19,8 @@ class FslSage(Algorithm):
         return round % self.cfg.align_interval == 0
 
     # ------------------------------------------------------------------ client
-    def make_client(self, cid: int) -> ClientState:
-        c = super().make_client(cid)
-        c.aux = self.world.build_model().aux     # replaced by the aligned model at round 0; never trained here
-        return c
-
     def client_step(self, c: ClientState, link: ClientLink, k: int, x, y):
+        # c.aux is replaced by the aligned model at round 0 and never trained on the client
         Q = self.cfg.server_update_interval
         c.model.train()
         z = c.model(x)

@@ -1,0 +1,61 @@
+"""Local-loss split learning: the client trains its model together with an auxiliary head on its own loss every
+batch, so no gradient ever comes back; it uploads the smashed batch every h-th batch and the single server model
+takes one step on it. Client and auxiliary models are both averaged by the F-server each round (baselines.md).
+
+- cse_fsl (Mu & Shen 2023): h = server_update_interval (default 5).
+- local_loss (Han et al. 2021): the same with an upload on every batch (h = 1).
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, adam
+from mpisage.transport import Kind
+
+
+class CseFsl(Algorithm):
+    name = "cse_fsl"
+
+    @property
+    def upload_interval(self) -> int:
+        return self.cfg.server_update_interval
+
+    def make_client(self, cid: int) -> ClientState:
+        split = self.world.build_model()
+        params = list(split.client.parameters()) + list(split.aux.parameters())
+        return self.new_client(cid, split.client, adam(params, self.cfg), aux=split.aux)
+
+    def client_step(self, c: ClientState, link: ClientLink, k: int, x, y):
+        c.model.train()
+        c.aux.train()
+        z = c.model(x)
+        if k % self.upload_interval == 0:
+            link.upload(z, y, seq=k // self.upload_interval)
+        logits = c.aux(z)
+        loss = F.cross_entropy(logits, y)
+        c.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        c.optimizer.step()
+        return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
+
+    def shared_modules(self, c: ClientState):
+        return {Kind.CLIENT_MODEL: c.model, Kind.AUX_MODEL: c.aux}
+
+    def shared_templates(self):
+        split = self.world.build_model()
+        return {Kind.CLIENT_MODEL: split.client, Kind.AUX_MODEL: split.aux}
+
+    def expected_uploads(self, cid: int) -> int:
+        return -(-self.world.steps_per_round(cid) // self.upload_interval)
+
+    def on_upload(self, s, round, cid, seq, z, y):
+        self.server_step(s, cid, z, y)
+        return []
+
+    def describe(self) -> dict:
+        return {**super().describe(), "h": self.upload_interval}
+
+
+class LocalLoss(CseFsl):
+    name = "local_loss"
+    upload_interval = 1

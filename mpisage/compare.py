@@ -1,0 +1,191 @@
+"""`python -m mpisage.compare`: run several algorithms on the same settings, one after another, and compare them.
+
+    python -m mpisage.compare --methods fsl_sage,cse_fsl,fed_avg,sl_single_server,sl_multi_server [--ranks 11]
+            [--target 0.85] [--out runs/compare] [--skip-existing] [key=value ...]
+
+Each method M runs as `mpirun -n RANKS python -m mpisage.run key=value ... algorithm=M run_dir=OUT/M`. Then:
+
+- OUT/results.md   the command line that reproduces the comparison, and a table with one row per method (rounds,
+                   best and final test accuracy, paper-figure GiB at which the target accuracy was first reached,
+                   total GiB, median seconds per round);
+- OUT/results.csv  the same table;
+- OUT/accuracy_vs_gib.png  test accuracy against paper-figure GiB (target as a dashed line) and against wall time.
+
+`--skip-existing` reuses a method whose run_dir already holds a complete metrics.h5, so an interrupted comparison
+resumes where it stopped. A failed run is reported and the others still run; the exit code is then 1.
+As a library: `summarize(run_dirs, target)`, `write_table(rows, path_md, path_csv, command)` and
+`plot_comparison(run_dirs, target, out)` need no MPI.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from mpisage.metrics import read_attrs, read_rounds  # noqa: E402
+
+GIB = 1024 ** 3
+NOT_REACHED = "not reached"
+# (row key, column header) in table order; the same keys are the CSV header.
+COLUMNS = [("method", "method"), ("rounds", "rounds"), ("best_acc", "best test acc"),
+           ("final_acc", "final test acc"), ("gib_to_target", "GiB to target"), ("total_gib", "total GiB"),
+           ("median_round_s", "median s/round")]
+
+
+def metrics_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "metrics.h5")
+
+
+def summarize(run_dirs: dict[str, str], target: float) -> list[dict]:
+    """One row per method (in the dict's order) from `<run_dir>/metrics.h5`."""
+    rows = []
+    for method, run_dir in run_dirs.items():
+        r = read_rounds(metrics_path(run_dir))
+        acc, gib = np.asarray(r["test_acc"], float), np.asarray(r["comm_bytes"], float) / GIB
+        reached = np.flatnonzero(acc >= target)
+        secs = np.asarray(r["round_seconds"], float)
+        # The first round carries start-up costs (data loading, first compilation/allocation): leave it out.
+        steady = secs[1:] if len(secs) > 1 else secs
+        rows.append({
+            "method": method,
+            "rounds": int(len(acc)),
+            "best_acc": float(acc.max()),
+            "final_acc": float(acc[-1]),
+            "gib_to_target": float(gib[reached[0]]) if len(reached) else NOT_REACHED,
+            "total_gib": float(gib[-1]),
+            "median_round_s": float(np.median(steady)),
+        })
+    return rows
+
+
+FORMATS = {"best_acc": "{:.4f}", "final_acc": "{:.4f}", "gib_to_target": "{:.3f}", "total_gib": "{:.3f}",
+           "median_round_s": "{:.2f}"}
+
+
+def _fmt(key: str, value) -> str:
+    return str(value) if isinstance(value, str) or key not in FORMATS else FORMATS[key].format(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(k, row[k]) for k, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], path_md: str, path_csv: str, command: str, notes: list[str] = ()) -> None:
+    """results.md (the reproducing command, then the table, then any notes such as failed runs) and results.csv."""
+    for path in (path_md, path_csv):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path_md, "w") as f:
+        f.write(f"Reproduce with:\n\n```\n{command}\n```\n\n{format_table(rows)}\n")
+        if notes:
+            f.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    with open(path_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_comparison(run_dirs: dict[str, str], target: float, out: str) -> str:
+    """Accuracy vs paper-figure GiB (with the target dashed, as in the FSL-SAGE paper's figure 1) beside
+    accuracy vs wall time; one line per method."""
+    fig, (ax_comm, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, run_dir in run_dirs.items():
+        r = read_rounds(metrics_path(run_dir))
+        ax_comm.plot(np.asarray(r["comm_bytes"]) / GIB, r["test_acc"], marker=".", label=method)
+        ax_time.plot(r["wall_time"], r["test_acc"], marker=".", label=method)
+    for ax in (ax_comm, ax_time):
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:g}")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    ax_comm.set_xlabel("communication load (GiB, paper figure)")
+    ax_time.set_xlabel("wall time (s)")
+    ax_comm.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def is_complete(run_dir: str) -> bool:
+    """True when metrics.h5 is readable and its run stopped as its own config says a run stops: all `rounds`
+    done, or the paper-figure load reached `comm_threshold_mb`. An interrupted run fails both."""
+    try:
+        r = read_rounds(metrics_path(run_dir))
+        cfg = yaml.safe_load(read_attrs(metrics_path(run_dir))["config"])
+        done = len(r["test_acc"])
+        return done > 0 and (done >= int(cfg["rounds"])
+                             or r["comm_bytes"][-1] >= float(cfg["comm_threshold_mb"]) * 1024 ** 2)
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return False
+
+
+def mpirun() -> str:
+    local = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return local if os.path.exists(local) else "mpirun"
+
+
+def run_method(method: str, ranks: int, overrides: list[str], run_dir: str) -> int:
+    # algorithm and run_dir come last so they win over anything of the same name among the shared overrides.
+    cmd = [mpirun(), "-n", str(ranks), sys.executable, "-m", "mpisage.run", *overrides,
+           f"algorithm={method}", f"run_dir={run_dir}"]
+    print(f"[compare] {method}: {shlex.join(cmd)}", flush=True)
+    # Ranks outnumber cores: one thread per rank, and MPICH waits that yield the core.
+    env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m mpisage.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", required=True, help="comma-separated algorithm names")
+    p.add_argument("--ranks", type=int, default=11, help="MPI ranks per run (default 11)")
+    p.add_argument("--target", type=float, default=0.85, help="target test accuracy (default 0.85)")
+    p.add_argument("--out", default="runs/compare", help="output folder; run M goes to OUT/M")
+    p.add_argument("--skip-existing", action="store_true", help="reuse runs whose metrics.h5 is complete")
+    # Everything else (key=value, or -c FILE) is passed unchanged to every run.
+    args, overrides = p.parse_known_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        p.error("--methods needs at least one algorithm name")
+
+    done, failed = {}, []
+    for method in methods:
+        run_dir = os.path.join(args.out, method)
+        if args.skip_existing and is_complete(run_dir):
+            print(f"[compare] {method}: reusing the complete run in {run_dir}", flush=True)
+        else:
+            rc = run_method(method, args.ranks, overrides, run_dir)
+            if rc == 0 and not os.path.isfile(metrics_path(run_dir)):
+                rc = -1    # "succeeded" without training (e.g. --help among the overrides): nothing to compare
+            if rc != 0:
+                print(f"[compare] {method} FAILED with exit code {rc}", file=sys.stderr, flush=True)
+                failed.append(f"{method} failed with exit code {rc}")
+                continue
+        done[method] = run_dir
+
+    command = "python -m mpisage.compare " + shlex.join(argv)
+    rows = summarize(done, args.target)
+    write_table(rows, os.path.join(args.out, "results.md"), os.path.join(args.out, "results.csv"), command, failed)
+    if done:
+        plot_comparison(done, args.target, os.path.join(args.out, "accuracy_vs_gib.png"))
+    print(f"\n{command}\n\n{format_table(rows)}")
+    for note in failed:
+        print(f"[compare] {note}", file=sys.stderr)
+    print(f"[compare] wrote {args.out}/results.md, results.csv" + (", accuracy_vs_gib.png" if done else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
