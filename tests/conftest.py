@@ -54,14 +54,19 @@ def shared_tmp():
     comm.Barrier()
 
 
-def run_job(overrides: list[str]) -> dict:
-    """Runs a job in-process on every rank over a duplicated communicator; rank 0 returns the last round."""
+def run_job(overrides: list[str], ranks: int | None = None) -> dict | None:
+    """Runs a job in-process over a private communicator (the first `ranks` ranks, default all); rank 0 returns
+    the last round, ranks outside the job return None at once."""
     from mpi4py import MPI
 
     from mpisage.config import load_config
     from mpisage.run import run_job as _run
     cfg = load_config(None, overrides)
-    comm = MPI.COMM_WORLD.Dup()
+    world = MPI.COMM_WORLD
+    inside = ranks is None or world.Get_rank() < ranks
+    comm = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
+    if not inside:
+        return None
     try:
         return _run(cfg, comm, log=lambda line: None)
     except BaseException:
