@@ -73,13 +73,24 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(file attributes, group -> flat tensors), every tensor verified against its CRC32."""
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint files in run_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoint_round*.h5")))
+
+
+def read_checkpoint(path: str, groups: list[str] | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(file attributes, group -> flat tensors) for `groups` (default all), every tensor verified against its
+    CRC32. A truncated, corrupted or foreign file is a CheckpointError naming it."""
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
+            if "format_version" not in attrs or "round" not in attrs:
+                raise CheckpointError(f"{path} is not an mpisage checkpoint (no format_version/round attributes)")
             out: dict[str, dict[str, torch.Tensor]] = {}
-            for group in f:
+            for group in (groups if groups is not None else list(f)):
+                if group not in f:
+                    raise CheckpointError(f"checkpoint {path} has no state for {group} (written by a job with "
+                                          f"another rank layout?)")
                 tensors = {}
 
                 def visit(name, obj):
@@ -95,7 +106,135 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]
                         tensors[name] = t
                 f[group].visititems(visit)
                 out[group] = tensors
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e}); "
                               f"delete it or resume from an earlier one") from None
     return attrs, out
+
+
+# ---------------------------------------------------------------- restoring
+def restore_module(module, flat: dict[str, torch.Tensor], prefix: str) -> None:
+    """Copies `prefix/<state_dict key>` entries into the module, in place."""
+    target = module.state_dict()
+    missing = [k for k in target if f"{prefix}/{k}" not in flat]
+    if missing:
+        raise CheckpointError(f"checkpoint has no {prefix}/{missing[0]} (a different model or algorithm?)")
+    with torch.no_grad():
+        for k, t in target.items():
+            src = flat[f"{prefix}/{k}"]
+            if src.shape != t.shape:
+                raise CheckpointError(f"checkpoint {prefix}/{k} has shape {tuple(src.shape)}, the model {tuple(t.shape)}")
+            t.copy_(src)
+
+
+def restore_optimizer(optimizer, flat: dict[str, torch.Tensor], prefix: str) -> None:
+    """Rebuilds the per-parameter state from `prefix/state/<index>/<name>`; the hyper-parameters come from the
+    current config (a resumed run must use the same, which the config check enforces)."""
+    state: dict[int, dict] = {}
+    head = f"{prefix}/state/"
+    for key, t in flat.items():
+        if key.startswith(head):
+            index, name = key[len(head):].split("/", 1)
+            state.setdefault(int(index), {})[name] = t.clone()
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def unflatten_indexed(flat: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:
+    """`prefix/<int>/<rest>` entries -> {int: {rest: tensor}} (per-client sub-states)."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        if key.startswith(prefix + "/"):
+            index, _, rest = key[len(prefix) + 1:].partition("/")
+            out.setdefault(int(index), {})[rest] = t
+    return out
+
+
+# Keys that may change between a checkpoint and its resumption without changing the computation.
+RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "log_interval", "comm_timeout_s", "checkpoint_interval",
+                     "keep_checkpoints", "torch_threads", "comm_threshold_mb", "eval_batch_size"}
+
+
+def config_differences(stored_yaml: str, cfg) -> list[str]:
+    """Keys whose values differ between the checkpoint's config and this run's (beyond RESUMABLE_CHANGES)."""
+    from omegaconf import OmegaConf
+    stored = OmegaConf.to_container(OmegaConf.create(stored_yaml))
+    now = OmegaConf.to_container(OmegaConf.structured(cfg))
+
+    def walk(a, b, prefix=""):
+        for k in sorted(set(a) | set(b)):
+            name = prefix + k
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                yield from walk(a[k], b[k], name + ".")
+            elif a.get(k) != b.get(k) and name not in RESUMABLE_CHANGES:
+                yield f"{name}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
+    return list(walk(stored, now))
+
+
+def choose_checkpoint(cfg) -> tuple[str, int] | None:
+    """The checkpoint to resume from (rank 0 decides): `resume=auto` takes the newest one in run_dir that
+    verifies, falling back past corrupt ones; `resume=PATH` takes that file or fails. None: start afresh."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        candidates = list_checkpoints(cfg.run_dir)[::-1]
+        if not candidates:
+            return None
+    else:
+        candidates = [cfg.resume]
+    for path in candidates:
+        try:
+            attrs, _ = read_checkpoint(path)
+        except CheckpointError as e:
+            if cfg.resume != "auto":
+                raise
+            print(f"[mpisage] skipping {path}: {e}", flush=True)
+            continue
+        differences = config_differences(str(attrs.get("config", "")), cfg)
+        if differences:
+            from mpisage.config import ConfigError
+            raise ConfigError(f"checkpoint {path} was written with another config; resuming it needs the same "
+                              f"settings:\n  " + "\n  ".join(differences))
+        return path, int(attrs["round"])
+    if cfg.resume == "auto":
+        raise CheckpointError(f"no checkpoint in {cfg.run_dir} verifies (all are truncated or corrupt); "
+                              f"start afresh without resume=auto or point resume= at a good file")
+    return None
+
+
+def agree_on_checkpoint(t: Transport, cfg) -> tuple[str, int] | None:
+    """Rank 0 chooses the checkpoint (or decides to start afresh, or rejects the resume) and tells every rank;
+    a rejection makes every rank stop cleanly instead of waiting for a job that will not run."""
+    from mpisage.config import ConfigError
+    if t.rank == 0:
+        error, chosen = None, None
+        try:
+            chosen = choose_checkpoint(cfg)
+        except (ConfigError, CheckpointError) as e:
+            error = e
+        status = 2 if error else int(chosen is not None)
+        head = torch.tensor([status, chosen[1] if chosen else -1], dtype=torch.int64)
+        path = torch.frombuffer(bytearray((chosen[0] if chosen else "-").encode()), dtype=torch.uint8)
+        for r in range(1, t.size):
+            t.send(r, Kind.CONTROL, head, round=-1, seq=0)
+            t.send(r, Kind.CONTROL, path, round=-1, seq=1)
+        t.flush()
+        if error:
+            raise error
+        return chosen
+    status, round = t.recv(Kind.CONTROL, 0, round=-1, seq=0, shape=(2,), dtype=torch.int64).tensor.tolist()
+    path = bytes(t.recv(Kind.CONTROL, 0, round=-1, seq=1, dtype=torch.uint8, max_nbytes=4096).tensor.numpy()).decode()
+    if status == 2:
+        raise ConfigError("rank 0 rejected the resume (its message says why)")
+    return (path, round) if status == 1 else None
+
+
+def transport_state(t: Transport) -> dict:
+    return {"wire": torch.from_numpy(t.wire_bytes.copy()), "paper": torch.from_numpy(t.paper_bytes.copy()),
+            "messages": torch.from_numpy(t.messages.copy()), "wait": torch.tensor([t.wait_seconds])}
+
+
+def restore_transport(t: Transport, flat: dict[str, torch.Tensor]) -> None:
+    t.wire_bytes[:] = flat["transport/wire"].numpy()
+    t.paper_bytes[:] = flat["transport/paper"].numpy()
+    t.messages[:] = flat["transport/messages"].numpy()
+    t.wait_seconds = float(flat["transport/wait"][0])

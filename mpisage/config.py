@@ -42,6 +42,7 @@ class Config:
     run_dir: str = "runs/default"
     comm_threshold_mb: float = 204800.0  # stop after the round in which the paper-figure load reaches this (MiB)
     deterministic: bool = False          # canonical message order on the S-server: bit-identical reruns
+    resume: Optional[str] = None         # "auto": the newest valid checkpoint in run_dir; or a checkpoint path
 
     # optimiser (Adam on clients and S-server, as in the paper)
     lr: float = 1e-3

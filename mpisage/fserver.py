@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mpisage.algorithms import Algorithm
-from mpisage.checkpoint import checkpoint_due, recv_checkpoint, write_checkpoint
+from mpisage.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
 from mpisage.client import CLIENT_STATS
 from mpisage.config import to_yaml
 from mpisage.metrics import MetricsFile
@@ -29,18 +29,26 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
     # the current global modules: the common initial weights until the first round is done
     current = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     os.makedirs(cfg.run_dir, exist_ok=True)
+    ready = 0.0    # when the previous round's averaged model was ready (seconds since start)
+    prev_wait = np.zeros(t.size)
+    if world.resume_from:
+        flat = world.resume_state("fserver")
+        current = {kind: flat[f"{kind.name.lower()}/packed"].clone() for kind in templates}
+        restore_transport(t, flat)
+        ready, prev_wait = float(flat["clock/ready"][0]), flat["clock/prev_wait"].numpy().copy()
+        log(f"[mpisage] resuming after round {world.start_round} from {world.resume_from[0]}")
+    # metrics of a resumed run continue the file: entries past the checkpoint are dropped, none is repeated
     metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
         "config": to_yaml(cfg), "environment": environment(t.comm), "algorithm": algo.describe(),
-        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]})
+        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]},
+        keep_rounds=world.start_round if world.resume_from else None)
     metrics.set("label_histograms", world.histograms)
     metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
     threshold = cfg.comm_threshold_mb * 1024 ** 2
     last_counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
-    start = time.perf_counter()
-    prev_wait = np.zeros(t.size)
+    start = time.perf_counter() - ready
     summary = {}
-    ready = 0.0    # when the previous round's averaged model was ready (seconds since start)
-    for round in range(cfg.rounds):
+    for round in range(world.start_round, cfg.rounds):
         # 1. every client's shared modules and local figures, in client id order (deterministic sums);
         #    a sequential method hands each client the modules the previous one trained instead
         packed = {kind: [] for kind in templates}
@@ -108,7 +116,9 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
                 f"{row['comm_bytes'] / GIB:8.3f} GiB | {round_s:6.2f} s/round")
         if checkpoint_due(cfg, round, stop):
             ranks = {f"rank{r}": recv_checkpoint(t, r, round) for r in range(1, t.size)}
-            ranks["fserver"] = flatten_state({kind.name.lower(): {"packed": current[kind]} for kind in templates})
+            ranks["fserver"] = flatten_state({
+                **{kind.name.lower(): {"packed": current[kind]} for kind in templates}, "transport": transport_state(t),
+                "clock": {"ready": torch.tensor([ready]), "prev_wait": torch.from_numpy(prev_wait.copy())}})
             write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
         summary = row
         if stop:

@@ -11,16 +11,27 @@ import numpy as np
 
 
 class MetricsFile:
-    def __init__(self, path: str, attrs: dict):
+    def __init__(self, path: str, attrs: dict, keep_rounds: int | None = None):
+        """A new file, or with `keep_rounds` (resuming) the existing one cut back to its first `keep_rounds`
+        entries, so the resumed run appends without gaps or duplicates."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.file = h5py.File(path, "w", libver="latest")
+        resuming = keep_rounds is not None and os.path.exists(path)
+        self.file = h5py.File(path, "a" if resuming else "w", libver="latest")
         for k, v in attrs.items():
             self.file.attrs[k] = v if isinstance(v, (str, int, float, np.ndarray)) else json.dumps(v)
-        self.rounds = self.file.create_group("rounds")
+        self.rounds = self.file.require_group("rounds")
+        if resuming:
+            for d in self.rounds.values():
+                if d.shape[0] < keep_rounds:
+                    raise RuntimeError(f"{path} holds {d.shape[0]} rounds of {d.name}, fewer than the {keep_rounds} "
+                                       f"the checkpoint has done; it is not this run's metrics file")
+                d.resize(keep_rounds, axis=0)
 
     def set(self, name: str, value) -> None:
         """A per-run dataset (e.g. the label histograms), written once, before the first round."""
+        if name in self.file:
+            del self.file[name]
         self.file.create_dataset(name, data=np.asarray(value))
 
     def append(self, values: dict) -> None:

@@ -34,6 +34,8 @@ def run_job(cfg, comm, log=None) -> dict:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     world = make_world(cfg, Transport(comm, timeout_s=cfg.comm_timeout_s))
+    from mpisage.checkpoint import agree_on_checkpoint
+    world.resume_from = agree_on_checkpoint(world.transport, cfg)
     algo = make_algorithm(world)
     rank = comm.Get_rank()
     if rank == 0:
@@ -73,17 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(e.code)
         return 0
+    from mpisage.checkpoint import CheckpointError
     from mpisage.data import DataError
 
     try:
         summary = run_job(cfg, comm)
-        if rank == 0:
+        if rank == 0 and summary:
             print(f"[mpisage] done: test acc {summary['test_acc']:.4f} after {summary['round'] + 1} rounds, "
                   f"{summary['comm_bytes'] / 1024 ** 3:.3f} GiB, metrics in {cfg.run_dir}/metrics.h5", flush=True)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         # Start-up checks that need MPI or data (rank counts, partitions, files) fail identically on every rank.
         if rank == 0:
-            sys.stderr.write(f"[mpisage] {'data' if isinstance(e, DataError) else 'config'} error: {e}\n")
+            what = {DataError: "data", CheckpointError: "checkpoint"}.get(type(e), "config")
+            sys.stderr.write(f"[mpisage] {what} error: {e}\n")
         return 2
     except BaseException as e:  # noqa: BLE001 - any failure must take the whole job down, not hang it
         _fail(rank, role, e)

@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from mpisage.algorithms import Algorithm
 from mpisage.state import load_packed, state_nbytes
-from mpisage.checkpoint import checkpoint_due, send_checkpoint
+from mpisage.checkpoint import checkpoint_due, restore_transport, send_checkpoint, transport_state
 from mpisage.transport import F_SERVER, Kind, ProtocolError
 
 
@@ -58,7 +58,12 @@ def run_sserver(algo: Algorithm) -> None:
             t.send(F_SERVER, Kind.EVAL, torch.tensor([loss, acc, seconds], dtype=torch.float64), round=eval_round)
             evaluation = None
 
-    for round in range(cfg.rounds):
+    if world.resume_from:
+        flat = world.resume_state("rank1")
+        algo.restore_server(s, flat, "server")
+        torch.set_rng_state(flat["torch_rng"])
+        restore_transport(t, flat)
+    for round in range(world.start_round, cfg.rounds):
         start, busy = time.perf_counter(), 0.0
         s.train_stats[:] = 0
         s.extra.pop("align_loss", None)
@@ -87,7 +92,8 @@ def run_sserver(algo: Algorithm) -> None:
             load_packed(module, msg.tensor)
         evaluation, eval_round = algo.evaluation(s, global_modules), round
         if checkpoint_due(cfg, round, stop):
-            send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state()}, round)
+            send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state(),
+                                "transport": transport_state(t)}, round)
         if stop:
             finish_evaluation()
             break

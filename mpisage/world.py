@@ -30,6 +30,16 @@ class World:
     histograms: np.ndarray                # [num_clients, num_classes]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_index: dict[int, np.ndarray] = field(default_factory=dict)   # client id -> rows of this rank's train_x
+    resume_from: tuple[str, int] | None = None    # (checkpoint path, its round) when resuming
+
+    @property
+    def start_round(self) -> int:
+        return 0 if self.resume_from is None else self.resume_from[1] + 1
+
+    def resume_state(self, group: str) -> dict[str, torch.Tensor]:
+        """This rank's flat state from the resume checkpoint (every rank reads its own group)."""
+        from mpisage.checkpoint import read_checkpoint
+        return read_checkpoint(self.resume_from[0], [group])[1][group]
 
     @property
     def rank(self) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.data import eval_transform
 from mpisage.models import activation_shape
 from mpisage.state import fedavg
@@ -141,6 +142,17 @@ class Algorithm:
             state["server"] = c.server.state_dict()
         return state
 
+    def restore_client(self, c: ClientState, flat: dict[str, torch.Tensor], prefix: str) -> None:
+        """The inverse of client_checkpoint."""
+        restore_module(c.model, flat, f"{prefix}/model")
+        restore_optimizer(c.optimizer, flat, f"{prefix}/optimizer")
+        c.generator.set_state(flat[f"{prefix}/generator"])
+        for name in ("aux", "server"):
+            if getattr(c, name) is not None:
+                restore_module(getattr(c, name), flat, f"{prefix}/{name}")
+        if c.aux_optimizer is not None:
+            restore_optimizer(c.aux_optimizer, flat, f"{prefix}/aux_optimizer")
+
     def shared_modules(self, c: ClientState) -> dict[Kind, nn.Module]:
         """The client's modules that go to the F-server each round and come back averaged."""
         return {Kind.CLIENT_MODEL: c.model}
@@ -172,6 +184,11 @@ class Algorithm:
     def server_checkpoint(self, s: ServerState) -> dict:
         """Everything the S-server must keep to continue exactly (nested dicts of tensors and plain values)."""
         return {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict()}
+
+    def restore_server(self, s: ServerState, flat: dict[str, torch.Tensor], prefix: str) -> None:
+        """The inverse of server_checkpoint."""
+        restore_module(s.model, flat, f"{prefix}/model")
+        restore_optimizer(s.optimizer, flat, f"{prefix}/optimizer")
 
     def server_step(self, s: ServerState, cid: int, z: torch.Tensor, y: torch.Tensor, *, model: nn.Module = None,
                     optimizer: torch.optim.Optimizer = None, return_grad: bool = False) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, adam
+from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.state import load_packed, pack_state, state_nbytes
 from mpisage.transport import Kind
 
@@ -119,6 +120,15 @@ class FslSage(Algorithm):
                 "aux_optimizer": {cid: o.state_dict() for cid, o in x["aux_optimizer"].items()},
                 "buffer_z": dict(x["buffer_z"]), "buffer_y": dict(x["buffer_y"]),
                 "buffer_fill": dict(x["buffer_fill"])}
+
+    def restore_server(self, s: ServerState, flat, prefix: str) -> None:
+        super().restore_server(s, flat, prefix)
+        for cid in range(self.world.num_clients):
+            restore_module(s.extra["aux"][cid], flat, f"{prefix}/aux/{cid}")
+            restore_optimizer(s.extra["aux_optimizer"][cid], flat, f"{prefix}/aux_optimizer/{cid}")
+            if f"{prefix}/buffer_fill/{cid}" in flat:     # clients that have uploaded at least once
+                for part in ("buffer_z", "buffer_y", "buffer_fill"):
+                    s.extra[part][cid] = flat[f"{prefix}/{part}/{cid}"].clone()
 
     def describe(self) -> dict:
         return {**super().describe(), "Q": self.cfg.server_update_interval, "l": self.cfg.align_interval,

@@ -14,6 +14,7 @@ import copy
 import torch
 
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, adam
+from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.state import fedavg, load_packed, pack_state
 from mpisage.transport import Kind
 
@@ -65,6 +66,13 @@ class SplitFedV1(SplitFedV2):
         return {**super().server_checkpoint(s),
                 "copies": {cid: m.state_dict() for cid, m in s.extra["copies"].items()},
                 "copy_optimizers": {cid: o.state_dict() for cid, o in s.extra["copy_optimizers"].items()}}
+
+
+    def restore_server(self, s: ServerState, flat, prefix: str) -> None:
+        super().restore_server(s, flat, prefix)
+        for cid in range(self.world.num_clients):
+            restore_module(s.extra["copies"][cid], flat, f"{prefix}/copies/{cid}")
+            restore_optimizer(s.extra["copy_optimizers"][cid], flat, f"{prefix}/copy_optimizers/{cid}")
 
 
 class VanillaSL(SplitFedV2):
