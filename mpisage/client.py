@@ -29,6 +29,8 @@ def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) ->
         for first in range(0, n, cfg.batch_size):
             idx = order[first:first + cfg.batch_size]
             x = transform(c.x[idx].to(dev), c.generator)
+            if _inject_nan(c.cid, link.round):
+                x = x * float("nan")
             y = c.y[idx].to(dev)
             local = algo.client_step(c, link, k, x, y)
             if local is None:        # the loss lives on the S-server, which checks what it receives
@@ -52,6 +54,12 @@ def _inject_fault(rank: int, round: int) -> None:
     spec = os.environ.get("MPISAGE_INJECT_FAULT")
     if spec and tuple(int(v) for v in spec.split(":")) == (rank, round):
         raise RuntimeError(f"fault injected by MPISAGE_INJECT_FAULT={spec}")
+
+
+def _inject_nan(cid: int, round: int) -> bool:
+    """Test hook: MPISAGE_INJECT_NAN=CLIENT:ROUND feeds that client NaN inputs in that round."""
+    spec = os.environ.get("MPISAGE_INJECT_NAN")
+    return bool(spec) and tuple(int(v) for v in spec.split(":")) == (cid, round)
 
 
 def run_client(algo: Algorithm) -> None:

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import torch
 
+from mpisage import preemption
 from mpisage.algorithms import Algorithm
 from mpisage.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
 from mpisage.client import CLIENT_STATS
@@ -77,7 +78,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
                     t.send(world.rank_of(cid), kind, current[kind], round=round, client=cid)
         totals = sum(last_counters.values()) + t.counters()
         paper_total = int(totals[1].sum())
-        stop = round == cfg.rounds - 1 or paper_total >= threshold
+        stop = round == cfg.rounds - 1 or paper_total >= threshold or preemption.requested() is not None
         flag = torch.tensor([int(stop)], dtype=torch.int64)
         for r in range(1, t.size):
             t.send(r, Kind.CONTROL, flag, round=round)
@@ -122,6 +123,9 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
             write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
         summary = row
         if stop:
+            if preemption.requested() and round < cfg.rounds - 1:
+                log(f"[mpisage] {preemption.requested()}: stopped after round {round + 1} with a checkpoint; "
+                    f"run again with resume=auto to continue")
             break
     metrics.close()
     t.flush()

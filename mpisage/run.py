@@ -27,14 +27,16 @@ def run_job(cfg, comm, log=None) -> dict:
     import torch
 
     from mpisage.algorithms import make_algorithm
+    from mpisage import preemption
+    from mpisage.checkpoint import agree_on_checkpoint
     from mpisage.transport import Transport
     from mpisage.world import make_world
 
+    preemption.install()
     torch.set_num_threads(cfg.torch_threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     world = make_world(cfg, Transport(comm, timeout_s=cfg.comm_timeout_s))
-    from mpisage.checkpoint import agree_on_checkpoint
     world.resume_from = agree_on_checkpoint(world.transport, cfg)
     algo = make_algorithm(world)
     rank = comm.Get_rank()

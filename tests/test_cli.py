@@ -37,3 +37,89 @@ def test_a_failing_rank_aborts_the_whole_job_quickly(tmp_path):
     assert "rank 3 (client) failed" in proc.stderr and "fault injected" in proc.stderr
     assert "round    3/5" not in proc.stdout    # no round after the fault (round index 1) completed
     assert seconds < 60, f"the job took {seconds:.0f} s to die"
+
+
+def _start(args: list[str], env: dict | None = None):
+    """mpirun in the background, its stdout readable line by line."""
+    import subprocess
+    return subprocess.Popen([MPIRUN, "-n", "4", PYTHON, "-m", "mpisage.run", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "MPISAGE_TRACEBACK": "0", **(env or {})})
+
+
+def _wait_for_line(proc, needle: str, timeout: float = 120) -> list[str]:
+    lines, start = [], time.monotonic()
+    while time.monotonic() - start < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}; output: {''.join(lines)}")
+
+
+def _tiny_job(tmp_path, rounds: int) -> list[str]:
+    from mpisage.data import write_fashion_mnist_fixture
+    data = write_fashion_mnist_fixture(str(tmp_path / "data"), 900, 50)
+    return [f"dataset.root={data}", "num_clients=3", f"rounds={rounds}", "batch_size=8", "align_steps=2",
+            f"run_dir={tmp_path}/run", "checkpoint_interval=1", "comm_timeout_s=60"]
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
+    import signal
+
+    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    job = _tiny_job(tmp_path, 10_000)
+    proc = _start(job)
+    _wait_for_line(proc, "round    2/")
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)            # what Slurm sends before a pre-emption or the time limit
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - start < 60
+    assert "SIGTERM: stopped after round" in out and "resume=auto" in out
+    attrs, _ = read_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])
+    stopped_at = int(attrs["round"])
+    assert 1 <= stopped_at < 10_000
+    proc = _start(job[:2] + [f"rounds={stopped_at + 3}"] + job[3:] + ["resume=auto"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"resuming after round {stopped_at + 1}" in out and f"round {stopped_at + 3:4d}/" in out
+
+
+def test_nan_stops_the_run_naming_round_and_client(tmp_path):
+    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    proc = _start(_tiny_job(tmp_path, 5), env={"MPISAGE_INJECT_NAN": "1:2"})   # client 1, round index 2
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "non-finite" in err and "client 1" in err and "round 2" in err
+    read_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])   # the last good checkpoint still loads
+
+
+def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
+    import signal
+
+    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    proc = _start(_tiny_job(tmp_path, 10_000))
+    _wait_for_line(proc, "round    2/")
+    victim = None
+    for pid in os.listdir("/proc"):                 # the rank-3 process of this job
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"PMI_RANK=3" in env and str(tmp_path).encode() in cmd and b"mpisage.run" in cmd:
+            victim = int(pid)
+    assert victim is not None, "could not find the client rank's process"
+    start = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60, "the job outlived a dead rank by more than a minute"
+    attrs, _ = read_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])
+    assert attrs["round"] >= 0
