@@ -180,6 +180,9 @@ def choose_checkpoint(cfg) -> tuple[str, int] | None:
         if not candidates:
             return None
     else:
+        if not os.path.isfile(cfg.resume):
+            raise CheckpointError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto to take the newest "
+                                  f"one in run_dir)")
         candidates = [cfg.resume]
     for path in candidates:
         try:

@@ -11,6 +11,7 @@ import torch
 from mpisage.algorithms import Algorithm, ClientLink, ClientState
 from mpisage.checkpoint import checkpoint_due, restore_transport, send_checkpoint, transport_state
 from mpisage.data import train_transform
+from mpisage.environment import resident_bytes
 from mpisage.state import load_packed, pack_state, state_nbytes
 from mpisage.transport import F_SERVER, Kind
 
@@ -83,7 +84,7 @@ def run_client(algo: Algorithm) -> None:
             for kind, module in algo.shared_modules(c).items():
                 t.send(F_SERVER, kind, pack_state(module.state_dict()), round=round, client=c.cid)
             t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=round, client=c.cid)
-        t.send_counters(F_SERVER, round=round, extra=np.array([t.wait_seconds, busy]))
+        t.send_counters(F_SERVER, round=round, extra=np.array([t.wait_seconds, busy, resident_bytes()]))
         if not algo.sequential:         # the averages
             for c in clients:
                 _load_from_fserver(algo, c, round)

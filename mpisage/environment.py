@@ -34,3 +34,13 @@ def environment(comm) -> str:
         "cuda_available": torch.cuda.is_available(), "cuda_aware_mpi": False,
         "host": platform.node(), "torch_threads": torch.get_num_threads(),
     })
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -18,7 +18,7 @@ from mpisage.metrics import MetricsFile
 from mpisage.state import flatten_state, pack_state, state_nbytes
 from mpisage.sserver import sserver_extra_len
 from mpisage.transport import NUM_KINDS, S_SERVER, Kind
-from mpisage.environment import environment
+from mpisage.environment import environment, resident_bytes
 
 GIB = 1024 ** 3
 
@@ -67,7 +67,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
             client_stats[cid] = t.recv(Kind.CONTROL, src, round=round, client=cid, shape=(CLIENT_STATS,)).tensor.numpy()
         rank_extra = {}
         for r in world.client_ranks:
-            last_counters[r], rank_extra[r] = t.recv_counters(r, round=round, n_extra=2)
+            last_counters[r], rank_extra[r] = t.recv_counters(r, round=round, n_extra=3)
         last_counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=round, n_extra=sserver_extra_len(m))
 
         # 2. average and send back; decide whether this was the last round
@@ -107,7 +107,9 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
                 "client_train_seconds": client_stats[:, 3],
                 "server_train_loss": s_train[:, 0] / s_train[:, 2],
                 "server_train_acc": s_train[:, 1] / s_train[:, 2],
-                "align_loss": s_extra[3 + 3 * m:].reshape(m, 2),
+                "align_loss": s_extra[3 + 3 * m:3 + 5 * m].reshape(m, 2),
+                "resident_bytes_by_rank": np.array([resident_bytes(), s_extra[-1]] +
+                                                   [rank_extra[r][2] for r in world.client_ranks]),
                 "sserver_busy_seconds": s_extra[1], "sserver_round_seconds": s_extra[2],
                 "wait_seconds_by_rank": round_wait,
             }

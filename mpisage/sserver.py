@@ -10,6 +10,7 @@ from mpi4py import MPI
 
 from mpisage.algorithms import Algorithm
 from mpisage.state import load_packed, state_nbytes
+from mpisage.environment import resident_bytes
 from mpisage.checkpoint import checkpoint_due, restore_transport, send_checkpoint, transport_state
 from mpisage.transport import F_SERVER, Kind, ProtocolError
 
@@ -83,7 +84,8 @@ def run_sserver(algo: Algorithm) -> None:
         algo.end_server_round(s, round)
         align = s.extra.get("align_loss", {})
         align_loss = np.array([align.get(cid, (np.nan, np.nan)) for cid in range(world.num_clients)]).ravel()
-        extra = np.concatenate([[t.wait_seconds, busy, time.perf_counter() - start], s.train_stats.ravel(), align_loss])
+        extra = np.concatenate([[t.wait_seconds, busy, time.perf_counter() - start], s.train_stats.ravel(), align_loss,
+                                [resident_bytes()]])
         t.send_counters(F_SERVER, round=round, extra=extra)
 
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
@@ -102,4 +104,4 @@ def run_sserver(algo: Algorithm) -> None:
 
 def sserver_extra_len(num_clients: int) -> int:
     """Length of the float figures the S-server appends to its round report (see run_sserver)."""
-    return 3 + 3 * num_clients + 2 * num_clients
+    return 3 + 3 * num_clients + 2 * num_clients + 1

@@ -21,6 +21,29 @@ def test_bad_config_exits_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "metrics.h5")
 
 
+def test_bad_inputs_found_at_start_up_are_rejected_before_training(tmp_path):
+    """Problems that need the data, the rank layout or a checkpoint to be seen: each exits non-zero on every
+    rank with a message naming it, before any round runs (one launch per case, 3 ranks)."""
+    from mpisage.checkpoint import write_checkpoint
+    from mpisage.data import write_fashion_mnist_fixture
+    data = write_fashion_mnist_fixture(str(tmp_path / "data"), 60, 20)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    write_checkpoint(str(foreign), 0, {}, {"config": "lr: 0.5\n"}, keep=1)
+    cases = [
+        (["num_clients=100", f"dataset.root={data}"], "num_clients"),                 # more clients than samples
+        (["dataset=cifar10", f"dataset.root={tmp_path}/nothing"], "cifar-10-batches-py"),   # missing data files
+        ([f"dataset.root={data}", f"resume={foreign}/checkpoint_round000000.h5"], "another config"),
+        ([f"dataset.root={data}", f"resume={tmp_path}/missing.h5"], "missing.h5"),
+    ]
+    for args, needle in cases:
+        proc, seconds = _launch(3, args + [f"run_dir={tmp_path}/run"])
+        assert proc.returncode != 0, args
+        assert needle in proc.stderr, (args, proc.stderr[-500:])
+        assert "round " not in proc.stdout, args
+        assert seconds < 60
+
+
 def test_too_few_ranks_is_explained(tmp_path):
     proc, _ = _launch(2, [f"run_dir={tmp_path}/run"])
     assert proc.returncode != 0

@@ -31,7 +31,9 @@ def _rounds_and_weights(run_dir: str):
     rounds = read_rounds(os.path.join(run_dir, "metrics.h5"))
     ckpt = sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint_round"))[-1]
     _, groups = read_checkpoint(os.path.join(run_dir, ckpt))
-    weights = {f"{g}/{k}": v for g, ts in groups.items() for k, v in ts.items()}
+    # everything but wall-clock figures (time spent waiting, the round clock)
+    weights = {f"{g}/{k}": v for g, ts in groups.items() for k, v in ts.items()
+               if k != "transport/wait" and not k.startswith("clock/")}
     return rounds, weights
 
 
