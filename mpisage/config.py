@@ -61,6 +61,8 @@ class Config:
     keep_checkpoints: int = 2
     torch_threads: int = 1               # per rank; ranks usually outnumber cores
     comm_timeout_s: float = 1800.0       # a wait for a peer longer than this is an error naming the peer
+    heartbeat_s: float = 5.0             # every rank signals it is alive this often ...
+    heartbeat_timeout_s: float = 60.0    # ... and one silent this long aborts the job, named (0: no heartbeat)
     log_interval: int = 1                # rounds between progress lines
 
 
@@ -146,6 +148,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.align_steps >= 0, "align_steps", cfg.align_steps, "must be >= 0")
     for key in ("lr", "align_lr", "comm_threshold_mb", "comm_timeout_s"):
         _require(getattr(cfg, key) > 0, key, getattr(cfg, key), "must be > 0")
+    _require(cfg.heartbeat_s > 0, "heartbeat_s", cfg.heartbeat_s, "must be > 0")
+    _require(cfg.heartbeat_timeout_s == 0 or cfg.heartbeat_timeout_s >= 3 * cfg.heartbeat_s, "heartbeat_timeout_s",
+             cfg.heartbeat_timeout_s, f"must be 0 (off) or at least 3 x heartbeat_s ({3 * cfg.heartbeat_s:g})")
     _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
     _require(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
 

@@ -14,11 +14,11 @@ from mpisage.algorithms import Algorithm
 from mpisage.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
 from mpisage.client import CLIENT_STATS
 from mpisage.config import to_yaml
-from mpisage.metrics import MetricsFile
-from mpisage.state import flatten_state, pack_state, state_nbytes
-from mpisage.sserver import sserver_extra_len
-from mpisage.transport import NUM_KINDS, S_SERVER, Kind
 from mpisage.environment import environment, resident_bytes
+from mpisage.metrics import MetricsFile
+from mpisage.sserver import sserver_extra_len
+from mpisage.state import flatten_state, pack_state, state_nbytes
+from mpisage.transport import NUM_KINDS, S_SERVER, Kind
 
 GIB = 1024 ** 3
 

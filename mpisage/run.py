@@ -25,11 +25,11 @@ def _fail(rank: int, role: str, exc: BaseException) -> None:
 def run_job(cfg, comm, log=None) -> dict:
     """Runs one job on `comm` (every rank calls it); returns the last round's metrics on rank 0, {} elsewhere."""
     import torch
+    from mpi4py import MPI
 
-    from mpisage.algorithms import make_algorithm
     from mpisage import preemption
     from mpisage.checkpoint import agree_on_checkpoint
-    from mpisage.transport import Transport
+    from mpisage.transport import Heartbeat, Transport
     from mpisage.world import make_world
 
     preemption.install()
@@ -38,6 +38,18 @@ def run_job(cfg, comm, log=None) -> dict:
         torch.use_deterministic_algorithms(True)
     world = make_world(cfg, Transport(comm, timeout_s=cfg.comm_timeout_s))
     world.resume_from = agree_on_checkpoint(world.transport, cfg)
+    heartbeat = None
+    if cfg.heartbeat_timeout_s > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+        heartbeat = Heartbeat(world.transport, cfg.heartbeat_s, cfg.heartbeat_timeout_s).start()
+    try:
+        return _run_role(cfg, world, comm, log)
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _run_role(cfg, world, comm, log) -> dict:
+    from mpisage.algorithms import make_algorithm
     algo = make_algorithm(world)
     rank = comm.Get_rank()
     if rank == 0:

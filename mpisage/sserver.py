@@ -9,9 +9,9 @@ import torch
 from mpi4py import MPI
 
 from mpisage.algorithms import Algorithm
-from mpisage.state import load_packed, state_nbytes
-from mpisage.environment import resident_bytes
 from mpisage.checkpoint import checkpoint_due, restore_transport, send_checkpoint, transport_state
+from mpisage.environment import resident_bytes
+from mpisage.state import load_packed, state_nbytes
 from mpisage.transport import F_SERVER, Kind, ProtocolError
 
 

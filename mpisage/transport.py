@@ -15,6 +15,7 @@ Waiting polls `Test()` with a short, growing sleep: ranks outnumber cores, and a
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from dataclasses import dataclass
 
@@ -102,6 +103,7 @@ class Transport:
         self.messages = np.zeros((NUM_KINDS, 3), dtype=np.int64)
         self.wait_seconds = 0.0        # time spent blocked on peers (idle time)
         self._pending: list[tuple[MPI.Request, object]] = []   # in-flight sends and the buffers they read
+        self._count_lock = threading.Lock()                        # the heartbeat thread counts too
 
     # ------------------------------------------------------------------ sending
     def send(self, dest: int, kind: Kind, tensor: torch.Tensor, *, round: int, client: int = -1, seq: int = 0,
@@ -127,14 +129,15 @@ class Transport:
             self.count(kind, dest, nbytes)
         self._reap()
 
-    def count(self, kind: Kind, dest: int, nbytes: int) -> None:
-        """Adds one message of `nbytes` payload to the counters (done by `send`; exposed for pre-counting the
-        counter snapshot that reports itself)."""
+    def count(self, kind: Kind, dest: int, nbytes: int, header: bool = True) -> None:
+        """Adds one message of `nbytes` payload (plus a header, unless it has none) to the counters. Done by
+        `send`; exposed for the counter snapshot that reports itself and for the heartbeat thread."""
         role = role_of(dest)
-        self.wire_bytes[kind, role] += HEADER_BYTES + nbytes
-        self.messages[kind, role] += 1
-        if kind in PAPER_KINDS:
-            self.paper_bytes[kind, role] += nbytes
+        with self._count_lock:
+            self.wire_bytes[kind, role] += (HEADER_BYTES if header else 0) + nbytes
+            self.messages[kind, role] += 1
+            if kind in PAPER_KINDS:
+                self.paper_bytes[kind, role] += nbytes
 
     def _reap(self) -> None:
         self._pending = [(r, b) for r, b in self._pending if not r.Test()]
@@ -239,3 +242,66 @@ class Transport:
 
 def _elsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+class Heartbeat:
+    """Liveness, on its own communicator and thread: every rank tells its watcher it is alive every `interval`
+    seconds (rank 0 watches every rank; the others watch rank 0). A watched rank silent for `timeout` seconds
+    (frozen, stopped, or on a dead node) aborts the whole job with a message naming it. A rank that finishes says
+    goodbye, so finishing early is not taken for dying. Its bytes are wire traffic, counted as CONTROL."""
+
+    BYE = -1
+
+    def __init__(self, transport: Transport, interval: float, timeout: float):
+        self.t, self.interval, self.timeout = transport, interval, timeout
+        self.comm = transport.comm.Dup()      # collective: every rank creates its heartbeat together
+        rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        self.peers = list(range(1, size)) if rank == 0 else [0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mpisage-heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        beat = np.zeros(1, dtype=np.int64)
+        inbox = {p: np.zeros(1, dtype=np.int64) for p in self.peers}
+        pending = {p: self.comm.Irecv(inbox[p], source=p, tag=0) for p in self.peers}
+        last_seen = dict.fromkeys(self.peers, time.monotonic())
+        next_beat = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                for p in self.peers:
+                    self.comm.Isend(beat, dest=p, tag=0).Free()   # completes in the background
+                    self.t.count(Kind.CONTROL, p, beat.nbytes, header=False)
+                next_beat = now + self.interval
+            for p in list(pending):
+                if pending[p].Test():
+                    if inbox[p][0] == self.BYE:
+                        del pending[p], last_seen[p]
+                        continue
+                    last_seen[p] = now
+                    pending[p] = self.comm.Irecv(inbox[p], source=p, tag=0)
+            for p, seen in last_seen.items():
+                if now - seen > self.timeout:
+                    import sys
+                    sys.stderr.write(f"[mpisage] rank {p} ({ROLE_NAMES[role_of(p)]}) stopped answering: no heartbeat "
+                                     f"for {now - seen:.0f} s (heartbeat_timeout_s={self.timeout:g}); aborting all ranks\n")
+                    sys.stderr.flush()
+                    MPI.COMM_WORLD.Abort(1)
+            self._stop.wait(min(0.5, self.interval / 4))
+        bye = np.array([self.BYE], dtype=np.int64)
+        for p in self.peers:
+            self.comm.Isend(bye, dest=p, tag=0).Free()
+            self.t.count(Kind.CONTROL, p, bye.nbytes, header=False)
+        # The communicator is left allocated: freeing it could let a later one reuse its context while a
+        # goodbye is still in flight.
+        for req in pending.values():
+            req.Cancel()
+            req.Free()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

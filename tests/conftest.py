@@ -32,6 +32,14 @@ def on_root(fn) -> np.ndarray:
     return out
 
 
+def write_on_root(fn, *args, **kwargs) -> None:
+    """Rank 0 writes (fixtures, file surgery); every rank waits until it has."""
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        fn(*args, **kwargs)
+    MPI.COMM_WORLD.Barrier()
+
+
 def bcast_array(comm, values, root: int = 0) -> np.ndarray:
     """Broadcast float64 values from `root` (raw buffer, no pickling) so every rank can assert on them."""
     n = np.array([len(values) if comm.Get_rank() == root else 0], dtype=np.int64)

@@ -121,14 +121,8 @@ def test_nan_stops_the_run_naming_round_and_client(tmp_path):
     read_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])   # the last good checkpoint still loads
 
 
-def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
-    import signal
-
-    from mpisage.checkpoint import list_checkpoints, read_checkpoint
-    proc = _start(_tiny_job(tmp_path, 10_000))
-    _wait_for_line(proc, "round    2/")
-    victim = None
-    for pid in os.listdir("/proc"):                 # the rank-3 process of this job
+def _rank_pid(tmp_path, rank: int) -> int:
+    for pid in os.listdir("/proc"):                 # the process of that rank in this test's job
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read().split(b"\0")
@@ -136,9 +130,18 @@ def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
                 cmd = f.read()
         except OSError:
             continue
-        if b"PMI_RANK=3" in env and str(tmp_path).encode() in cmd and b"mpisage.run" in cmd:
-            victim = int(pid)
-    assert victim is not None, "could not find the client rank's process"
+        if f"PMI_RANK={rank}".encode() in env and str(tmp_path).encode() in cmd and b"mpisage.run" in cmd:
+            return int(pid)
+    raise AssertionError(f"could not find rank {rank}'s process")
+
+
+def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
+    import signal
+
+    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    proc = _start(_tiny_job(tmp_path, 10_000))
+    _wait_for_line(proc, "round    2/")
+    victim = _rank_pid(tmp_path, 3)
     start = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     proc.communicate(timeout=90)
@@ -146,3 +149,16 @@ def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
     assert time.monotonic() - start < 60, "the job outlived a dead rank by more than a minute"
     attrs, _ = read_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])
     assert attrs["round"] >= 0
+
+
+def test_frozen_rank_is_named_and_ends_the_job(tmp_path):
+    """A rank that stops answering without dying (SIGSTOP here; a hung node in life) is caught by the heartbeat."""
+    import signal
+    proc = _start(_tiny_job(tmp_path, 10_000) + ["heartbeat_s=0.5", "heartbeat_timeout_s=4"])
+    _wait_for_line(proc, "round    2/")
+    os.kill(_rank_pid(tmp_path, 3), signal.SIGSTOP)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert "rank 3 (client) stopped answering" in err
+    assert time.monotonic() - start < 30

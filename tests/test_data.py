@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from mpisage.data import (DataError, ImageDataset, BatchTransform, eval_transform, label_histograms,
-                          load_dataset, partition, train_transform, write_cifar10_fixture,
-                          write_cifar100_fixture, write_fashion_mnist_fixture)
+from mpisage.data import (
+    BatchTransform,
+    DataError,
+    ImageDataset,
+    eval_transform,
+    label_histograms,
+    load_dataset,
+    partition,
+    train_transform,
+    write_cifar10_fixture,
+    write_cifar100_fixture,
+    write_fashion_mnist_fixture,
+)
 from mpisage.data import datasets as dsmod
 
 DEBIAN = "/usr/share/datasets/fashion-mnist"

@@ -6,8 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from conftest import on_root, run_job
+from conftest import on_root, run_job, write_on_root
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
@@ -25,18 +24,13 @@ CLOSED_FORM = {   # bytes per round, all clients
 }
 
 
-def _barrier_write(fn, *args, **kwargs):
-    from mpi4py import MPI
-    if MPI.COMM_WORLD.Get_rank() == 0:
-        fn(*args, **kwargs)
-    MPI.COMM_WORLD.Barrier()
 
 
 @pytest.fixture
 def cifar(shared_tmp):
     from mpisage.data import write_cifar10_fixture
     root = os.path.join(shared_tmp, "cifar")
-    _barrier_write(write_cifar10_fixture, root, M * N_I, 20, n_batches=2)
+    write_on_root(write_cifar10_fixture, root, M * N_I, 20, n_batches=2)
     return root
 
 
@@ -103,7 +97,7 @@ def test_one_client_split_learning_equals_joined_training(method, shared_tmp):
     from mpisage.checkpoint import read_checkpoint
     from mpisage.data import write_fashion_mnist_fixture
     data = os.path.join(shared_tmp, "fmnist")
-    _barrier_write(write_fashion_mnist_fixture, data, 150, 30)
+    write_on_root(write_fashion_mnist_fixture, data, 150, 30)
     run_dir = os.path.join(shared_tmp, method)
     # F-server, S-server and one client rank (the fourth rank sits this job out)
     run_job([f"algorithm={method}", f"dataset.root={data}", "num_clients=1", "rounds=2", "batch_size=32",

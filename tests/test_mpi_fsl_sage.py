@@ -4,24 +4,13 @@ import os
 
 import numpy as np
 import pytest
-
-from conftest import on_root, run_job
+from conftest import on_root, run_job, write_on_root
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
 HEADER_BYTES = 14 * 8
 
 
-def _comm():
-    from mpi4py import MPI
-    return MPI.COMM_WORLD
-
-
-def _write_on_root(fn, *args, **kwargs):
-    comm = _comm()
-    if comm.Get_rank() == 0:
-        fn(*args, **kwargs)
-    comm.Barrier()
 
 
 def _rounds_and_weights(run_dir: str):
@@ -31,16 +20,16 @@ def _rounds_and_weights(run_dir: str):
     rounds = read_rounds(os.path.join(run_dir, "metrics.h5"))
     ckpt = sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint_round"))[-1]
     _, groups = read_checkpoint(os.path.join(run_dir, ckpt))
-    # everything but wall-clock figures (time spent waiting, the round clock)
+    # all model, optimiser, buffer and generator state (byte counters and clocks include timing: heartbeats, waits)
     weights = {f"{g}/{k}": v for g, ts in groups.items() for k, v in ts.items()
-               if k != "transport/wait" and not k.startswith("clock/")}
+               if not k.startswith(("transport/", "clock/"))}
     return rounds, weights
 
 
 def test_deterministic_runs_are_identical(shared_tmp):
     from mpisage.data import write_fashion_mnist_fixture
     data = os.path.join(shared_tmp, "fmnist")
-    _write_on_root(write_fashion_mnist_fixture, data, 600, 100)
+    write_on_root(write_fashion_mnist_fixture, data, 600, 100)
     common = [f"dataset.root={data}", "num_clients=3", "rounds=3", "batch_size=32", "align_interval=2",
               "align_steps=5", "align_buffer_size=100", "deterministic=true", "seed=7", "checkpoint_interval=100"]
     run_a, run_b = os.path.join(shared_tmp, "a"), os.path.join(shared_tmp, "b")
@@ -69,7 +58,7 @@ def test_resnet18_round_bytes_match_closed_form(shared_tmp):
     wire-only. Checked to the byte on the ResNet-18 split with a CIFAR-10 fixture."""
     from mpisage.data import write_cifar10_fixture
     data = os.path.join(shared_tmp, "cifar")
-    _write_on_root(write_cifar10_fixture, data, 120, 20, n_batches=3)
+    write_on_root(write_cifar10_fixture, data, 120, 20, n_batches=3)
     run_dir = os.path.join(shared_tmp, "resnet")
     client_b, aux_b, act_per_sample = 2_740_048, 8_419_408, 128 * 4 * 4 * 4
     uploaded_samples = 3 * (16 + 8)

@@ -4,8 +4,7 @@ import os
 
 import numpy as np
 import pytest
-
-from conftest import on_root, run_job
+from conftest import on_root, run_job, write_on_root
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
@@ -13,11 +12,6 @@ COMPARED = ("test_acc", "test_loss", "comm_bytes", "server_train_loss", "client_
             "paper_bytes_by_kind")
 
 
-def _barrier_write(fn, *args, **kwargs):
-    from mpi4py import MPI
-    if MPI.COMM_WORLD.Get_rank() == 0:
-        fn(*args, **kwargs)
-    MPI.COMM_WORLD.Barrier()
 
 
 def _final_state(run_dir):
@@ -33,7 +27,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(method, trun
     from mpisage.data import write_fashion_mnist_fixture
     from mpisage.metrics import read_rounds
     data = os.path.join(shared_tmp, "fmnist")
-    _barrier_write(write_fashion_mnist_fixture, data, 300, 60)
+    write_on_root(write_fashion_mnist_fixture, data, 300, 60)
     common = [f"algorithm={method}", f"dataset.root={data}", "num_clients=3", "batch_size=32", "align_interval=2",
               "align_steps=3", "align_buffer_size=100", "deterministic=true", "seed=5", "checkpoint_interval=1",
               "keep_checkpoints=3"]
@@ -46,7 +40,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(method, trun
             newest = list_checkpoints(parts)[-1]
             with open(newest, "r+b") as f:
                 f.truncate(os.path.getsize(newest) // 2)
-        _barrier_write(truncate)
+        write_on_root(truncate)
     run_job(common + ["rounds=4", f"run_dir={parts}", "resume=auto"])
 
     def compare():

@@ -21,7 +21,7 @@ from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.data import eval_transform
 from mpisage.models import activation_shape
 from mpisage.state import fedavg
-from mpisage.transport import Kind, S_SERVER, Transport
+from mpisage.transport import S_SERVER, Kind, Transport
 from mpisage.world import World
 
 
@@ -101,8 +101,14 @@ def adam(params, cfg, lr: float | None = None, weight_decay: float | None = None
                             weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
 
 
+# The parts of a split model, by the message kind that carries them.
+PART_KINDS = {"client": Kind.CLIENT_MODEL, "server": Kind.SERVER_MODEL, "aux": Kind.AUX_MODEL}
+
+
 class Algorithm:
     name = "base"
+    # The parts of the split each client sends the F-server after a round and gets back averaged.
+    shared_parts: tuple[str, ...] = ("client",)
     # Sequential methods (vanilla split learning) train one client at a time and hand the shared modules on
     # through the F-server instead of averaging them.
     sequential = False
@@ -153,15 +159,24 @@ class Algorithm:
         if c.aux_optimizer is not None:
             restore_optimizer(c.aux_optimizer, flat, f"{prefix}/aux_optimizer")
 
+    def local_step(self, c: ClientState, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One step of the client's optimiser on the mean cross-entropy of logits it computed itself."""
+        loss = F.cross_entropy(logits, y)
+        c.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        c.optimizer.step()
+        return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
+
     def shared_modules(self, c: ClientState) -> dict[Kind, nn.Module]:
         """The client's modules that go to the F-server each round and come back averaged."""
-        return {Kind.CLIENT_MODEL: c.model}
+        held = {"client": c.model, "server": c.server, "aux": c.aux}
+        return {PART_KINDS[part]: held[part] for part in self.shared_parts}
 
     def shared_templates(self) -> dict[Kind, nn.Module]:
         """Modules laid out like `shared_modules` (with the common initial weights), for the F-server to unpack and
         average and for the S-server to evaluate."""
         split = self.world.build_model()
-        return {Kind.CLIENT_MODEL: split.client}
+        return {PART_KINDS[part]: getattr(split, part) for part in self.shared_parts}
 
     # ------------------------------------------------------------------ S-server side
     def make_server(self) -> ServerState:

@@ -7,14 +7,12 @@ takes one step on it. Client and auxiliary models are both averaged by the F-ser
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, adam
-from mpisage.transport import Kind
 
 
 class CseFsl(Algorithm):
     name = "cse_fsl"
+    shared_parts = ("client", "aux")
 
     @property
     def upload_interval(self) -> int:
@@ -31,19 +29,7 @@ class CseFsl(Algorithm):
         z = c.model(x)
         if k % self.upload_interval == 0:
             link.upload(z, y, seq=k // self.upload_interval)
-        logits = c.aux(z)
-        loss = F.cross_entropy(logits, y)
-        c.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        c.optimizer.step()
-        return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
-
-    def shared_modules(self, c: ClientState):
-        return {Kind.CLIENT_MODEL: c.model, Kind.AUX_MODEL: c.aux}
-
-    def shared_templates(self):
-        split = self.world.build_model()
-        return {Kind.CLIENT_MODEL: split.client, Kind.AUX_MODEL: split.aux}
+        return self.local_step(c, c.aux(z), y)
 
     def expected_uploads(self, cid: int) -> int:
         return -(-self.world.steps_per_round(cid) // self.upload_interval)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, adam
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.state import fedavg, load_packed, pack_state
