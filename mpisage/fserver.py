@@ -32,17 +32,18 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
     ready = 0.0    # when the previous round's averaged model was ready (seconds since start)
     prev_wait = np.zeros(t.size)
+    history = None
     if world.resume_from:
         flat = world.resume_state("fserver")
         current = {kind: flat[f"{kind.name.lower()}/packed"].clone() for kind in templates}
         restore_transport(t, flat)
         ready, prev_wait = float(flat["clock/ready"][0]), flat["clock/prev_wait"].numpy().copy()
+        history = {k.removeprefix("metrics/"): v.numpy() for k, v in flat.items() if k.startswith("metrics/")}
         log(f"[mpisage] resuming after round {world.start_round} from {world.resume_from[0]}")
-    # metrics of a resumed run continue the file: entries past the checkpoint are dropped, none is repeated
+    # a resumed run's metrics start from the rounds saved in its checkpoint: no gap, no repeat
     metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
         "config": to_yaml(cfg), "environment": environment(t.comm), "algorithm": algo.describe(),
-        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]},
-        keep_rounds=world.start_round if world.resume_from else None)
+        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]}, history=history)
     metrics.set("label_histograms", world.histograms)
     metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
     threshold = cfg.comm_threshold_mb * 1024 ** 2
@@ -121,7 +122,8 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
             ranks = {f"rank{r}": recv_checkpoint(t, r, round) for r in range(1, t.size)}
             ranks["fserver"] = flatten_state({
                 **{kind.name.lower(): {"packed": current[kind]} for kind in templates}, "transport": transport_state(t),
-                "clock": {"ready": torch.tensor([ready]), "prev_wait": torch.from_numpy(prev_wait.copy())}})
+                "clock": {"ready": torch.tensor([ready]), "prev_wait": torch.from_numpy(prev_wait.copy())},
+                "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
             write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
         summary = row
         if stop:

@@ -11,22 +11,22 @@ import numpy as np
 
 
 class MetricsFile:
-    def __init__(self, path: str, attrs: dict, keep_rounds: int | None = None):
-        """A new file, or with `keep_rounds` (resuming) the existing one cut back to its first `keep_rounds`
-        entries, so the resumed run appends without gaps or duplicates."""
+    def __init__(self, path: str, attrs: dict, history: dict[str, np.ndarray] | None = None):
+        """A new file; when resuming, `history` (the rounds saved in the checkpoint) is written first, so the
+        resumed run appends without gaps or duplicates whatever became of the old file."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        resuming = keep_rounds is not None and os.path.exists(path)
-        self.file = h5py.File(path, "a" if resuming else "w", libver="latest")
+        self.file = h5py.File(path, "w", libver="latest")
         for k, v in attrs.items():
             self.file.attrs[k] = v if isinstance(v, (str, int, float, np.ndarray)) else json.dumps(v)
-        self.rounds = self.file.require_group("rounds")
-        if resuming:
-            for d in self.rounds.values():
-                if d.shape[0] < keep_rounds:
-                    raise RuntimeError(f"{path} holds {d.shape[0]} rounds of {d.name}, fewer than the {keep_rounds} "
-                                       f"the checkpoint has done; it is not this run's metrics file")
-                d.resize(keep_rounds, axis=0)
+        self.rounds = self.file.create_group("rounds")
+        for name, values in (history or {}).items():
+            self.rounds.create_dataset(name, data=values, maxshape=(None, *values.shape[1:]),
+                                       chunks=(64, *values.shape[1:]))
+
+    def history(self) -> dict[str, np.ndarray]:
+        """Every round recorded so far (for the checkpoint)."""
+        return {name: d[()] for name, d in self.rounds.items()}
 
     def set(self, name: str, value) -> None:
         """A per-run dataset (e.g. the label histograms), written once, before the first round."""

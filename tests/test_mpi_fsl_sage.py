@@ -22,7 +22,7 @@ def _rounds_and_weights(run_dir: str):
     _, groups = read_checkpoint(os.path.join(run_dir, ckpt))
     # all model, optimiser, buffer and generator state (byte counters and clocks include timing: heartbeats, waits)
     weights = {f"{g}/{k}": v for g, ts in groups.items() for k, v in ts.items()
-               if not k.startswith(("transport/", "clock/"))}
+               if not k.startswith(("transport/", "clock/", "metrics/"))}
     return rounds, weights
 
 

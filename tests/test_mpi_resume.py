@@ -1,5 +1,6 @@
 """Exact resume (multi-rank): N rounds in one go and N/2 + resume + N/2 end with the same metrics and weights, for
-FSL-SAGE (resuming past a truncated newest checkpoint) and for a gradient-returning baseline (SplitFed v2)."""
+FSL-SAGE (resuming past a truncated newest checkpoint) and for a gradient-returning baseline (SplitFed v2, whose
+metrics file is deleted before resuming: the checkpoint's copy of the rounds restores it)."""
 import os
 
 import numpy as np
@@ -17,9 +18,9 @@ COMPARED = ("test_acc", "test_loss", "comm_bytes", "server_train_loss", "client_
 def _final_state(run_dir):
     from mpisage.checkpoint import list_checkpoints, read_checkpoint
     _, groups = read_checkpoint(list_checkpoints(run_dir)[-1])
-    # the transport counters and clocks of a resumed run include its own start-up messages and timings
+    # the counters, clocks and saved metrics of a resumed run include its own start-up messages and timings
     return {f"{g}/{k}": v for g, ts in groups.items() for k, v in ts.items()
-            if not k.startswith(("transport/", "clock/"))}
+            if not k.startswith(("transport/", "clock/", "metrics/"))}
 
 
 @pytest.mark.parametrize("method, truncate_newest", [("fsl_sage", True), ("sl_single_server", False)])
@@ -34,6 +35,8 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(method, trun
     whole, parts = os.path.join(shared_tmp, "whole"), os.path.join(shared_tmp, "parts")
     run_job(common + ["rounds=4", f"run_dir={whole}"])
     run_job(common + ["rounds=2", f"run_dir={parts}"])          # "pre-empted" after 2 rounds
+    if not truncate_newest:       # its metrics file lost: the checkpoint's copy of the rounds must take its place
+        write_on_root(os.remove, os.path.join(parts, "metrics.h5"))
     if truncate_newest:                                         # and its newest checkpoint was cut short
         def truncate():
             from mpisage.checkpoint import list_checkpoints
