@@ -2,6 +2,7 @@
 partition (computed from the seed, identical everywhere), the model factory and the random streams."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class World:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_index: dict[int, np.ndarray] = field(default_factory=dict)   # client id -> rows of this rank's train_x
     resume_from: tuple[str, int] | None = None    # (checkpoint path, its round) when resuming
+    _initial: SplitModel | None = field(default=None, repr=False)
 
     @property
     def start_round(self) -> int:
@@ -75,13 +77,22 @@ class World:
         return epoch * self.cfg.local_epochs
 
     def build_model(self) -> SplitModel:
-        """The same initial weights on every rank and for every client (the paper starts all clients from one)."""
-        torch.manual_seed(derive_seed(self.cfg.seed, "init"))
-        split = build_split(self.cfg.model, in_channels=self.data.in_channels, image_size=self.data.image_size,
-                            num_classes=self.data.num_classes, aux=self.cfg.aux_model)
-        for module in (split.client, split.server, split.aux):
-            module.to(self.device)
-        return split
+        """A fresh copy of the initial split: the same weights on every rank and for every client (the paper
+        starts all clients from one). Built once per rank, copied after."""
+        if self._initial is None:
+            torch.manual_seed(derive_seed(self.cfg.seed, "init"))
+            self._initial = build_split(self.cfg.model, in_channels=self.data.in_channels,
+                                        image_size=self.data.image_size, num_classes=self.data.num_classes,
+                                        aux=self.cfg.aux_model)
+            for module in (self._initial.client, self._initial.server, self._initial.aux):
+                module.to(self.device)
+        return copy.deepcopy(self._initial)
+
+    def initial_part(self, part: str) -> torch.nn.Module:
+        """A fresh copy of one part ("client", "server" or "aux") of the initial split, without copying the rest."""
+        if self._initial is None:
+            self.build_model()
+        return copy.deepcopy(getattr(self._initial, part))
 
     def generator(self, stream: str, index: int = 0) -> torch.Generator:
         g = torch.Generator(device="cpu")

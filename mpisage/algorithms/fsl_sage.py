@@ -51,7 +51,7 @@ class FslSage(Algorithm):
         s.extra["buffer_y"] = {}
         s.extra["buffer_fill"] = {}
         for cid in range(self.world.num_clients):
-            aux = self.world.build_model().aux
+            aux = self.world.initial_part("aux")
             s.extra["aux"][cid] = aux
             s.extra["aux_optimizer"][cid] = adam(aux.parameters(), self.cfg, lr=self.cfg.align_lr, weight_decay=0.0)
         return s
