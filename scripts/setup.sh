@@ -17,14 +17,19 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 
-if ! "$VENV/bin/python" -c "import mpi4py" 2>/dev/null; then
+# MPI: the site's when there is one that mpi4py can load, else pip's MPICH. Judged by loading it, not by finding
+# an `mpicc` (one from another virtualenv on the PATH has no library mpi4py can find).
+mpi_loads() { "$VENV/bin/python" -c "from mpi4py import MPI" >/dev/null 2>&1; }
+if ! mpi_loads; then
   if command -v mpicc >/dev/null 2>&1; then
-    echo "[setup] building mpi4py against the MPI already here: $(command -v mpicc)"
+    echo "[setup] trying mpi4py with the MPI already here: $(command -v mpicc)"
     $PIP install mpi4py
-  else
-    echo "[setup] no MPI found: installing mpi4py with pip's MPICH"
+  fi
+  if ! mpi_loads; then
+    echo "[setup] no MPI library mpi4py can load: installing mpi4py with pip's MPICH"
     $PIP install mpi4py mpich
   fi
+  mpi_loads || { echo "[setup] mpi4py still cannot load an MPI library; install one (e.g. pip install mpich)"; exit 1; }
 fi
 
 $PIP install -e ".[test]"
