@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 
 from mpisage.data import write_fashion_mnist_fixture
+from mpisage.environment import job_command
 from mpisage.metrics import read_rounds
 
 MIB = 1024 ** 2
@@ -27,13 +28,12 @@ def main() -> int:
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="mpisage-soak-")
     data = write_fashion_mnist_fixture(os.path.join(work, "data"), 600, 100)
-    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    cmd = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(args.ranks), sys.executable, "-m", "mpisage.run",
+    cmd, env = job_command(args.ranks, [
            f"algorithm={args.algorithm}", f"dataset.root={data}", f"num_clients={2 * (args.ranks - 2)}",
            f"rounds={args.rounds}", "batch_size=32", "align_interval=10", "align_steps=5", "align_buffer_size=200",
-           "checkpoint_interval=50", "log_interval=50", f"run_dir={work}/run"]
+           "checkpoint_interval=50", "log_interval=50", f"run_dir={work}/run"])
     print("[soak]", " ".join(cmd[3:]), flush=True)
-    if subprocess.run(cmd, env={**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1"}).returncode:
+    if subprocess.run(cmd, env=env).returncode:
         return 1
     rss = read_rounds(os.path.join(work, "run", "metrics.h5"))["resident_bytes_by_rank"]
     warm = min(20, len(rss) - 1)

@@ -14,15 +14,12 @@ import tempfile
 
 import numpy as np
 
+from mpisage.environment import job_command
 from mpisage.metrics import read_rounds
 
 FIXED = ["algorithm=fsl_sage", "model=cnn", "dataset=fashion_mnist", "dataset.distribution=iid", "batch_size=64",
          "seed=200", "checkpoint_interval=1000"]
 
-
-def mpirun() -> str:
-    local = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return local if os.path.exists(local) else "mpirun"
 
 
 def figures(metrics_path: str) -> dict:
@@ -54,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra key=value settings")
     args = p.parse_args(argv)
     run_dir = args.keep or tempfile.mkdtemp(prefix="mpisage-bench-")
-    cmd = [mpirun(), "-n", str(args.ranks), sys.executable, "-m", "mpisage.run", *FIXED, f"rounds={args.rounds}",
-           f"run_dir={run_dir}", *args.overrides]
+    cmd, env = job_command(args.ranks, [*FIXED, f"rounds={args.rounds}", f"run_dir={run_dir}", *args.overrides])
     print("[bench]", " ".join(cmd[:3] + ["python", "-m", "mpisage.run"] + cmd[6:]), flush=True)
-    env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1"}
     if subprocess.run(cmd, env=env).returncode != 0:
         return 1
     f = figures(os.path.join(run_dir, "metrics.h5"))

@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from mpisage.environment import job_command  # noqa: E402
 from mpisage.metrics import read_attrs, read_rounds  # noqa: E402
 
 GIB = 1024 ** 3
@@ -130,18 +131,10 @@ def is_complete(run_dir: str) -> bool:
         return False
 
 
-def mpirun() -> str:
-    local = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return local if os.path.exists(local) else "mpirun"
-
-
 def run_method(method: str, ranks: int, overrides: list[str], run_dir: str) -> int:
     # algorithm and run_dir come last so they win over anything of the same name among the shared overrides.
-    cmd = [mpirun(), "-n", str(ranks), sys.executable, "-m", "mpisage.run", *overrides,
-           f"algorithm={method}", f"run_dir={run_dir}"]
+    cmd, env = job_command(ranks, [*overrides, f"algorithm={method}", f"run_dir={run_dir}"])
     print(f"[compare] {method}: {shlex.join(cmd)}", flush=True)
-    # Ranks outnumber cores: one thread per rank, and MPICH waits that yield the core.
-    env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env).returncode
 
 

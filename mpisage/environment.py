@@ -44,3 +44,13 @@ def resident_bytes() -> int:
     except (OSError, ValueError, IndexError):
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def job_command(ranks: int, overrides) -> tuple[list[str], dict]:
+    """(argv, environment) to launch `mpirun -n RANKS python -m mpisage.run OVERRIDES...` from Python: the mpirun
+    beside this interpreter when there is one (pip's MPICH in the venv), waiting ranks told to yield the CPU."""
+    import sys
+    local = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    argv = [local if os.path.exists(local) else "mpirun", "-n", str(ranks), sys.executable, "-m", "mpisage.run",
+            *overrides]
+    return argv, {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1"}

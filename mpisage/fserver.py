@@ -18,7 +18,7 @@ from mpisage.environment import environment, resident_bytes
 from mpisage.metrics import MetricsFile
 from mpisage.sserver import sserver_extra_len
 from mpisage.state import flatten_state, pack_state, state_nbytes
-from mpisage.transport import NUM_KINDS, S_SERVER, Kind
+from mpisage.transport import NUM_KINDS, S_SERVER, Kind, role_of
 
 GIB = 1024 ** 3
 
@@ -102,7 +102,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
                 "round_seconds": round_s, "eval_seconds": eval_s,
                 "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
                 "messages_by_kind": totals[2].sum(axis=1),
-                "wire_bytes_by_link": _by_link(last_counters, t.counters(), world),
+                "wire_bytes_by_link": _by_link(last_counters, t.counters()),
                 "client_local_loss": client_stats[:, 0] / client_stats[:, 2],
                 "client_local_acc": client_stats[:, 1] / client_stats[:, 2],
                 "client_train_seconds": client_stats[:, 3],
@@ -136,10 +136,10 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
     return summary
 
 
-def _by_link(last_counters: dict, own: np.ndarray, world) -> np.ndarray:
+def _by_link(last_counters: dict, own: np.ndarray) -> np.ndarray:
     """[source role, destination role] cumulative wire bytes."""
     out = np.zeros((3, 3), dtype=np.int64)
     out[0] = own[0].sum(axis=0)
     for r, c in last_counters.items():
-        out[min(r, 2)] += c[0].sum(axis=0)
+        out[role_of(r)] += c[0].sum(axis=0)
     return out

@@ -8,10 +8,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
-MPIRUN = os.path.join(os.path.dirname(PYTHON), "mpirun")
-if not os.path.exists(MPIRUN):
-    MPIRUN = "mpirun"
 
 
 def on_root(fn) -> np.ndarray:

@@ -4,13 +4,20 @@ import os
 import subprocess
 import time
 
-from conftest import MPIRUN, PYTHON, ROOT
+from conftest import ROOT
+
+from mpisage.environment import job_command
+
+
+def _job(n: int, args: list[str], env: dict | None):
+    argv, job_env = job_command(n, args)
+    return argv, {**job_env, "MPISAGE_TRACEBACK": "0", **(env or {})}
 
 
 def _launch(n: int, args: list[str], env: dict | None = None, timeout: int = 120):
     start = time.monotonic()
-    proc = subprocess.run([MPIRUN, "-n", str(n), PYTHON, "-m", "mpisage.run", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "MPISAGE_TRACEBACK": "0", **(env or {})})
+    argv, job_env = _job(n, args, env)
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=job_env)
     return proc, time.monotonic() - start
 
 
@@ -64,10 +71,8 @@ def test_a_failing_rank_aborts_the_whole_job_quickly(tmp_path):
 
 def _start(args: list[str], env: dict | None = None):
     """mpirun in the background, its stdout readable line by line."""
-    import subprocess
-    return subprocess.Popen([MPIRUN, "-n", "4", PYTHON, "-m", "mpisage.run", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "MPISAGE_TRACEBACK": "0", **(env or {})})
+    argv, job_env = _job(4, args, env)
+    return subprocess.Popen(argv, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=job_env)
 
 
 def _wait_for_line(proc, needle: str, timeout: float = 120) -> list[str]:

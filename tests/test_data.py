@@ -163,13 +163,18 @@ def test_fashion_missing_lists_paths_tried(tmp_path, offline):
     assert len(offline) == 1  # one (failed) download attempt, no network used
 
 
-def test_fashion_truncated_file_names_it(tmp_path, offline):
-    root = write_fashion_mnist_fixture(str(tmp_path), 10, 10)
-    path = os.path.join(root, "train-images-idx3-ubyte.gz")
+def _rewrite_gz(path: str, change) -> None:
+    """Replaces the decompressed contents of a .gz file with change(contents)."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     with gzip.open(path, "wb") as f:
-        f.write(data[:-100])
+        f.write(change(data))
+
+
+def test_fashion_truncated_file_names_it(tmp_path, offline):
+    root = write_fashion_mnist_fixture(str(tmp_path), 10, 10)
+    path = os.path.join(root, "train-images-idx3-ubyte.gz")
+    _rewrite_gz(path, lambda data: data[:-100])
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*truncated"):
         load_dataset("fashion_mnist", root)
     with open(path, "wb") as f:  # not even gzip
@@ -181,10 +186,7 @@ def test_fashion_truncated_file_names_it(tmp_path, offline):
 def test_fashion_bad_magic(tmp_path, offline):
     root = write_fashion_mnist_fixture(str(tmp_path), 10, 10)
     path = os.path.join(root, "t10k-labels-idx1-ubyte.gz")
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    with gzip.open(path, "wb") as f:
-        f.write(b"\x00\x00\x08\x03" + data[4:])
+    _rewrite_gz(path, lambda data: b"\x00\x00\x08\x03" + data[4:])
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz.*magic"):
         load_dataset("fashion_mnist", root)
 
