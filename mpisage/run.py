@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 # Ranks outnumber cores: keep each rank to its threads and make MPICH waits yield (set before MPI starts).
@@ -19,6 +20,9 @@ def _fail(rank: int, role: str, exc: BaseException) -> None:
     sys.stderr.write(f"{detail}[mpisage] rank {rank} ({role}) failed: {type(exc).__name__}: {exc}\n"
                      f"[mpisage] aborting all ranks\n")
     sys.stderr.flush()
+    # mpiexec forwards each rank's stderr asynchronously and Abort kills the forwarders at once: without this
+    # pause a loaded machine loses the message that says why the job died.
+    time.sleep(1.0)
     MPI.COMM_WORLD.Abort(1)
 
 
