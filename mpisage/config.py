@@ -26,6 +26,30 @@ class DatasetConfig:
     alpha: float = 1.0                   # Dirichlet concentration (noniid_dirichlet)
     shards_per_client: int = 2           # shards
     augment: bool = True                 # crop+flip for CIFAR-style data (Fashion-MNIST is never augmented)
+    image_size: Optional[int] = None     # resize images to this side (SGLR: Fashion-MNIST at 32); None: as stored
+    channels: Optional[int] = None       # 3: repeat grey images to 3 channels (SGLR); None: as stored
+    samples_per_client: Optional[int] = None   # iid only: each client a fixed number of samples (SGLR: 1000)
+    seq_len: int = 128                   # token datasets (e2e): tokens per sample, padded or cut
+
+
+@dataclass
+class DeviceConfig:
+    sserver: str = "auto"                # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
+    clients: str = "cpu"                 # cpu | cuda (round-robin over the node's GPUs by node-local rank) | auto
+    cuda_aware: str = "auto"             # auto (library query + self-check) | yes | no; env MPISAGE_CUDA_AWARE wins
+
+
+@dataclass
+class LMConfig:
+    """GPT-2 + LoRA (model=gpt2_medium | gpt2_tiny)."""
+    pretrained: Optional[str] = None     # a local GPT-2 checkpoint (directory or .safetensors/.bin); None: random init
+    client_blocks: int = 1               # transformer blocks on the client (the paper: 1)
+    aux_blocks: int = 3                  # freshly initialised blocks in the auxiliary model (the paper: 3)
+    lora_rank: int = 4
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    label_smoothing: float = 0.1
+    warmup_steps: int = 500
 
 
 @dataclass
@@ -34,6 +58,8 @@ class Config:
     model: str = "cnn"
     aux_model: str = "default"           # linear | half | default | full
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
     num_clients: Optional[int] = None    # None: one client per client rank (mpirun -n 11 -> 9 clients)
     rounds: int = 12
     batch_size: int = 64
@@ -44,9 +70,13 @@ class Config:
     deterministic: bool = False          # canonical message order on the S-server: bit-identical reruns
     resume: Optional[str] = None         # "auto": the newest valid checkpoint in run_dir; or a checkpoint path
 
-    # optimiser (Adam on clients and S-server, as in the paper)
+    # optimiser (Adam on clients and S-server, as in the FSL-SAGE paper; GAS uses SGD)
+    optimizer: str = "adam"              # adam | adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    momentum: float = 0.9                # sgd
+    grad_clip: float = 0.0               # clip gradients to this norm before each step (0: off)
+    lr_decay_at: Optional[float] = None  # multiply every learning rate by 0.1 after this fraction of the rounds
 
     # FSL-SAGE
     server_update_interval: int = 5      # Q: upload every Q-th local step (one server step per upload)
@@ -54,6 +84,21 @@ class Config:
     align_buffer_size: int = 1000        # per-client FIFO of uploaded smashed samples on the S-server
     align_steps: int = 100               # Adam steps per alignment
     align_lr: float = 1e-3
+
+    # GAS (asynchronous; a "round" is one global client-model update of the F-server)
+    active_clients: Optional[int] = None     # C: clients training at once (None: all of them)
+    local_iters: int = 20                    # E: local iterations per participation
+    server_buffer: Optional[int] = None      # Q_s: activation batches per server step (None: C)
+    model_buffer: Optional[int] = None       # Q_c: client models per global update (None: C)
+    generative: bool = True                  # false: the ablation without generated activations
+    covariance: str = "full"                 # full | diag: per-label activation covariance
+    model_weighting: str = "samples"         # samples (the paper, |D_k|) | equal (the authors' code)
+    straggler_delay_s: float = 0.0           # real heterogeneity: client k sleeps U(0, this) x its slowness per step
+
+    # SGLR (parallel split learning, client models never averaged)
+    split_lr_alpha: float = 0.5              # SplitLr: server lr = lr x C^alpha
+    split_avg: str = "sampled"               # none | sampled (the paper: a fraction phi each iteration) | phased
+    split_avg_fraction: float = 0.5          # phi (sampled) or the phase f of training (phased)
 
     # evaluation, output, runtime
     eval_batch_size: int = 1000
@@ -66,8 +111,10 @@ class Config:
     log_interval: int = 1                # rounds between progress lines
 
 
-ALGORITHMS = ("fsl_sage", "cse_fsl", "local_loss", "fed_avg", "sl_single_server", "sl_multi_server", "sl_vanilla")
-ALGORITHM_ALIASES = {"fedavg": "fed_avg", "splitfed_v1": "sl_multi_server", "splitfed_v2": "sl_single_server",
+ALGORITHMS = ("fsl_sage", "cse_fsl", "local_loss", "fed_avg", "sl_single_server", "sl_multi_server", "sl_vanilla",
+              "gas", "sglr")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+ALGORITHM_ALIASES = {"fedavg": "fed_avg", "split_avg": "sglr", "splitlr": "sglr", "splitfed_v1": "sl_multi_server", "splitfed_v2": "sl_single_server",
                      "sflv1": "sl_multi_server", "sflv2": "sl_single_server", "vanilla_sl": "sl_vanilla",
                      "sl": "sl_vanilla", "cse-fsl": "cse_fsl", "fsl-sage": "fsl_sage"}
 # The FSL-SAGE authors' names for datasets, accepted as aliases.
@@ -151,6 +198,33 @@ def validate(cfg: Config) -> None:
     _require(cfg.heartbeat_s > 0, "heartbeat_s", cfg.heartbeat_s, "must be > 0")
     _require(cfg.heartbeat_timeout_s == 0 or cfg.heartbeat_timeout_s >= 3 * cfg.heartbeat_s, "heartbeat_timeout_s",
              cfg.heartbeat_timeout_s, f"must be 0 (off) or at least 3 x heartbeat_s ({3 * cfg.heartbeat_s:g})")
+    _require(cfg.optimizer in OPTIMIZERS, "optimizer", cfg.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    _require(cfg.grad_clip >= 0, "grad_clip", cfg.grad_clip, "must be >= 0 (0: off)")
+    _require(cfg.lr_decay_at is None or 0 < cfg.lr_decay_at < 1, "lr_decay_at", cfg.lr_decay_at,
+             "must be a fraction of the rounds in (0, 1), or null")
+    for key in ("active_clients", "server_buffer", "model_buffer"):
+        _require(getattr(cfg, key) is None or getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1 or null")
+    _require(cfg.local_iters >= 1, "local_iters", cfg.local_iters, "must be >= 1")
+    _require(cfg.covariance in ("full", "diag"), "covariance", cfg.covariance, "full or diag")
+    _require(cfg.model_weighting in ("samples", "equal"), "model_weighting", cfg.model_weighting, "samples or equal")
+    _require(cfg.straggler_delay_s >= 0, "straggler_delay_s", cfg.straggler_delay_s, "must be >= 0")
+    _require(cfg.split_avg in ("none", "sampled", "phased"), "split_avg", cfg.split_avg, "none, sampled or phased")
+    _require(0 <= cfg.split_avg_fraction <= 1, "split_avg_fraction", cfg.split_avg_fraction, "must be in [0, 1]")
+    _require(cfg.dataset.image_size is None or cfg.dataset.image_size >= 8, "dataset.image_size",
+             cfg.dataset.image_size, "must be >= 8, or null to keep the stored size")
+    _require(cfg.dataset.channels in (None, 1, 3), "dataset.channels", cfg.dataset.channels, "1, 3 or null")
+    _require(cfg.dataset.samples_per_client is None or cfg.dataset.samples_per_client >= 1,
+             "dataset.samples_per_client", cfg.dataset.samples_per_client, "must be >= 1 or null")
+    _require(cfg.dataset.seq_len >= 8, "dataset.seq_len", cfg.dataset.seq_len, "must be >= 8")
+    device_ok = lambda d: d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())  # noqa: E731
+    _require(device_ok(cfg.device.sserver), "device.sserver", cfg.device.sserver, "auto, cpu, cuda or cuda:N")
+    _require(cfg.device.clients in ("auto", "cpu", "cuda"), "device.clients", cfg.device.clients, "auto, cpu or cuda")
+    _require(cfg.device.cuda_aware in ("auto", "yes", "no"), "device.cuda_aware", cfg.device.cuda_aware,
+             "auto, yes or no")
+    for key in ("client_blocks", "aux_blocks", "lora_rank"):
+        _require(getattr(cfg.lm, key) >= 1, f"lm.{key}", getattr(cfg.lm, key), "must be >= 1")
+    _require(0 <= cfg.lm.lora_dropout < 1, "lm.lora_dropout", cfg.lm.lora_dropout, "must be in [0, 1)")
+    _require(0 <= cfg.lm.label_smoothing < 1, "lm.label_smoothing", cfg.lm.label_smoothing, "must be in [0, 1)")
     _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
     _require(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
 

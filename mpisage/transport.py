@@ -199,6 +199,29 @@ class Transport:
             raise bad(f"payload has {status.Get_count(MPI.BYTE)} bytes, header announced {h_nbytes}")
         return Message(Kind(h_kind), src, h_round, h_client, h_seq, tensor)
 
+    def wait_any(self, kinds, source: int = MPI.ANY_SOURCE, idle=None) -> tuple[Kind, int]:
+        """Waits (without spinning) until a message of one of `kinds` is ready to be received from `source`;
+        returns (its kind, its sender). Asynchronous roles use it to serve whichever stream speaks first."""
+        status = MPI.Status()
+        pause, waited = 2e-5, 0.0
+        while True:
+            for kind in kinds:
+                if self.comm.Iprobe(source=source, tag=2 * int(kind), status=status):
+                    return Kind(kind), status.Get_source()
+            if idle is not None and idle():
+                waited = 0.0
+                continue
+            slept = time.perf_counter()
+            time.sleep(pause)
+            slept = time.perf_counter() - slept
+            waited += slept
+            self.wait_seconds += slept
+            pause = min(pause * 1.5, 2e-3)
+            if waited > self.timeout_s:
+                names = "/".join(Kind(k).name for k in kinds)
+                raise CommTimeout(f"rank {self.rank} waited {waited:.0f} s for a {names} message; a peer is dead "
+                                  f"or stuck (raise comm_timeout_s if it is only slow)")
+
     # ------------------------------------------------------------------ waiting
     def _wait(self, req: MPI.Request, *, what: str, peer, kind, status: MPI.Status | None = None,
               idle=None) -> None:

@@ -95,10 +95,24 @@ class ClientLink:
         return self.transport.recv(kind, S_SERVER, round=self.round, client=self.cid, seq=seq, **expect).tensor
 
 
-def adam(params, cfg, lr: float | None = None, weight_decay: float | None = None) -> torch.optim.Adam:
-    """The paper's optimiser: Adam, betas 0.9/0.999, weight decay as L2."""
-    return torch.optim.Adam(params, lr=cfg.lr if lr is None else lr,
-                            weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
+def make_optimizer(params, cfg, lr: float | None = None, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """The configured optimiser: Adam (betas 0.9/0.999, weight decay as L2; the FSL-SAGE paper), AdamW, or SGD
+    with momentum (GAS)."""
+    lr = cfg.lr if lr is None else lr
+    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, cfg) -> None:
+    """One step, after clipping the gradient norm of the optimiser's parameters when grad_clip > 0."""
+    if cfg.grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
 
 
 # The parts of a split model, by the message kind that carries them.
@@ -122,7 +136,7 @@ class Algorithm:
     # ------------------------------------------------------------------ client side
     def make_client(self, cid: int) -> ClientState:
         split = self.world.build_model()
-        return self.new_client(cid, split.client, adam(split.client.parameters(), self.cfg), aux=split.aux)
+        return self.new_client(cid, split.client, make_optimizer(split.client.parameters(), self.cfg), aux=split.aux)
 
     def new_client(self, cid: int, model: nn.Module, optimizer: torch.optim.Optimizer, **parts) -> ClientState:
         """A client with its shard of this rank's data and its own random stream."""
@@ -164,7 +178,7 @@ class Algorithm:
         loss = F.cross_entropy(logits, y)
         c.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        c.optimizer.step()
+        optimizer_step(c.optimizer, self.cfg)
         return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
 
     def shared_modules(self, c: ClientState) -> dict[Kind, nn.Module]:
@@ -181,7 +195,7 @@ class Algorithm:
     # ------------------------------------------------------------------ S-server side
     def make_server(self) -> ServerState:
         split = self.world.build_model()
-        return ServerState(split.server, adam(split.server.parameters(), self.cfg),
+        return ServerState(split.server, make_optimizer(split.server.parameters(), self.cfg),
                            np.zeros((self.world.num_clients, 3)))
 
     def expected_uploads(self, cid: int) -> int:
@@ -217,7 +231,7 @@ class Algorithm:
         logits = model(z)
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, self.cfg)
         s.train_stats[cid] += (loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y))
         return z.grad if return_grad else None
 

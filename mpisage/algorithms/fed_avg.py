@@ -4,7 +4,7 @@ evaluates the averaged model. (The FSL-SAGE authors' code shares one server-part
 average is a no-op; here each client owns its copy, as baselines.md asks.)"""
 from __future__ import annotations
 
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, adam
+from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, make_optimizer
 from mpisage.transport import Kind
 
 
@@ -14,7 +14,8 @@ class FedAvg(Algorithm):
 
     def make_client(self, cid: int) -> ClientState:
         split = self.world.build_model()
-        return self.new_client(cid, split.client, adam(split.whole().parameters(), self.cfg), server=split.server)
+        return self.new_client(cid, split.client, make_optimizer(split.whole().parameters(), self.cfg),
+                               server=split.server)
 
     def client_step(self, c: ClientState, link: ClientLink, k: int, x, y):
         c.model.train()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, adam
+from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, make_optimizer,
+                                     optimizer_step)
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.state import load_packed, pack_state, state_nbytes
 from mpisage.transport import Kind
@@ -37,7 +38,7 @@ class FslSage(Algorithm):
         (g_hat,) = torch.autograd.grad(loss, z_leaf)
         c.optimizer.zero_grad(set_to_none=True)
         z.backward(g_hat)
-        c.optimizer.step()
+        optimizer_step(c.optimizer, self.cfg)
         return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
 
     # ------------------------------------------------------------------ S-server
@@ -53,7 +54,8 @@ class FslSage(Algorithm):
         for cid in range(self.world.num_clients):
             aux = self.world.initial_part("aux")
             s.extra["aux"][cid] = aux
-            s.extra["aux_optimizer"][cid] = adam(aux.parameters(), self.cfg, lr=self.cfg.align_lr, weight_decay=0.0)
+            s.extra["aux_optimizer"][cid] = make_optimizer(aux.parameters(), self.cfg, lr=self.cfg.align_lr,
+                                                            weight_decay=0.0)
         return s
 
     def expected_uploads(self, cid: int) -> int:

@@ -7,7 +7,7 @@ takes one step on it. Client and auxiliary models are both averaged by the F-ser
 """
 from __future__ import annotations
 
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, adam
+from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, make_optimizer
 
 
 class CseFsl(Algorithm):
@@ -21,7 +21,7 @@ class CseFsl(Algorithm):
     def make_client(self, cid: int) -> ClientState:
         split = self.world.build_model()
         params = list(split.client.parameters()) + list(split.aux.parameters())
-        return self.new_client(cid, split.client, adam(params, self.cfg), aux=split.aux)
+        return self.new_client(cid, split.client, make_optimizer(params, self.cfg), aux=split.aux)
 
     def client_step(self, c: ClientState, link: ClientLink, k: int, x, y):
         c.model.train()

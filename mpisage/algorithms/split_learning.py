@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, adam
+from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, make_optimizer,
+                                     optimizer_step)
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.state import fedavg, load_packed, pack_state
 from mpisage.transport import Kind
@@ -27,7 +28,7 @@ class SplitFedV2(Algorithm):
         grad = link.receive(Kind.GRADIENT, seq=k, shape=tuple(z.shape), dtype=z.dtype)
         c.optimizer.zero_grad(set_to_none=True)
         z.backward(grad)
-        c.optimizer.step()
+        optimizer_step(c.optimizer, self.cfg)
         return None
 
     def expected_uploads(self, cid: int) -> int:
@@ -43,7 +44,8 @@ class SplitFedV1(SplitFedV2):
     def make_server(self) -> ServerState:
         s = super().make_server()
         s.extra["copies"] = {cid: copy.deepcopy(s.model) for cid in range(self.world.num_clients)}
-        s.extra["copy_optimizers"] = {cid: adam(m.parameters(), self.cfg) for cid, m in s.extra["copies"].items()}
+        s.extra["copy_optimizers"] = {cid: make_optimizer(m.parameters(), self.cfg)
+                                     for cid, m in s.extra["copies"].items()}
         return s
 
     def on_upload(self, s, round, cid, seq, z, y):
