@@ -19,28 +19,58 @@ from mpisage.transport import F_SERVER, Kind
 CLIENT_STATS = 4
 
 
-def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) -> np.ndarray:
-    """E local epochs over the client's shard (step counter k restarts every round); ragged last batch kept."""
-    cfg, dev = algo.cfg, algo.world.device
-    start = time.perf_counter()
-    loss_sum, correct, seen, k = 0.0, 0, 0, 0
-    n = len(c.y)
-    for _ in range(cfg.local_epochs):
+def _batches(algo: Algorithm, c: ClientState, round: int, transform):
+    """E local epochs over the client's shard in a fresh order each epoch; the ragged last batch is kept."""
+    dev, n = algo.world.device, len(c.y)
+    for _ in range(algo.cfg.local_epochs):
         order = torch.randperm(n, generator=c.generator)
-        for first in range(0, n, cfg.batch_size):
-            idx = order[first:first + cfg.batch_size]
+        for first in range(0, n, algo.cfg.batch_size):
+            idx = order[first:first + algo.cfg.batch_size]
             x = transform(c.x[idx].to(dev), c.generator)
-            if _inject_nan(c.cid, link.round):
+            if _inject_nan(c.cid, round):
                 x = x * float("nan")
-            y = c.y[idx].to(dev)
-            local = algo.client_step(c, link, k, x, y)
-            if local is None:        # the loss lives on the S-server, which checks what it receives
-                local = (np.nan, 0)
-            elif not np.isfinite(local[0]):
-                raise FloatingPointError(f"non-finite training loss on client {c.cid} in round {link.round}, "
-                                         f"local step {k}")
-            loss_sum, correct, seen, k = loss_sum + local[0], correct + local[1], seen + len(y), k + 1
-    return np.array([loss_sum, correct, seen, time.perf_counter() - start])
+            yield x, c.y[idx].to(dev)
+
+
+def _tally(stats: np.ndarray, local: tuple[float, int] | None, c: ClientState, round: int, k: int, n: int) -> None:
+    """Adds one local iteration to [loss sum, correct, samples]; a non-finite local loss stops the job."""
+    if local is None:            # the loss lives on the S-server, which checks what it receives
+        local = (np.nan, 0)
+    elif not np.isfinite(local[0]):
+        raise FloatingPointError(f"non-finite training loss on client {c.cid} in round {round}, local step {k}")
+    stats[:3] += (local[0], local[1], n)
+
+
+def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) -> np.ndarray:
+    """One client's round (the step counter k restarts every round) -> [loss sum, correct, samples, seconds]."""
+    start, stats = time.perf_counter(), np.zeros(CLIENT_STATS)
+    for k, (x, y) in enumerate(_batches(algo, c, link.round, transform)):
+        _tally(stats, algo.client_step(c, link, k, x, y), c, link.round, k, len(y))
+    stats[3] = time.perf_counter() - start
+    return stats
+
+
+def train_lockstep(algo: Algorithm, clients: list[ClientState], links: list[ClientLink], transform) -> list:
+    """The round of every hosted client at once, one iteration at a time: all uploads of iteration k go out before
+    any reply is awaited (the S-server answers iteration k when it has every client's batch). Time is shared out
+    equally."""
+    start, stats = time.perf_counter(), [np.zeros(CLIENT_STATS) for _ in clients]
+    streams = [_batches(algo, c, link.round, transform) for c, link in zip(clients, links)]
+    for k, batches in enumerate(zip(*streams, strict=True)):
+        sent = [algo.client_send(c, link, k, x, y) for c, link, (x, y) in zip(clients, links, batches)]
+        for c, link, (_, y), out, st in zip(clients, links, batches, sent, stats):
+            _tally(st, algo.client_finish(c, link, k, out), c, link.round, k, len(y))
+    for st in stats:
+        st[3] = (time.perf_counter() - start) / len(clients)
+    return stats
+
+
+def _send_round(algo: Algorithm, c: ClientState, stats: np.ndarray, round: int) -> None:
+    """A client's shared modules and its round figures, to the F-server."""
+    t = algo.world.transport
+    for kind, module in algo.shared_modules(c).items():
+        t.send(F_SERVER, algo.carrier(kind), pack_state(module.state_dict()), round=round, client=c.cid)
+    t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=round, client=c.cid)
 
 
 def _load_from_fserver(algo: Algorithm, c: ClientState, round: int) -> None:
@@ -75,17 +105,20 @@ def run_client(algo: Algorithm) -> None:
         restore_transport(t, flat)
     for round in range(world.start_round, world.cfg.rounds):
         _inject_fault(world.rank, round)
-        busy = 0.0
-        for c in clients:
-            if algo.sequential:         # take over the model the previous client trained
-                _load_from_fserver(algo, c, round)
-            stats = train_round(algo, c, ClientLink(t, c.cid, round), transform)
-            busy += stats[3]
-            for kind, module in algo.shared_modules(c).items():
-                t.send(F_SERVER, kind, pack_state(module.state_dict()), round=round, client=c.cid)
-            t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=round, client=c.cid)
+        if algo.lockstep:
+            all_stats = train_lockstep(algo, clients, [ClientLink(t, c.cid, round) for c in clients], transform)
+            for c, stats in zip(clients, all_stats):
+                _send_round(algo, c, stats, round)
+        else:
+            all_stats = []
+            for c in clients:
+                if algo.sequential:         # take over the model the previous client trained
+                    _load_from_fserver(algo, c, round)
+                all_stats.append(train_round(algo, c, ClientLink(t, c.cid, round), transform))
+                _send_round(algo, c, all_stats[-1], round)    # at once: a sequential F-server waits for it
+        busy = sum(stats[3] for stats in all_stats)
         t.send_counters(F_SERVER, round=round, extra=np.array([t.wait_seconds, busy, resident_bytes()]))
-        if not algo.sequential:         # the averages
+        if algo.averaged and not algo.sequential:         # the averages
             for c in clients:
                 _load_from_fserver(algo, c, round)
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()

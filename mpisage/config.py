@@ -102,6 +102,7 @@ class Config:
 
     # evaluation, output, runtime
     eval_batch_size: int = 1000
+    eval_samples: Optional[int] = None   # evaluate on the first N test samples (None: the whole test set)
     checkpoint_interval: int = 10        # rounds between checkpoints (the last round is always checkpointed)
     keep_checkpoints: int = 2
     torch_threads: int = 1               # per rank; ranks usually outnumber cores
@@ -204,6 +205,8 @@ def validate(cfg: Config) -> None:
              "must be a fraction of the rounds in (0, 1), or null")
     for key in ("active_clients", "server_buffer", "model_buffer"):
         _require(getattr(cfg, key) is None or getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1 or null")
+    _require(cfg.eval_samples is None or cfg.eval_samples >= 1, "eval_samples", cfg.eval_samples,
+             "must be >= 1, or null for the whole test set")
     _require(cfg.local_iters >= 1, "local_iters", cfg.local_iters, "must be >= 1")
     _require(cfg.covariance in ("full", "diag"), "covariance", cfg.covariance, "full or diag")
     _require(cfg.model_weighting in ("samples", "equal"), "model_weighting", cfg.model_weighting, "samples or equal")

@@ -27,6 +27,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     m = world.num_clients
     templates = algo.shared_templates()
+    eval_keys = list(algo.eval_templates())     # (kind, client id) of what the S-server evaluates each round
     # the current global modules: the common initial weights until the first round is done
     current = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -61,7 +62,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
                 for kind in templates:
                     t.send(src, kind, current[kind], round=round, client=cid)
             for kind, module in templates.items():
-                packed[kind].append(t.recv(kind, src, round=round, client=cid,
+                packed[kind].append(t.recv(algo.carrier(kind), src, round=round, client=cid,
                                            nbytes=state_nbytes(module.state_dict())).tensor)
                 if algo.sequential:
                     current[kind] = packed[kind][-1]
@@ -72,7 +73,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
         last_counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=round, n_extra=sserver_extra_len(m))
 
         # 2. average and send back; decide whether this was the last round
-        if not algo.sequential:
+        if algo.averaged and not algo.sequential:
             current = {kind: algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
             for cid in range(m):
                 for kind in templates:
@@ -83,8 +84,9 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
         flag = torch.tensor([int(stop)], dtype=torch.int64)
         for r in range(1, t.size):
             t.send(r, Kind.CONTROL, flag, round=round)
-        for kind in templates:
-            t.send(S_SERVER, Kind.EVAL, current[kind], round=round, seq=int(kind))
+        for kind, cid in eval_keys:
+            t.send(S_SERVER, Kind.EVAL, current[kind] if cid < 0 else packed[kind][cid], round=round, client=cid,
+                   seq=int(kind))
         # The round's clock stops when its global model exists; its evaluation runs while the next round trains.
         round_s, ready = time.perf_counter() - start - ready, time.perf_counter() - start
 

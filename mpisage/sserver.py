@@ -20,7 +20,10 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
     must send: its id is hosted by the sending rank, uploads arrive in sequence, nobody sends too many."""
     world, t = algo.world, algo.world.transport
     per_sample = algo.activation_shape
-    if algo.cfg.deterministic:
+    if algo.cfg.deterministic and algo.lockstep:    # iteration k of every client before iteration k + 1 of any
+        order = [(cid, seq) for seq in range(max(expected.values())) for cid in range(world.num_clients)
+                 if seq < expected[cid]]
+    elif algo.cfg.deterministic:
         order = [(cid, seq) for cid in range(world.num_clients) for seq in range(expected[cid])]
     else:
         order = [(None, None)] * sum(expected.values())
@@ -41,7 +44,7 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
 def run_sserver(algo: Algorithm) -> None:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
-    global_modules = algo.shared_templates()     # receive each round's averaged modules, for evaluation
+    eval_modules = algo.eval_templates()     # receive each round's global modules, for evaluation
     evaluation, eval_round = None, -1      # the previous round's evaluation, run in idle moments
 
     def evaluate_in_background() -> bool:
@@ -77,8 +80,9 @@ def run_sserver(algo: Algorithm) -> None:
                                     f"0..{world.data.num_classes - 1}")
             if not torch.isfinite(act.tensor).all():
                 raise FloatingPointError(f"non-finite smashed activations from client {act.client} in round {round}")
-            for kind, tensor in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
-                t.send(act.source, kind, tensor, round=round, client=act.client, seq=act.seq)
+            for reply in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
+                cid, kind, tensor = reply if len(reply) == 3 else (act.client, *reply)
+                t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq)
             busy += time.perf_counter() - t0
         finish_evaluation()
         algo.end_server_round(s, round)
@@ -89,10 +93,11 @@ def run_sserver(algo: Algorithm) -> None:
         t.send_counters(F_SERVER, round=round, extra=extra)
 
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
-        for kind, module in global_modules.items():   # the previous evaluation has finished with them
-            msg = t.recv(Kind.EVAL, F_SERVER, round=round, seq=int(kind), nbytes=state_nbytes(module.state_dict()))
+        for (kind, cid), module in eval_modules.items():   # the previous evaluation has finished with them
+            msg = t.recv(Kind.EVAL, F_SERVER, round=round, client=cid, seq=int(kind),
+                         nbytes=state_nbytes(module.state_dict()))
             load_packed(module, msg.tensor)
-        evaluation, eval_round = algo.evaluation(s, global_modules), round
+        evaluation, eval_round = algo.evaluation(s, eval_modules), round
         if checkpoint_due(cfg, round, stop):
             send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state(),
                                 "transport": transport_state(t)}, round)

@@ -3,10 +3,11 @@ from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerSt
 from mpisage.algorithms.fed_avg import FedAvg
 from mpisage.algorithms.fsl_sage import FslSage
 from mpisage.algorithms.local_loss import CseFsl, LocalLoss
+from mpisage.algorithms.sglr import Sglr
 from mpisage.algorithms.split_learning import SplitFedV1, SplitFedV2, VanillaSL
 
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FslSage, CseFsl, LocalLoss, FedAvg, SplitFedV1, SplitFedV2, VanillaSL)}
+    cls.name: cls for cls in (FslSage, CseFsl, LocalLoss, FedAvg, SplitFedV1, SplitFedV2, VanillaSL, Sglr)}
 
 
 def make_algorithm(world) -> Algorithm:

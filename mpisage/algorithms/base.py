@@ -1,9 +1,10 @@
 """The hooks an algorithm fills in. The role loops (client.py, sserver.py, fserver.py) call them; an algorithm
 file holds only what makes the method different.
 
-Client side   make_client, client_step, shared_modules (what the F-server averages)
-S-server side make_server, expected_uploads, on_upload (its replies go back to that client), end_server_round,
-              evaluate
+Client side   make_client, client_step (or client_send + client_finish for lockstep methods), shared_modules
+              (what the F-server averages)
+S-server side make_server, expected_uploads, on_upload (replies to the uploading client, or to any client),
+              end_server_round, evaluation
 F-server side aggregate (FedAvg of each shared module by default)
 """
 from __future__ import annotations
@@ -52,20 +53,22 @@ class Evaluation:
     """Global model = server(client(x)), BN in eval mode, on the whole test set, one batch per `step()` so the
     S-server can interleave it with uploads. `result()` -> (mean loss, accuracy, seconds spent)."""
 
-    def __init__(self, server: nn.Module, client: nn.Module, data, batch_size: int, device):
+    def __init__(self, server: nn.Module, client: nn.Module, data, batch_size: int, device,
+                 samples: int | None = None):
         self.server, self.client = server.eval(), client.eval()
         self.data, self.batch_size, self.device = data, batch_size, device
+        self.samples = len(data.test_y) if samples is None else min(samples, len(data.test_y))
         self.transform = eval_transform(data)
         self.position, self.loss_sum, self.correct, self.seconds = 0, 0.0, 0, 0.0
 
     @property
     def done(self) -> bool:
-        return self.position >= len(self.data.test_y)
+        return self.position >= self.samples
 
     @torch.no_grad()
     def step(self) -> None:
         start = time.perf_counter()
-        end = self.position + self.batch_size
+        end = min(self.position + self.batch_size, self.samples)
         x = self.transform(self.data.test_x[self.position:end].to(self.device))
         y = self.data.test_y[self.position:end].to(self.device)
         logits = self.server(self.client(x))
@@ -77,8 +80,26 @@ class Evaluation:
     def result(self) -> tuple[float, float, float]:
         while not self.done:
             self.step()
-        n = len(self.data.test_y)
-        return self.loss_sum / n, self.correct / n, self.seconds
+        return self.loss_sum / self.samples, self.correct / self.samples, self.seconds
+
+
+class MeanEvaluation:
+    """Several global models evaluated one after the other, reported as the mean loss and accuracy (SGLR: every
+    client's own model with the shared server)."""
+
+    def __init__(self, evaluations: list[Evaluation]):
+        self.evaluations = evaluations
+
+    @property
+    def done(self) -> bool:
+        return all(e.done for e in self.evaluations)
+
+    def step(self) -> None:
+        next(e for e in self.evaluations if not e.done).step()
+
+    def result(self) -> tuple[float, float, float]:
+        results = np.array([e.result() for e in self.evaluations])
+        return float(results[:, 0].mean()), float(results[:, 1].mean()), float(results[:, 2].sum())
 
 
 class ClientLink:
@@ -126,6 +147,12 @@ class Algorithm:
     # Sequential methods (vanilla split learning) train one client at a time and hand the shared modules on
     # through the F-server instead of averaging them.
     sequential = False
+    # False: the shared parts are never averaged; they go to the F-server (as EVAL traffic, outside the paper
+    # figure) only so the S-server can evaluate them (SGLR).
+    averaged = True
+    # Lockstep methods need every client's k-th batch before the S-server answers any (SGLR): a client rank runs
+    # its clients one iteration at a time, all together, with client_send + client_finish instead of client_step.
+    lockstep = False
 
     def __init__(self, world: World):
         self.world = world
@@ -149,6 +176,24 @@ class Algorithm:
         """One local iteration on batch (x, y); returns (summed loss, correct predictions) of the loss the client
         itself computed, or None when only the server sees the loss (split learning with returned gradients)."""
         raise NotImplementedError
+
+    def client_send(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor, y: torch.Tensor):
+        """Lockstep methods: the first half of a local iteration (forward, upload); returns what client_finish
+        needs."""
+        raise NotImplementedError
+
+    def client_finish(self, c: ClientState, link: ClientLink, k: int, sent) -> tuple[float, int] | None:
+        """Lockstep methods: the second half (the reply, backward, step); returns as client_step does."""
+        raise NotImplementedError
+
+    def scheduled_lr(self, base_lr: float, round: int) -> float:
+        """lr_decay_at: every rate x0.1 from that fraction of the rounds on (SGLR: 0.8)."""
+        decay_at = self.cfg.lr_decay_at
+        return base_lr * (0.1 if decay_at is not None and round >= decay_at * self.cfg.rounds else 1.0)
+
+    def apply_schedule(self, optimizer: torch.optim.Optimizer, base_lr: float, round: int) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.scheduled_lr(base_lr, round)
 
     def client_checkpoint(self, c: ClientState) -> dict:
         """Everything a client must keep to continue exactly."""
@@ -192,6 +237,19 @@ class Algorithm:
         split = self.world.build_model()
         return {PART_KINDS[part]: getattr(split, part) for part in self.shared_parts}
 
+    def carrier(self, kind: Kind) -> Kind:
+        """The message kind a shared module travels as between client and F-server."""
+        return kind if self.averaged else Kind.EVAL
+
+    def eval_templates(self) -> dict[tuple[Kind, int], nn.Module]:
+        """What the F-server sends the S-server for each evaluation, keyed (kind, client id): the averaged modules
+        (client id -1), or every client's own modules when they are never averaged."""
+        templates = self.shared_templates()
+        if self.averaged:
+            return {(kind, -1): module for kind, module in templates.items()}
+        return {(kind, cid): copy.deepcopy(module) for cid in range(self.world.num_clients)
+                for kind, module in templates.items()}
+
     # ------------------------------------------------------------------ S-server side
     def make_server(self) -> ServerState:
         split = self.world.build_model()
@@ -203,8 +261,9 @@ class Algorithm:
         return 0
 
     def on_upload(self, s: ServerState, round: int, cid: int, seq: int, z: torch.Tensor,
-                  y: torch.Tensor) -> list[tuple[Kind, torch.Tensor]]:
-        """Handles one uploaded smashed batch; returns the messages to send back to that client."""
+                  y: torch.Tensor) -> list[tuple]:
+        """Handles one uploaded smashed batch; returns the replies: (kind, tensor) to the uploading client, or
+        (client id, kind, tensor) to any client (sent with the upload's seq)."""
         return []
 
     def end_server_round(self, s: ServerState, round: int) -> None:
@@ -241,9 +300,14 @@ class Algorithm:
         on the next round's uploads."""
         return copy.deepcopy(s.model), shared[Kind.CLIENT_MODEL]
 
-    def evaluation(self, s: ServerState, shared: dict[Kind, nn.Module]) -> "Evaluation":
-        server, client = self.eval_models(s, shared)
-        return Evaluation(server, client, self.world.data, self.cfg.eval_batch_size, self.world.device)
+    def evaluation(self, s: ServerState, modules: dict[tuple[Kind, int], nn.Module]) -> "Evaluation":
+        """The evaluation of this round's global model; `modules` as laid out by eval_templates."""
+        server, client = self.eval_models(s, {kind: module for (kind, _), module in modules.items()})
+        return self.make_evaluation(server, client)
+
+    def make_evaluation(self, server: nn.Module, client: nn.Module) -> Evaluation:
+        return Evaluation(server, client, self.world.data, self.cfg.eval_batch_size, self.world.device,
+                          self.cfg.eval_samples)
 
     # ------------------------------------------------------------------ F-server side
     def aggregate(self, kind: Kind, packed: list[torch.Tensor], template: nn.Module) -> torch.Tensor:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import cnn, resnet
+from . import alexnet, cnn, resnet
 
-MODELS = ("cnn", "resnet18")
+MODELS = ("cnn", "resnet18", "resnet16", "alexnet")
 AUX_VARIANTS = ("linear", "half", "default", "full")
-_BUILDERS = {"cnn": cnn.build, "resnet18": resnet.build}
+_BUILDERS = {"cnn": cnn.build, "resnet18": resnet.build, "resnet16": resnet.build_resnet16, "alexnet": alexnet.build}
 
 
 @dataclass

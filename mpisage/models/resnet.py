@@ -87,3 +87,21 @@ def build(*, in_channels: int, image_size: int, num_classes: int, aux: str):
     if not lo <= image_size <= hi:
         raise ValueError(f"model 'resnet18' does not support image_size={image_size!r}; allowed: {lo}..{hi}")
     return (_client(in_channels), _server(num_classes), _aux(aux, num_classes))
+
+
+# ResNet-16 of the SGLR paper (CIFAR stem, widths 16/16/32/64, BasicBlocks [2, 2, 3]), split after layer2:
+# client = conv3x3(16)+BN+ReLU, layer1, layer2 -> smashed [32, s/2, s/2]; server = layer3, avgpool, fc.
+def build_resnet16(*, in_channels: int, image_size: int, num_classes: int, aux: str):
+    if image_size % 4 or not 16 <= image_size <= 64:
+        raise ValueError(f"model 'resnet16' does not support image_size={image_size!r}; allowed: 16..64, "
+                         f"a multiple of 4 (Fashion-MNIST: dataset.image_size=32)")
+    client = _init(nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                 _layer(16, 16, 2, 1), _layer(16, 32, 2, 2)))
+    server = _init(nn.Sequential(_layer(32, 64, 3, 2), *_head(64, num_classes)))
+    if aux == "full":
+        aux_model = _init(nn.Sequential(_layer(32, 64, 3, 2), *_head(64, num_classes)))
+    elif aux == "linear":
+        aux_model = _init(nn.Sequential(*_head(32, num_classes)))
+    else:
+        aux_model = _init(nn.Sequential(_layer(32, 64, 1, 2), *_head(64, num_classes)))
+    return client, server, aux_model
