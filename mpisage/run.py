@@ -54,17 +54,23 @@ def run_job(cfg, comm, log=None) -> dict:
 
 def _run_role(cfg, world, comm, log) -> dict:
     from mpisage.algorithms import make_algorithm
+    from mpisage.config import ConfigError
     algo = make_algorithm(world)
     rank = comm.Get_rank()
+    if algo.asynchronous:
+        from mpisage.asynchronous import run_async_client, run_async_fserver, run_async_sserver
+        if world.resume_from is not None:
+            raise ConfigError(f"{cfg.algorithm} cannot resume from a checkpoint yet (its checkpoint holds the global "
+                              f"client model, the server and the metrics); start a new run_dir")
+        if rank == 0:
+            _announce(cfg, world, comm, log)
+            return run_async_fserver(algo, log=log or _print)
+        run_async_sserver(algo) if rank == 1 else run_async_client(algo)
+        return {}
     if rank == 0:
         from mpisage.fserver import run_fserver
-        if log is None:
-            def log(line):
-                print(line, flush=True)
-        log(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
-            f"{world.num_clients} clients on {comm.Get_size() - 2} client ranks | up to {cfg.rounds} rounds | "
-            f"run_dir {cfg.run_dir}")
-        return run_fserver(algo, log=log)
+        _announce(cfg, world, comm, log)
+        return run_fserver(algo, log=log or _print)
     if rank == 1:
         from mpisage.sserver import run_sserver
         run_sserver(algo)
@@ -72,6 +78,16 @@ def _run_role(cfg, world, comm, log) -> dict:
         from mpisage.client import run_client
         run_client(algo)
     return {}
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _announce(cfg, world, comm, log) -> None:
+    (log or _print)(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
+                    f"{world.num_clients} clients on {comm.Get_size() - 2} client ranks | up to {cfg.rounds} "
+                    f"{'global updates' if cfg.algorithm == 'gas' else 'rounds'} | run_dir {cfg.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,13 @@
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState
 from mpisage.algorithms.fed_avg import FedAvg
 from mpisage.algorithms.fsl_sage import FslSage
+from mpisage.algorithms.gas import Gas
 from mpisage.algorithms.local_loss import CseFsl, LocalLoss
 from mpisage.algorithms.sglr import Sglr
 from mpisage.algorithms.split_learning import SplitFedV1, SplitFedV2, VanillaSL
 
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FslSage, CseFsl, LocalLoss, FedAvg, SplitFedV1, SplitFedV2, VanillaSL, Sglr)}
+    cls.name: cls for cls in (FslSage, CseFsl, LocalLoss, FedAvg, SplitFedV1, SplitFedV2, VanillaSL, Sglr, Gas)}
 
 
 def make_algorithm(world) -> Algorithm:

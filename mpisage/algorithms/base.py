@@ -153,6 +153,8 @@ class Algorithm:
     # Lockstep methods need every client's k-th batch before the S-server answers any (SGLR): a client rank runs
     # its clients one iteration at a time, all together, with client_send + client_finish instead of client_step.
     lockstep = False
+    # Asynchronous methods (GAS) run the loops of mpisage/asynchronous.py: no rounds, clients at their own pace.
+    asynchronous = False
 
     def __init__(self, world: World):
         self.world = world

@@ -1,0 +1,291 @@
+"""The role loops of asynchronous methods (GAS). There are no rounds: a metrics "round" is one global client-model
+update of the F-server (every Q_c client models that come back).
+
+F-server  schedules: C of the K clients are active; each starts from the current global client model, runs E local
+          iterations and sends its model back; it is then replaced by a client drawn uniformly from the inactive
+          ones. Every Q_c models -> average -> new global model -> the S-server evaluates it -> one metrics row.
+S-server  answers each activation at once (algo.on_activation), evaluates global models in its idle moments.
+client    runs its active clients one iteration at a time, as fast as it (and its injected delay) allows.
+
+Stopping (after `rounds` updates, the comm budget or a preemption signal) drains every stream: the F-server tells
+each client rank how many starts it sent; a client rank takes them all, reports how many models it sent and
+stops; then the S-server is told how many evaluations to finish. Nothing is left in flight.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import numpy as np
+import torch
+
+from mpisage import preemption
+from mpisage.algorithms.base import ClientLink
+from mpisage.checkpoint import recv_checkpoint, send_checkpoint, transport_state, write_checkpoint
+from mpisage.config import to_yaml
+from mpisage.data import train_transform
+from mpisage.environment import environment, resident_bytes
+from mpisage.metrics import MetricsFile
+from mpisage.state import flatten_state, load_packed, pack_state, state_nbytes
+from mpisage.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError
+
+GIB = 1024 ** 3
+FINAL = -1          # the round field of a rank's last report
+N_COUNTERS = 3 * NUM_KINDS * 3
+
+
+def _split_counters(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return values[:N_COUNTERS].astype(np.int64).reshape(3, NUM_KINDS, 3), values[N_COUNTERS:]
+
+
+# ---------------------------------------------------------------------------------------------------- client
+def run_async_client(algo) -> None:
+    world, t, cfg = algo.world, algo.world.transport, algo.cfg
+    hosted = {cid: algo.make_client(cid) for cid in world.clients_of(world.rank)}
+    transform = train_transform(world.data, cfg.dataset.augment)
+    active: list[list] = []             # [client id, global version it started from, iterations done, stats]
+    starts = uploads = 0
+    starts_announced = None             # set by the F-server's stop message
+    busy = 0.0
+
+    def take_start() -> None:
+        nonlocal starts
+        msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted,   # a client this rank hosts
+                     nbytes=state_nbytes(hosted[world.clients_of(world.rank)[0]].model.state_dict()))
+        starts += 1
+        if starts_announced is None:
+            c = hosted[msg.client]
+            load_packed(c.model, msg.tensor)
+            active.append([msg.client, msg.round, 0, np.zeros(4)])
+
+    while starts_announced is None or starts < starts_announced:
+        ready = t.probe([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
+        if ready is None and (not active or starts_announced is not None):
+            ready = t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
+        if ready is not None:
+            if ready[0] == Kind.CLIENT_MODEL:
+                take_start()
+            else:
+                msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
+                starts_announced = int(msg.tensor.item())
+                active.clear()          # participations in flight are abandoned: the run is over
+            continue
+        # one local iteration of the next active client
+        entry = active.pop(0)
+        cid, version, k, stats = entry
+        c = hosted[cid]
+        start = time.perf_counter()
+        idx = torch.randint(len(c.y), (min(cfg.batch_size, len(c.y)),), generator=c.generator)
+        x = transform(c.x[idx].to(world.device), c.generator)
+        y = c.y[idx].to(world.device)
+        algo.client_iteration(c, ClientLink(t, cid, version), k, x, y)
+        if cfg.straggler_delay_s > 0:     # real heterogeneity, proportional to the client's simulated slowness
+            time.sleep(cfg.straggler_delay_s * algo.slowness[cid])
+        elapsed = time.perf_counter() - start
+        busy += elapsed
+        stats += (0.0, 0.0, len(y), elapsed)
+        if k + 1 < cfg.local_iters:
+            active.append([cid, version, k + 1, stats])
+            continue
+        t.send(F_SERVER, Kind.CLIENT_MODEL, pack_state(c.model.state_dict()), round=version, client=cid)
+        t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=version, client=cid)
+        t.send_counters(F_SERVER, round=version, extra=np.array([t.wait_seconds, busy, resident_bytes()]))
+        uploads += 1
+    t.send_counters(F_SERVER, round=FINAL, extra=np.array([uploads, t.wait_seconds, busy, resident_bytes()]))
+    t.flush()
+
+
+# ---------------------------------------------------------------------------------------------------- S-server
+def run_async_sserver(algo) -> None:
+    world, t, cfg = algo.world, algo.world.transport, algo.cfg
+    s = algo.make_server()
+    template = world.initial_part("client")
+    nbytes = state_nbytes(template.state_dict())
+    queue: list[tuple[int, torch.Tensor]] = []      # (version, global client model) waiting for evaluation
+    evaluation: list = [None, -1]                   # the running Evaluation and its version
+    evaluations_done = 0
+    busy, start = 0.0, time.perf_counter()
+
+    def report(version: int, result) -> None:
+        t.send(F_SERVER, Kind.EVAL, torch.tensor(result, dtype=torch.float64), round=version)
+        extra = [t.wait_seconds, busy, time.perf_counter() - start, s.extra["steps"], s.extra["generated"],
+                 resident_bytes()]
+        t.send_counters(F_SERVER, round=version, extra=np.array(extra))
+
+    def evaluate_step() -> bool:
+        nonlocal evaluations_done
+        if evaluation[0] is None:
+            if not queue:
+                return False
+            version, packed = queue.pop(0)
+            client = world.initial_part("client")
+            load_packed(client, packed)
+            evaluation[:] = [algo.make_evaluation(copy.deepcopy(s.model), client), version]
+        evaluation[0].step()
+        if evaluation[0].done:
+            report(evaluation[1], evaluation[0].result())
+            evaluation[:] = [None, -1]
+            evaluations_done += 1
+        return True
+
+    expected_evaluations = None
+    while expected_evaluations is None or evaluations_done < expected_evaluations:
+        if expected_evaluations is not None:         # stopping: finish what was asked, nothing else comes
+            if not evaluate_step():
+                kind, src = t.wait_any([Kind.EVAL], F_SERVER)
+                _take_eval(t, queue, nbytes)
+            continue
+        kind, src = t.wait_any([Kind.ACTIVATION, Kind.EVAL, Kind.CONTROL], idle=evaluate_step)
+        if kind == Kind.ACTIVATION:
+            t0 = time.perf_counter()
+            act = t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of, trailing_shape=algo.activation_shape,
+                         device=world.device)
+            labels = t.recv(Kind.LABELS, src, client=act.client, seq=act.seq, dtype=torch.int64,
+                            shape=(act.tensor.shape[0],), device=world.device).tensor
+            if ((labels < 0) | (labels >= world.data.num_classes)).any():
+                raise ProtocolError(f"LABELS from rank {src}: client {act.client} sent labels outside "
+                                    f"0..{world.data.num_classes - 1}")
+            if not torch.isfinite(act.tensor).all():
+                raise FloatingPointError(f"non-finite smashed activations from client {act.client}")
+            progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
+            grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
+            t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
+            busy += time.perf_counter() - t0
+        elif src != F_SERVER:
+            raise ProtocolError(f"{kind.name} message from rank {src}: only the F-server (rank 0) sends these")
+        elif kind == Kind.EVAL:
+            _take_eval(t, queue, nbytes)
+        else:
+            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(2,), dtype=torch.int64)
+            expected_evaluations, want_checkpoint = (int(v) for v in msg.tensor.tolist())
+            if want_checkpoint:
+                send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state(),
+                                    "transport": transport_state(t)}, FINAL)
+    t.send_counters(F_SERVER, round=FINAL, extra=np.array([t.wait_seconds, busy, time.perf_counter() - start,
+                                                          s.extra["steps"], s.extra["generated"], resident_bytes()]))
+    t.flush()
+
+
+def _take_eval(t, queue: list, nbytes: int) -> None:
+    msg = t.recv(Kind.EVAL, F_SERVER, seq=int(Kind.CLIENT_MODEL), nbytes=nbytes)
+    queue.append((msg.round, msg.tensor))
+
+
+# ---------------------------------------------------------------------------------------------------- F-server
+def run_async_fserver(algo, log=print) -> dict:
+    world, t, cfg = algo.world, algo.world.transport, algo.cfg
+    m = world.num_clients
+    template = world.initial_part("client")
+    nbytes = state_nbytes(template.state_dict())
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
+        "config": to_yaml(cfg), "environment": environment(t.comm), "algorithm": algo.describe(),
+        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]})
+    metrics.set("label_histograms", world.histograms)
+    metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
+    metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
+    threshold = cfg.comm_threshold_mb * 1024 ** 2
+    counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
+    rng = world.generator("fserver")
+    global_model = pack_state(template.state_dict())
+    version, requested = 0, 0
+    starts = dict.fromkeys(world.client_ranks, 0)
+    sim_start, sim_now = {}, 0.0
+    participations = np.zeros(m, dtype=np.int64)
+    inactive = list(range(m))
+    buffer: list[tuple[torch.Tensor, int]] = []
+    update_clock: dict[int, tuple[float, float]] = {}     # version -> (wall seconds, simulated seconds)
+    local_stats = np.zeros((m, 4))
+    start = time.perf_counter()
+    summary: dict = {}
+
+    def draw() -> int:
+        return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
+
+    def start_client(cid: int) -> None:
+        t.send(world.rank_of(cid), Kind.CLIENT_MODEL, global_model, round=version, client=cid)
+        starts[world.rank_of(cid)] += 1
+        sim_start[cid] = sim_now
+
+    for _ in range(algo.active):
+        start_client(draw())
+    stop = False
+    while not stop:
+        kind, src = t.wait_any([Kind.CLIENT_MODEL, Kind.EVAL])
+        if kind == Kind.CLIENT_MODEL:
+            msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
+            cid = msg.client
+            local_stats[cid] += t.recv(Kind.CONTROL, src, client=cid, shape=(4,), dtype=torch.float64).tensor.numpy()
+            counters[src], _ = t.recv_counters(src, round=msg.round, n_extra=3)
+            participations[cid] += 1
+            sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
+            buffer.append((msg.tensor, cid))
+            if len(buffer) == algo.model_buffer:
+                global_model = algo.average_models([b[0] for b in buffer], [b[1] for b in buffer], template)
+                buffer.clear()
+                update_clock[version] = (time.perf_counter() - start, sim_now)
+                if requested < cfg.rounds:
+                    t.send(S_SERVER, Kind.EVAL, global_model, round=version, seq=int(Kind.CLIENT_MODEL))
+                    requested += 1
+                version += 1
+            start_client(draw())         # the replacement starts from the newest global model ...
+            inactive.append(cid)         # ... and the finished client may be drawn again later
+            continue
+        if src != S_SERVER:
+            raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")
+        summary = _record(t, metrics, counters, update_clock, local_stats, participations, log, cfg)
+        paper_total = int(summary["comm_bytes"])
+        stop = summary["round"] + 1 >= cfg.rounds or paper_total >= threshold or preemption.requested() is not None
+
+    # drain: every client rank takes the starts in flight and reports; then the S-server finishes its evaluations
+    for r in world.client_ranks:
+        t.send(r, Kind.CONTROL, torch.tensor([starts[r]], dtype=torch.int64), round=FINAL)
+    for r in world.client_ranks:
+        while True:
+            msg = t.recv(Kind.CONTROL, r)
+            if msg.round == FINAL and msg.client == -1:
+                counters[r], _ = _split_counters(msg.tensor.numpy())
+                break
+            if msg.client >= 0:          # a model that came back after the stop: received, not used
+                t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes)
+            else:
+                counters[r], _ = _split_counters(msg.tensor.numpy())
+    t.send(S_SERVER, Kind.CONTROL, torch.tensor([requested, 1], dtype=torch.int64), round=FINAL)
+    server_state = recv_checkpoint(t, S_SERVER, FINAL)
+    while summary.get("round", -1) + 1 < requested:
+        t.wait_any([Kind.EVAL], S_SERVER)
+        summary = _record(t, metrics, counters, update_clock, local_stats, participations, log, cfg)
+    counters[S_SERVER], _ = t.recv_counters(S_SERVER, round=FINAL, n_extra=6)
+    last = int(summary["round"]) if summary else 0
+    fserver_state = flatten_state({"client": {"packed": global_model}, "transport": transport_state(t),
+                                   "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
+    write_checkpoint(cfg.run_dir, last, {"fserver": fserver_state, "rank1": server_state},
+                     {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+    metrics.close()
+    t.flush()
+    return summary
+
+
+def _record(t, metrics, counters, update_clock, local_stats, participations, log, cfg) -> dict:
+    """Receives one evaluation result (and the S-server's counters) and appends its metrics row."""
+    msg = t.recv(Kind.EVAL, S_SERVER, shape=(3,), dtype=torch.float64)
+    version = msg.round
+    counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=version, n_extra=6)
+    test_loss, test_acc, eval_s = msg.tensor.tolist()
+    totals = sum(counters.values()) + t.counters()
+    wall, sim = update_clock[version]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        row = {"round": version, "test_acc": test_acc, "test_loss": test_loss,
+               "comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()), "wall_time": wall,
+               "simulated_time": sim, "eval_seconds": eval_s,
+               "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
+               "messages_by_kind": totals[2].sum(axis=1), "participations": participations.copy(),
+               "client_train_seconds": local_stats[:, 3].copy(), "sserver_busy_seconds": s_extra[1],
+               "server_steps": s_extra[3], "generated_samples": s_extra[4],
+               "round_seconds": wall - (metrics.history()["wall_time"][-1] if version else 0.0)}
+    metrics.append(row)
+    if version % cfg.log_interval == 0:
+        log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
+            f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")
+    return row
