@@ -198,7 +198,7 @@ def run_async_fserver(algo, log=print) -> dict:
     update_clock: dict[int, tuple[float, float]] = {}     # version -> (wall seconds, simulated seconds)
     local_stats = np.zeros((m, 4))
     start = time.perf_counter()
-    summary: dict = {}
+    held: list[dict] = []       # metrics rows from the stop on
 
     def draw() -> int:
         return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
@@ -234,9 +234,13 @@ def run_async_fserver(algo, log=print) -> dict:
             continue
         if src != S_SERVER:
             raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")
-        summary = _record(t, metrics, counters, update_clock, local_stats, participations, log, cfg)
-        paper_total = int(summary["comm_bytes"])
-        stop = summary["round"] + 1 >= cfg.rounds or paper_total >= threshold or preemption.requested() is not None
+        summary = _record(t, counters, update_clock, local_stats, participations, log, cfg)
+        stop = summary["round"] + 1 >= cfg.rounds or summary["comm_bytes"] >= threshold or \
+            preemption.requested() is not None
+        if stop:
+            held.append(summary)          # written after the drain, with the final counters
+        else:
+            metrics.append(summary)
 
     # drain: every client rank takes the starts in flight and reports; then the S-server finishes its evaluations
     for r in world.client_ranks:
@@ -244,47 +248,53 @@ def run_async_fserver(algo, log=print) -> dict:
     for r in world.client_ranks:
         while True:
             msg = t.recv(Kind.CONTROL, r)
-            if msg.round == FINAL and msg.client == -1:
-                counters[r], _ = _split_counters(msg.tensor.numpy())
-                break
             if msg.client >= 0:          # a model that came back after the stop: received, not used
                 t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes)
-            else:
-                counters[r], _ = _split_counters(msg.tensor.numpy())
+                continue
+            counters[r], _ = _split_counters(msg.tensor.numpy())
+            if msg.round == FINAL:
+                break
     t.send(S_SERVER, Kind.CONTROL, torch.tensor([requested, 1], dtype=torch.int64), round=FINAL)
     server_state = recv_checkpoint(t, S_SERVER, FINAL)
-    while summary.get("round", -1) + 1 < requested:
+    while held[-1]["round"] + 1 < requested:
         t.wait_any([Kind.EVAL], S_SERVER)
-        summary = _record(t, metrics, counters, update_clock, local_stats, participations, log, cfg)
+        held.append(_record(t, counters, update_clock, local_stats, participations, log, cfg))
     counters[S_SERVER], _ = t.recv_counters(S_SERVER, round=FINAL, n_extra=6)
-    last = int(summary["round"]) if summary else 0
+    t.flush()
+    # The last row carries the totals of the whole run: every activation answered, every model counted.
+    held[-1].update(_totals(counters, t))
+    for row in held:
+        metrics.append(row)
+    summary = held[-1]
+    last = int(summary["round"])
     fserver_state = flatten_state({"client": {"packed": global_model}, "transport": transport_state(t),
                                    "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
     write_checkpoint(cfg.run_dir, last, {"fserver": fserver_state, "rank1": server_state},
                      {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
     metrics.close()
-    t.flush()
     return summary
 
 
-def _record(t, metrics, counters, update_clock, local_stats, participations, log, cfg) -> dict:
-    """Receives one evaluation result (and the S-server's counters) and appends its metrics row."""
+def _totals(counters: dict, t) -> dict:
+    totals = sum(counters.values()) + t.counters()
+    return {"comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()),
+            "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
+            "messages_by_kind": totals[2].sum(axis=1)}
+
+
+def _record(t, counters, update_clock, local_stats, participations, log, cfg) -> dict:
+    """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Byte figures are
+    the sums of every rank's latest report."""
     msg = t.recv(Kind.EVAL, S_SERVER, shape=(3,), dtype=torch.float64)
     version = msg.round
     counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=version, n_extra=6)
     test_loss, test_acc, eval_s = msg.tensor.tolist()
-    totals = sum(counters.values()) + t.counters()
     wall, sim = update_clock[version]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        row = {"round": version, "test_acc": test_acc, "test_loss": test_loss,
-               "comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()), "wall_time": wall,
-               "simulated_time": sim, "eval_seconds": eval_s,
-               "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
-               "messages_by_kind": totals[2].sum(axis=1), "participations": participations.copy(),
-               "client_train_seconds": local_stats[:, 3].copy(), "sserver_busy_seconds": s_extra[1],
-               "server_steps": s_extra[3], "generated_samples": s_extra[4],
-               "round_seconds": wall - (metrics.history()["wall_time"][-1] if version else 0.0)}
-    metrics.append(row)
+    row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
+           "wall_time": wall, "simulated_time": sim, "eval_seconds": eval_s,
+           "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
+           "participations": participations.copy(), "client_train_seconds": local_stats[:, 3].copy(),
+           "sserver_busy_seconds": s_extra[1], "server_steps": s_extra[3], "generated_samples": s_extra[4]}
     if version % cfg.log_interval == 0:
         log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
             f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")
