@@ -3,7 +3,9 @@
     python -m mpisage.compare --methods fsl_sage,cse_fsl,fed_avg,sl_single_server,sl_multi_server [--ranks 11]
             [--target 0.85] [--out runs/compare] [--skip-existing] [key=value ...]
 
-Each method M runs as `mpirun -n RANKS python -m mpisage.run key=value ... algorithm=M run_dir=OUT/M`. Then:
+Each method M runs as `mpirun -n RANKS python -m mpisage.run key=value ... algorithm=M run_dir=OUT/M`. A method may
+carry its own overrides after colons, e.g. `--methods gas,gas:generative=false,fed_avg` (the ablation runs in
+OUT/gas:generative=false). Then:
 
 - OUT/results.md   the command line that reproduces the comparison, and a table with one row per method (rounds,
                    best and final test accuracy, paper-figure GiB at which the target accuracy was first reached,
@@ -100,12 +102,18 @@ def write_table(rows: list[dict], path_md: str, path_csv: str, command: str, not
 def plot_comparison(run_dirs: dict[str, str], target: float, out: str) -> str:
     """Accuracy vs paper-figure GiB (with the target dashed, as in the FSL-SAGE paper's figure 1) beside
     accuracy vs wall time; one line per method."""
-    fig, (ax_comm, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, run_dir in run_dirs.items():
-        r = read_rounds(metrics_path(run_dir))
+    runs = {method: read_rounds(metrics_path(run_dir)) for method, run_dir in run_dirs.items()}
+    simulated = any("simulated_time" in r for r in runs.values())     # asynchronous runs have a simulated clock
+    fig, axes = plt.subplots(1, 3 if simulated else 2, figsize=(16 if simulated else 11, 4.2))
+    ax_comm, ax_time = axes[0], axes[1]
+    for method, r in runs.items():
         ax_comm.plot(np.asarray(r["comm_bytes"]) / GIB, r["test_acc"], marker=".", label=method)
         ax_time.plot(r["wall_time"], r["test_acc"], marker=".", label=method)
-    for ax in (ax_comm, ax_time):
+        if simulated and "simulated_time" in r:
+            axes[2].plot(r["simulated_time"], r["test_acc"], marker=".", label=method)
+    if simulated:
+        axes[2].set_xlabel("simulated time (s, straggler clock)")
+    for ax in axes:
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -132,8 +140,9 @@ def is_complete(run_dir: str) -> bool:
 
 
 def run_method(method: str, ranks: int, overrides: list[str], run_dir: str) -> int:
-    # algorithm and run_dir come last so they win over anything of the same name among the shared overrides.
-    cmd, env = job_command(ranks, [*overrides, f"algorithm={method}", f"run_dir={run_dir}"])
+    # The method's own overrides, algorithm and run_dir come last: they win over the shared ones.
+    algorithm, *own = method.split(":")
+    cmd, env = job_command(ranks, [*overrides, *own, f"algorithm={algorithm}", f"run_dir={run_dir}"])
     print(f"[compare] {method}: {shlex.join(cmd)}", flush=True)
     return subprocess.run(cmd, env=env).returncode
 
