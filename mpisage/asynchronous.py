@@ -180,7 +180,7 @@ def run_async_fserver(algo, log=print) -> dict:
     nbytes = state_nbytes(template.state_dict())
     os.makedirs(cfg.run_dir, exist_ok=True)
     metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
-        "config": to_yaml(cfg), "environment": environment(t.comm), "algorithm": algo.describe(),
+        "config": to_yaml(cfg), "environment": environment(t.comm, transport=t), "algorithm": algo.describe(),
         "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]})
     metrics.set("label_histograms", world.histograms)
     metrics.set("client_samples", [world.num_samples(c) for c in range(m)])

@@ -162,6 +162,8 @@ def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | 
         known = ", ".join(_known_keys(Config))
         raise ConfigError(f"bad config key or value at {key!r}: {e.msg if hasattr(e, 'msg') else e}\n"
                           f"  known keys: {known}") from None
+    # YAML reads yes/no as booleans
+    cfg.device.cuda_aware = {"True": "yes", "False": "no"}.get(str(cfg.device.cuda_aware), cfg.device.cuda_aware)
     cfg.algorithm = ALGORITHM_ALIASES.get(cfg.algorithm.lower(), cfg.algorithm.lower())
     cfg.dataset.name = DATASET_ALIASES.get(cfg.dataset.name.lower(), cfg.dataset.name.lower())
     validate(cfg)
@@ -262,5 +264,5 @@ rank 0: F-server, rank 1: S-server, ranks 2..: clients (RANKS >= 3).
 examples:
   mpirun -n 11 python -m mpisage.run
   mpirun -n 11 python -m mpisage.run rounds=5 dataset.distribution=noniid_dirichlet dataset.alpha=1
-  mpirun -n 11 python -m mpisage.run -c configs/resnet18_cifar10.yaml dataset.root=/data
+  mpirun -n 12 python -m mpisage.run -c configs/paper/cifar10_resnet18_iid.yaml dataset.root=/data
 keys: """ + ", ".join(_known_keys(Config))

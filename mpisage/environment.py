@@ -18,20 +18,32 @@ def git_revision() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=5, check=False)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def environment(comm) -> str:
-    """A JSON string: versions, MPI library and size, device facts, git revision."""
+def environment(comm, transport=None) -> str:
+    """A JSON string: versions, MPI library and size, device facts, git revision. With the job's `transport` (after
+    mpisage.devices.configure_devices), also every rank's device, the payload path and how CUDA-awareness was
+    decided; without it, only what this rank's MPI library says."""
     import mpi4py
+
+    from mpisage.transport import query_mpi_cuda_support
+    awareness = getattr(transport, "cuda_awareness", None)
+    if awareness is not None:
+        cuda_aware = awareness.as_dict()
+    else:
+        cuda_aware = {"library": query_mpi_cuda_support(),
+                      "how": "not decided: mpisage.devices.configure_devices was not called for this job"}
     return json.dumps({
         "mpisage": mpisage.__version__, "git": git_revision(), "python": platform.python_version(),
         "torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "mpi4py": mpi4py.__version__,
         "mpi_library": MPI.Get_library_version().splitlines()[0].strip(), "mpi_ranks": comm.Get_size(),
-        "cuda_available": torch.cuda.is_available(), "cuda_aware_mpi": False,
+        "cuda_available": torch.cuda.is_available(), "cuda_aware_mpi": bool(cuda_aware.get("aware", False)),
+        "cuda_aware": cuda_aware, "payload_path": getattr(transport, "payload_path", None),
+        "devices": getattr(transport, "devices", None),
         "host": platform.node(), "torch_threads": torch.get_num_threads(),
     })
 

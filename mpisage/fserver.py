@@ -43,7 +43,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
         log(f"[mpisage] resuming after round {world.start_round} from {world.resume_from[0]}")
     # a resumed run's metrics start from the rounds saved in its checkpoint: no gap, no repeat
     metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
-        "config": to_yaml(cfg), "environment": environment(t.comm), "algorithm": algo.describe(),
+        "config": to_yaml(cfg), "environment": environment(t.comm, transport=t), "algorithm": algo.describe(),
         "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]}, history=history)
     metrics.set("label_histograms", world.histograms)
     metrics.set("client_samples", [world.num_samples(c) for c in range(m)])

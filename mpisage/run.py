@@ -33,6 +33,7 @@ def run_job(cfg, comm, log=None) -> dict:
 
     from mpisage import preemption
     from mpisage.checkpoint import agree_on_checkpoint
+    from mpisage.devices import configure_devices
     from mpisage.transport import Heartbeat, Transport
     from mpisage.world import make_world
 
@@ -40,7 +41,9 @@ def run_job(cfg, comm, log=None) -> dict:
     torch.set_num_threads(cfg.torch_threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    world = make_world(cfg, Transport(comm, timeout_s=cfg.comm_timeout_s))
+    transport = Transport(comm, timeout_s=cfg.comm_timeout_s)
+    world = make_world(cfg, transport)
+    world.device = configure_devices(cfg, transport)   # collective: every rank, before any model is built
     world.resume_from = agree_on_checkpoint(world.transport, cfg)
     heartbeat = None
     if cfg.heartbeat_timeout_s > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:

@@ -10,6 +10,12 @@ Bytes are counted at the send, per kind and destination role: the wire figure (h
 and the paper figure (payload only, for the kinds the FSL-SAGE reference counts; labels, control, evaluation and
 checkpoint traffic are wire-only).
 
+Payloads take one of three paths, chosen once for the whole job (`mpisage.devices.configure_devices`):
+"host" (no rank has a GPU: tensors are sent from and received into their own memory), "direct" (a CUDA-aware MPI:
+GPU tensors are handed to MPI after their stream is synchronised) or "staged" (GPUs but an MPI that cannot read
+device memory: GPU payloads are copied through reusable pinned host buffers, `StagingPool`). CPU tensors never
+need staging; the bytes on the wire, and so the counters, are the same on every path.
+
 Waiting polls `Test()` with a short, growing sleep: ranks outnumber cores, and a blocking MPI wait busy-spins.
 """
 from __future__ import annotations
@@ -83,16 +89,76 @@ class Message:
         return self.tensor.numel() * self.tensor.element_size()
 
 
+PAYLOAD_PATHS = ("host", "staged", "direct")
+
+
 def _as_buffer(t: torch.Tensor):
-    """A writable/readable MPI buffer over the tensor's bytes, without a copy."""
-    flat = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    if flat.is_cuda:   # CUDA-aware MPI reads device memory through __cuda_array_interface__/DLPack
+    """A writable/readable MPI buffer over the tensor's bytes, without a copy. Every dtype (bf16 included) goes as
+    raw bytes: MPI never needs to know the element type, and the header carries it."""
+    flat = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)   # no bytes: any memory
+    if flat.is_cuda:   # only on the direct path: a CUDA-aware MPI reads device memory through DLPack
         return [flat, MPI.BYTE]
     return flat.numpy()
 
 
+class StagingPool:
+    """Reusable host buffers for payloads MPI cannot take where they live (GPU memory without a CUDA-aware MPI), one
+    free list per (element count, dtype). Pinned (page-locked) when CUDA is available, so device<->host copies run
+    at full speed; ordinary memory otherwise (CPU-only torch cannot pin). A buffer is out of the pool from `acquire`
+    to `release`; the transport releases a send buffer only when its send has completed, so MPI never reads a
+    buffer that is being refilled. Buffers are kept for the whole job: message sizes repeat every round."""
+
+    def __init__(self, pinned: bool | None = None):
+        self.pinned = torch.cuda.is_available() if pinned is None else pinned
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._in_use: dict[int, tuple[int, torch.dtype]] = {}   # id(buffer) -> its free-list key
+        self.allocated = 0          # buffers ever created: grows only while every buffer of a size is in use
+        self.allocated_bytes = 0
+
+    def acquire(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-d host buffer of `numel` elements of `dtype`, not in use by anyone else until released."""
+        key = (numel, dtype)
+        free = self._free.get(key)
+        if free:
+            buf = free.pop()
+        else:
+            buf = torch.empty(numel, dtype=dtype, pin_memory=self.pinned)
+            self.allocated += 1
+            self.allocated_bytes += numel * buf.element_size()
+        self._in_use[id(buf)] = key
+        return buf
+
+    def release(self, buf: torch.Tensor) -> None:
+        key = self._in_use.pop(id(buf), None)
+        if key is None:   # a second release would let two messages share one buffer
+            raise ValueError("releasing a staging buffer that this pool did not hand out, or released twice")
+        self._free.setdefault(key, []).append(buf)
+
+    @property
+    def in_use(self) -> int:
+        return len(self._in_use)
+
+
+def query_mpi_cuda_support() -> int | None:
+    """What the MPI library under mpi4py says about itself: `MPIX_Query_cuda_support()` (Open MPI >= 4, MPICH >= 4)
+    is 1 when it accepts CUDA device buffers, 0 when not; None when the library has no such function. mpi4py 4 does
+    not expose it, so it is looked up with ctypes in mpi4py's MPI extension, whose symbol lookup also searches the
+    libmpi it links (whichever MPI mpi4py was built against), then in the global namespace (a preloaded MPI)."""
+    import ctypes
+    for library in (MPI.__file__, None):
+        try:
+            query = ctypes.CDLL(library).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            continue
+        query.restype, query.argtypes = ctypes.c_int, []
+        return int(query())
+    return None
+
+
 class Transport:
-    def __init__(self, comm: MPI.Comm, timeout_s: float = 1800.0):
+    def __init__(self, comm: MPI.Comm, timeout_s: float = 1800.0, *, stage_host_tensors: bool = False):
+        """`stage_host_tensors`: route CPU tensors through the staging pool too, so the staged path can be tested
+        on machines without a GPU (it only costs copies)."""
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -102,8 +168,31 @@ class Transport:
         self.paper_bytes = np.zeros((NUM_KINDS, 3), dtype=np.int64)
         self.messages = np.zeros((NUM_KINDS, 3), dtype=np.int64)
         self.wait_seconds = 0.0        # time spent blocked on peers (idle time)
-        self._pending: list[tuple[MPI.Request, object]] = []   # in-flight sends and the buffers they read
+        # in-flight sends, the buffers they read, and whether that buffer goes back to the staging pool after
+        self._pending: list[tuple[MPI.Request, object, bool]] = []
         self._count_lock = threading.Lock()                        # the heartbeat thread counts too
+        self._payload_path = "host"
+        self.stage_host_tensors = stage_host_tensors
+        self.staging = StagingPool()
+        # set by mpisage.devices.configure_devices: what it detected about CUDA-aware MPI and why, every rank's device
+        self.cuda_awareness = None
+        self.devices: list[str] | None = None
+
+    @property
+    def payload_path(self) -> str:
+        """How payloads move in this job, the same on every rank: "host", "staged" or "direct"."""
+        return self._payload_path
+
+    @payload_path.setter
+    def payload_path(self, path: str) -> None:
+        if path not in PAYLOAD_PATHS:
+            raise ValueError(f"payload path {path!r} is not one of {', '.join(PAYLOAD_PATHS)}")
+        self._payload_path = path
+
+    def _staged(self, t: torch.Tensor) -> bool:
+        """Whether a payload in `t`'s memory goes through a staging buffer. GPU memory is handed to MPI only on the
+        direct path: on any other path the MPI library may not be able to read it."""
+        return self._payload_path != "direct" if t.is_cuda else self.stage_host_tensors
 
     # ------------------------------------------------------------------ sending
     def send(self, dest: int, kind: Kind, tensor: torch.Tensor, *, round: int, client: int = -1, seq: int = 0,
@@ -115,16 +204,21 @@ class Transport:
         if tensor.dim() > MAX_NDIM:
             raise ValueError(f"cannot send a {tensor.dim()}-d tensor (at most {MAX_NDIM} dims)")
         payload = tensor.detach().contiguous()
-        if payload.is_cuda:
-            torch.cuda.current_stream(payload.device).synchronize()   # MPI reads memory, not the stream
         nbytes = payload.numel() * payload.element_size()
         header = np.zeros(HEADER_LEN, dtype=np.int64)
         header[:7] = (MAGIC, int(kind), round, client, seq, DTYPE_CODE[payload.dtype], payload.dim())
         header[7:7 + payload.dim()] = payload.shape
         header[-1] = nbytes
         tag = 2 * int(kind)
-        self._pending.append((self.comm.Isend(header, dest=dest, tag=tag), header))
-        self._pending.append((self.comm.Isend(_as_buffer(payload), dest=dest, tag=tag + 1), payload))
+        self._pending.append((self.comm.Isend(header, dest=dest, tag=tag), header, False))
+        if self._staged(payload):
+            staged = self.staging.acquire(payload.numel(), payload.dtype)
+            staged.copy_(payload.view(-1))    # from a GPU a blocking copy: it also waits for the producing stream
+            self._pending.append((self.comm.Isend(_as_buffer(staged), dest=dest, tag=tag + 1), staged, True))
+        else:
+            if payload.is_cuda:
+                torch.cuda.current_stream(payload.device).synchronize()   # MPI reads memory, not the stream
+            self._pending.append((self.comm.Isend(_as_buffer(payload), dest=dest, tag=tag + 1), payload, False))
         if count:
             self.count(kind, dest, nbytes)
         self._reap()
@@ -140,12 +234,20 @@ class Transport:
                 self.paper_bytes[kind, role] += nbytes
 
     def _reap(self) -> None:
-        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+        still = []
+        for req, buf, staged in self._pending:
+            if not req.Test():
+                still.append((req, buf, staged))
+            elif staged:
+                self.staging.release(buf)
+        self._pending = still
 
     def flush(self) -> None:
         """Waits until every send of this rank has completed (buffers may be reused after)."""
-        for req, _ in self._pending:
+        for req, buf, staged in self._pending:
             self._wait(req, what="a send to complete", peer=None, kind=None)
+            if staged:
+                self.staging.release(buf)
         self._pending.clear()
 
     # ------------------------------------------------------------------ receiving
@@ -192,12 +294,24 @@ class Transport:
         if clients_of is not None and h_client not in clients_of(src):
             raise bad(f"rank {src} does not host client {h_client}")
         tensor = torch.empty(h_shape, dtype=t_dtype, device=device or "cpu")
-        req = self.comm.Irecv(_as_buffer(tensor), source=src, tag=tag + 1)
+        staged = self.staging.acquire(tensor.numel(), t_dtype) if self._staged(tensor) else None
+        req = self.comm.Irecv(_as_buffer(tensor if staged is None else staged), source=src, tag=tag + 1)
         status = MPI.Status()
         self._wait(req, what=f"the {kind.name} payload", peer=src, kind=kind, status=status)
+        if staged is not None:
+            tensor.view(-1).copy_(staged)     # blocking: the buffer is free again once it returns
+            self.staging.release(staged)
         if status.Get_count(MPI.BYTE) != h_nbytes:
             raise bad(f"payload has {status.Get_count(MPI.BYTE)} bytes, header announced {h_nbytes}")
         return Message(Kind(h_kind), src, h_round, h_client, h_seq, tensor)
+
+    def probe(self, kinds, source: int = MPI.ANY_SOURCE) -> tuple[Kind, int] | None:
+        """(kind, sender) of a message of one of `kinds` ready to be received now, or None."""
+        status = MPI.Status()
+        for kind in kinds:
+            if self.comm.Iprobe(source=source, tag=2 * int(kind), status=status):
+                return Kind(kind), status.Get_source()
+        return None
 
     def wait_any(self, kinds, source: int = MPI.ANY_SOURCE, idle=None) -> tuple[Kind, int]:
         """Waits (without spinning) until a message of one of `kinds` is ready to be received from `source`;
@@ -261,6 +375,33 @@ class Transport:
         msg = self.recv(Kind.CONTROL, source, round=round, dtype=torch.float64, shape=(3 * NUM_KINDS * 3 + n_extra,))
         values = msg.tensor.numpy()
         return values[:3 * NUM_KINDS * 3].astype(np.int64).reshape(3, NUM_KINDS, 3), values[3 * NUM_KINDS * 3:]
+
+    def check_payload_path(self, device) -> bool:
+        """Start-up self-check, collective: every rank sends a tiny tensor made in its `device`'s memory to the next
+        rank (a ring) over the payload path set now, and compares what it gets from the previous rank with what that
+        rank made. True on every rank when every rank got it bit-exact. On a private duplicate of the communicator,
+        so nothing of the job can match it, and not counted. A direct-path check hands device memory to MPI: run
+        it only when the library says it is CUDA-aware (or the user says so), a library that is not may crash."""
+        comm = self.comm.Dup()
+        try:
+            probe = Transport(comm, timeout_s=min(self.timeout_s, 120.0), stage_host_tensors=self.stage_host_tensors)
+            probe.payload_path = self.payload_path
+            rank, size = comm.Get_rank(), comm.Get_size()
+
+            def made_by(r: int) -> torch.Tensor:   # distinct per rank, and every byte matters
+                return torch.arange(16, dtype=torch.float32) * (r + 1) + 0.25
+
+            probe.send((rank + 1) % size, Kind.CONTROL, made_by(rank).to(device), round=-1, count=False)
+            got = probe.recv(Kind.CONTROL, (rank - 1) % size, round=-1, dtype=torch.float32, shape=(16,),
+                             device=device).tensor
+            probe.flush()
+            ok = np.array([int(got.device.type == torch.device(device).type
+                               and torch.equal(got.cpu(), made_by((rank - 1) % size)))], dtype=np.int64)
+            all_ok = np.zeros(1, dtype=np.int64)
+            comm.Allreduce(ok, all_ok, op=MPI.MIN)
+            return bool(all_ok[0])
+        finally:
+            comm.Free()
 
 
 def _elsize(dtype: torch.dtype) -> int:

@@ -111,11 +111,13 @@ def make_world(cfg: Config, transport: Transport) -> World:
         raise ConfigError(f"num_clients={num_clients} is fewer than the {size - 2} client ranks of `mpirun -n {size}`: "
                           f"every client rank must host a client. Use num_clients>={size - 2} or "
                           f"`mpirun -n {num_clients + 2}`.")
-    data = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    data = load_dataset(cfg.dataset.name, cfg.dataset.root, image_size=cfg.dataset.image_size,
+                        channels=cfg.dataset.channels)
     labels = data.train_y.numpy()
     try:
         parts = partition(labels, num_clients, cfg.dataset.distribution, alpha=cfg.dataset.alpha,
-                          shards_per_client=cfg.dataset.shards_per_client, seed=derive_seed(cfg.seed, "init", 1))
+                          shards_per_client=cfg.dataset.shards_per_client,
+                          samples_per_client=cfg.dataset.samples_per_client, seed=derive_seed(cfg.seed, "init", 1))
     except ValueError as e:
         raise ConfigError(f"cannot partition {data.name} for num_clients={num_clients}: {e}") from None
     empty = [i for i, p in enumerate(parts) if len(p) == 0]

@@ -63,7 +63,7 @@ def _single_process_reference(data_root: str, seed: int, rounds: int, batch_size
     """The joined model trained in one process on the very batches the one client of the MPI run sees."""
     import torch.nn.functional as F
 
-    from mpisage.algorithms.base import adam
+    from mpisage.algorithms.base import make_optimizer
     from mpisage.config import load_config
     from mpisage.data import load_dataset, partition, train_transform
     from mpisage.models import build_split
@@ -74,7 +74,8 @@ def _single_process_reference(data_root: str, seed: int, rounds: int, batch_size
     x_all, y_all = data.train_x[rows], data.train_y[rows]
     torch.manual_seed(derive_seed(seed, "init"))
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
-    client_opt, server_opt = adam(split.client.parameters(), cfg), adam(split.server.parameters(), cfg)
+    client_opt, server_opt = (make_optimizer(split.client.parameters(), cfg),
+                              make_optimizer(split.server.parameters(), cfg))
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, "client", 0))
     transform = train_transform(data, True)

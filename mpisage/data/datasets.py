@@ -3,23 +3,37 @@
 - Fashion-MNIST: the four idx files (gzipped or not).
 - CIFAR-10 / CIFAR-100: the "python version" pickled batches, read with a restricted unpickler
   that can only rebuild numpy arrays (a pickle can otherwise run arbitrary code).
+- CINIC-10: folders of PNG files, decoded once into a cache of .npy arrays (read without pickle).
+
+`load_dataset` can also resize the images and repeat grey images to 3 channels, once, at load.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
+import hashlib
+import json
 import os
 import pickle
+import sys
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "cinic10")
 
 
 class DataError(RuntimeError):
     """A user-facing data problem: the message names the dataset, the paths tried and the fix."""
+
+
+class DataNotFound(DataError):
+    """The dataset is in none of the places looked at (as opposed to found but unreadable)."""
 
 
 @dataclass
@@ -44,15 +58,48 @@ class ImageDataset:
         return int(self.train_x.shape[2])
 
 
-def load_dataset(name: str, root: str | None) -> ImageDataset:
-    """Load dataset `name` (one of DATASETS), looking under `root` first (see the readers)."""
-    if name == "fashion_mnist":
-        return _load_fashion_mnist(root)
-    if name == "cifar10":
-        return _load_cifar(root, "cifar10")
-    if name == "cifar100":
-        return _load_cifar(root, "cifar100")
-    raise ValueError(f"dataset.name={name!r} is unknown; choose one of {', '.join(DATASETS)}")
+def load_dataset(name: str, root: str | None, *, image_size: int | None = None,
+                 channels: int | None = None) -> ImageDataset:
+    """Load dataset `name` (one of DATASETS), looking under `root` first (see the readers).
+
+    image_size: resize every image to image_size x image_size (bilinear, antialiased when shrinking),
+    once, here; the images stay uint8. channels=3 repeats grey images to 3 channels, with the grey
+    mean/std repeated (normalising a repeated channel is normalising the grey one). None keeps the
+    images as stored.
+    """
+    readers = {"fashion_mnist": _load_fashion_mnist,
+               "cifar10": lambda r: _load_cifar(r, "cifar10"),
+               "cifar100": lambda r: _load_cifar(r, "cifar100"),
+               "cinic10": _load_cinic10}
+    if name not in readers:
+        raise ValueError(f"dataset.name={name!r} is unknown; choose one of {', '.join(DATASETS)}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"dataset.channels={channels!r} is not allowed: 1, 3 or null (as stored)")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"dataset.image_size={image_size!r} must be >= 1, or null (as stored)")
+    return _convert(readers[name](root), image_size, channels)
+
+
+def _convert(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:
+    if channels == 1 and ds.in_channels != 1:
+        raise DataError(f"dataset.channels=1: {ds.name} images have {ds.in_channels} channels and turning "
+                        "colour into grey is not supported; set dataset.channels=3 or null (as stored).")
+    if image_size is not None and image_size != ds.image_size:
+        ds.train_x, ds.test_x = _resize(ds.train_x, image_size), _resize(ds.test_x, image_size)
+    if channels == 3 and ds.in_channels == 1:
+        ds.train_x, ds.test_x = ds.train_x.repeat(1, 3, 1, 1), ds.test_x.repeat(1, 3, 1, 1)
+        ds.mean, ds.std = ds.mean * 3, ds.std * 3
+    return ds
+
+
+def _resize(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> uint8 [N,C,size,size], bilinear; antialiased like PIL when shrinking."""
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, x.shape[0], chunk):  # in chunks: a float copy of a whole dataset is large
+        part = F.interpolate(x[start:start + chunk].float(), size=(size, size), mode="bilinear",
+                             align_corners=False, antialias=True)
+        out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +206,7 @@ def _load_fashion_mnist(root: str | None) -> ImageDataset:
         _download_fashion(cache)
     except Exception as e:  # any network/filesystem failure ends in the same advice
         tried = "\n  ".join(candidates)
-        raise DataError(
+        raise DataNotFound(
             "fashion_mnist: the idx files {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] were not "
             f"found in any of:\n  {tried}\nand downloading them from {FASHION_URL} into {cache} "
             f"failed ({type(e).__name__}: {e}).\nFix: `apt-get install dataset-fashion-mnist` "
@@ -281,7 +328,207 @@ def _load_cifar(root: str | None, name: str) -> ImageDataset:
                             _IMAGENET_MEAN, _IMAGENET_STD)
     tried = "\n  ".join(candidates)
     wanted = "data_batch_1..5 and test_batch" if name == "cifar10" else "train and test"
-    raise DataError(
+    raise DataNotFound(
         f"{name}: no '{dirname}' directory with {wanted} found; tried:\n  {tried}\n"
         f"Fix: download the \"{archive}\" tarball ({url}) and unpack it under dataset.root "
-        f"(`tar xzf {url.rsplit('/', 1)[-1]} -C <dataset.root>`), which creates {dirname}/.")
+        f"(`tar xzf {url.rsplit('/', 1)[-1]} -C <dataset.root>`), which creates {dirname}/; or, on a "
+        f"machine with internet access, run `python -m mpisage.data.fetch {name} <dataset.root>`.")
+
+
+# --------------------------------------------------------------------------------------------
+# CINIC-10 (folders of PNG files, decoded once into a cache of .npy arrays)
+# --------------------------------------------------------------------------------------------
+
+CINIC_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CINIC_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
+CINIC_DIRNAME = "CINIC-10"  # the archive has no top-level folder: it is unpacked into one of this name
+_CINIC_DIRNAMES = (CINIC_DIRNAME, "cinic-10", "cinic10", "CINIC10")
+_CINIC_SPLITS = ("train", "test")
+_CINIC_MEAN = (0.47889522, 0.47227842, 0.43047404)
+_CINIC_STD = (0.24205776, 0.23828046, 0.25874835)
+CINIC_CACHE_DIRNAME = "mpisage-cache"
+_CINIC_CACHE_VERSION = 1
+
+
+def _load_cinic10(root: str | None) -> ImageDataset:
+    """CINIC-10 from `<dir>/{train,test}/<class>/*.png`, the 10 classes in CIFAR-10's order.
+
+    The training set is the `train` split alone (90,000 images; there is no config key to add
+    `valid` to it) and the test set is `test`. <dir> is dataset.root itself or its CINIC-10
+    sub-folder, else ~/.cache/mpisage/CINIC-10.
+    """
+    in_root = [root] + [os.path.join(root, n) for n in _CINIC_DIRNAMES] if root else []
+    candidates = list(dict.fromkeys(in_root + [os.path.join(_user_cache_dir(), CINIC_DIRNAME)]))
+    for d in candidates:
+        if all(os.path.isdir(os.path.join(d, split)) for split in _CINIC_SPLITS):
+            arrays = _cinic_arrays(d)
+            # torch.from_numpy without a copy: the cached arrays are memory-mapped, so the ranks of
+            # a node share one copy of the pages until a rank keeps only its clients' rows.
+            return ImageDataset("cinic10", *(torch.from_numpy(arrays[k]) for k in
+                                             ("train_x", "train_y", "test_x", "test_y")),
+                                10, _CINIC_MEAN, _CINIC_STD)
+    tried = "\n  ".join(candidates)
+    raise DataNotFound(
+        f"cinic10: no CINIC-10 folder (train/ and test/ with one sub-folder per class) found; tried:\n"
+        f"  {tried}\nFix: download {CINIC_URL} and unpack it under dataset.root:\n"
+        f"  mkdir -p <dataset.root>/{CINIC_DIRNAME} && tar xzf CINIC-10.tar.gz -C <dataset.root>/{CINIC_DIRNAME}\n"
+        f"or, on a machine with internet access, run `python -m mpisage.data.fetch cinic10 <dataset.root>`.")
+
+
+def _list_cinic(directory: str) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per split: the PNG paths relative to `directory`, by class then file name, and their labels."""
+    listing = {}
+    for split in _CINIC_SPLITS:
+        paths, labels = [], []
+        for label, cls in enumerate(CINIC_CLASSES):
+            class_dir = os.path.join(directory, split, cls)
+            if not os.path.isdir(class_dir):
+                raise DataError(f"cinic10: {class_dir} is missing; every split of CINIC-10 has one folder "
+                                f"per class ({', '.join(CINIC_CLASSES)}). Unpack {CINIC_URL} again.")
+            names = sorted(n for n in os.listdir(class_dir) if n.lower().endswith(".png"))
+            paths += [f"{split}/{cls}/{n}" for n in names]
+            labels += [label] * len(names)
+        if not paths:
+            raise DataError(f"cinic10: {os.path.join(directory, split)} holds no .png images; "
+                            f"unpack {CINIC_URL} again.")
+        listing[split] = (paths, np.asarray(labels, dtype=np.int64))
+    return listing
+
+
+def _cinic_arrays(directory: str) -> dict[str, np.ndarray]:
+    """{train,test}_{x,y} of the CINIC-10 folder `directory`, from the cache when it matches the files.
+
+    The cache lives next to the data, or in the user cache dir when the data's folder is read-only.
+    Of several processes starting together one decodes while the others wait on a lock, then read.
+    """
+    listing = _list_cinic(directory)
+    fingerprint = hashlib.sha256("\n".join(p for s in _CINIC_SPLITS for p in listing[s][0]).encode()).hexdigest()
+    real = os.path.realpath(directory)
+    caches = [os.path.join(directory, CINIC_CACHE_DIRNAME),
+              os.path.join(_user_cache_dir(), "cinic10-cache", hashlib.sha256(real.encode()).hexdigest()[:16])]
+    for cache in caches:
+        arrays, _ = _read_cinic_cache(cache, fingerprint, listing)
+        if arrays is not None:
+            return arrays
+    count = sum(len(listing[s][0]) for s in _CINIC_SPLITS)
+    for cache in caches:
+        if not _writable_dir(cache):
+            continue
+        with _exclusive_lock(os.path.join(cache, "lock")):
+            arrays, why = _read_cinic_cache(cache, fingerprint, listing)  # built meanwhile by another process?
+            if arrays is not None:
+                return arrays
+            _note(f"cinic10: decoding {count} PNG files into the cache {cache} ({why}); later runs read the cache")
+            arrays = _decode_cinic(directory, listing)
+            _write_cinic_cache(cache, fingerprint, arrays)
+            return arrays
+    _note(f"cinic10: cannot write a cache in {caches[0]} or {caches[1]}; decoding {count} PNG files "
+          "at every start (make one of them writable)")
+    return _decode_cinic(directory, listing)
+
+
+def _read_cinic_cache(cache: str, fingerprint: str, listing) -> tuple[dict[str, np.ndarray] | None, str]:
+    """(arrays, "") when `cache` is a complete cache of exactly the listed files, else (None, why not)."""
+    manifest_path = os.path.join(cache, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        return None, "no cache yet"
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict) or manifest.get("version") != _CINIC_CACHE_VERSION:
+            return None, "cache written by another version of mpisage"
+        if manifest.get("fingerprint") != fingerprint:
+            return None, "stale cache: the PNG files have changed"
+        arrays = {}
+        for split in _CINIC_SPLITS:
+            labels = listing[split][1]
+            # Copy-on-write mapping: shared pages, yet writable, as torch.from_numpy wants.
+            x = np.load(os.path.join(cache, f"{split}_x.npy"), mmap_mode="c", allow_pickle=False)
+            y = np.load(os.path.join(cache, f"{split}_y.npy"), allow_pickle=False)
+            if x.dtype != np.uint8 or x.shape != (len(labels), 3, 32, 32):
+                return None, f"corrupt cache: {split}_x.npy is {x.dtype} {list(x.shape)}"
+            if y.dtype != np.int64 or not np.array_equal(y, labels):
+                return None, f"corrupt cache: {split}_y.npy does not match the class folders"
+            arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
+        return arrays, ""
+    except (OSError, ValueError, EOFError) as e:  # truncated or garbled files; JSONDecodeError is a ValueError
+        return None, f"corrupt cache: {type(e).__name__}: {e}"
+
+
+def _decode_cinic(directory: str, listing) -> dict[str, np.ndarray]:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise DataError("cinic10: decoding CINIC-10's PNG files needs Pillow; install it with "
+                        "`pip install pillow` (it comes with matplotlib).") from e
+    arrays = {}
+    for split in _CINIC_SPLITS:
+        paths, labels = listing[split]
+        x = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
+        for i, rel in enumerate(paths):
+            x[i] = _read_png(os.path.join(directory, rel), Image)
+        arrays[f"{split}_x"] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        arrays[f"{split}_y"] = labels
+    return arrays
+
+
+def _read_png(path: str, Image) -> np.ndarray:
+    """uint8 [32, 32, 3]; grey or palette images are converted to RGB."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # Pillow raises several types for truncated or foreign files
+        raise DataError(f"cinic10: cannot decode {path} ({type(e).__name__}: {e}); unpack {CINIC_URL} "
+                        "again.") from e
+    if size != (32, 32):
+        raise DataError(f"cinic10: {path} is {size[0]}x{size[1]} pixels, CINIC-10 images are 32x32; "
+                        "dataset.root points at another dataset.")
+    return rgb
+
+
+def _write_cinic_cache(cache: str, fingerprint: str, arrays: dict[str, np.ndarray]) -> None:
+    manifest = os.path.join(cache, "manifest.json")
+    if os.path.exists(manifest):  # a rewrite interrupted half-way must not pass for a valid cache
+        os.remove(manifest)
+    for name, a in arrays.items():
+        _write_atomically(os.path.join(cache, f"{name}.npy"), lambda f, a=a: np.save(f, a, allow_pickle=False))
+    counts = {s: len(arrays[f"{s}_y"]) for s in _CINIC_SPLITS}
+    text = json.dumps({"version": _CINIC_CACHE_VERSION, "fingerprint": fingerprint, "counts": counts})
+    _write_atomically(manifest, lambda f: f.write(text.encode()))
+
+
+def _write_atomically(path: str, write) -> None:
+    """write(f) into a temporary file beside `path`, then rename it onto `path`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".tmp.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str):
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: everyone decodes, and the renames keep it correct
+            pass
+        yield
+
+
+def _note(line: str) -> None:
+    sys.stderr.write(f"[mpisage] {line}\n")
+    sys.stderr.flush()

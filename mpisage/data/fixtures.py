@@ -10,6 +10,8 @@ import pickle
 
 import numpy as np
 
+from .datasets import CINIC_CLASSES
+
 
 def _labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
     """Round-robin labels (every class present once n >= num_classes), shuffled."""
@@ -90,3 +92,26 @@ def write_fashion_mnist_fixture(root: str, n_train: int, n_test: int, *, seed: i
             with gzip.open(os.path.join(root, f"{split}-{kind}-ubyte.gz"), "wb") as f:
                 f.write(_idx_bytes(arr))
     return root
+
+
+def write_cinic10_fixture(root: str, n_train: int, n_test: int, *, n_valid: int = 3, seed: int = 0) -> str:
+    """Write root/CINIC-10/{train,valid,test}/<class>/*.png, as the CINIC-10 archive unpacks.
+
+    Every fifth image is stored as a greyscale PNG, to exercise the reader's conversion to RGB.
+    Returns root/CINIC-10.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = os.path.join(root, "CINIC-10")
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        for cls in CINIC_CLASSES:
+            os.makedirs(os.path.join(out, split, cls), exist_ok=True)
+        y = _labels(n, 10, rng)
+        x = _images(y, 10, (32, 32, 3), rng)
+        for i in range(n):
+            image = Image.fromarray(x[i], "RGB")
+            if i % 5 == 4:
+                image = image.convert("L")
+            image.save(os.path.join(out, split, CINIC_CLASSES[y[i]], f"{split}-{i:06d}.png"))
+    return out

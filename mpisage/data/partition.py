@@ -11,8 +11,13 @@ PARTITIONS = ("iid", "noniid_dirichlet", "shards")
 
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float = 1.0,
-              shards_per_client: int = 2, seed: int = 0) -> list[np.ndarray]:
-    """Disjoint int64 index arrays, one per client, into `labels` (see the scheme functions)."""
+              shards_per_client: int = 2, samples_per_client: int | None = None,
+              seed: int = 0) -> list[np.ndarray]:
+    """Disjoint int64 index arrays, one per client, into `labels` (see the scheme functions).
+
+    samples_per_client (iid only): every client gets exactly that many samples instead of an equal
+    share of all of them (SGLR's fixed 1000 per client, so the data used grows with the clients).
+    """
     labels = np.asarray(labels, dtype=np.int64).ravel()
     n = len(labels)
     if scheme not in PARTITIONS:
@@ -22,9 +27,16 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float
     if num_clients > n:
         raise ValueError(f"num_clients={num_clients} exceeds the {n} training samples; "
                          "lower num_clients or use a larger dataset")
+    if samples_per_client is not None:
+        if scheme != "iid":
+            raise ValueError(f"dataset.samples_per_client={samples_per_client} works only with "
+                             f"dataset.distribution=iid, not {scheme}; set dataset.samples_per_client=null")
+        if samples_per_client < 1 or num_clients * samples_per_client > n:
+            raise ValueError(f"num_clients x dataset.samples_per_client = {num_clients} x {samples_per_client} "
+                             f"must be between 1 and the {n} training samples; lower one of them")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
-        return _iid(n, num_clients, rng)
+        return _iid(n, num_clients, samples_per_client or n // num_clients, rng)
     if scheme == "noniid_dirichlet":
         if not alpha > 0:
             raise ValueError(f"dataset.alpha={alpha} must be > 0 (small = skewed, large = near iid)")
@@ -42,9 +54,8 @@ def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_classes: i
                     ).astype(np.int64).reshape(len(parts), num_classes)
 
 
-def _iid(n: int, m: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A random permutation cut into m pieces of n // m; the remainder is unused."""
-    size = n // m
+def _iid(n: int, m: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The first m * size entries of a random permutation, cut into m pieces; the rest is unused."""
     perm = rng.permutation(n).astype(np.int64)
     return [perm[k * size:(k + 1) * size] for k in range(m)]
 
@@ -99,7 +110,8 @@ def _dirichlet(labels: np.ndarray, m: int, alpha: float, rng: np.random.Generato
 
 
 def _shards(labels: np.ndarray, m: int, per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Sort by label, cut into m * per_client equal shards, give each client per_client random shards."""
+    """McMahan et al.'s shards, as GAS uses them: sort by label, cut into m * per_client equal shards, give each
+    client per_client shards drawn at random (the n % (m * per_client) samples left over go unused)."""
     num_shards = m * per_client
     shard_size = len(labels) // num_shards
     # The shuffle first makes the order of equal labels (which samples share a shard) random.
