@@ -152,6 +152,7 @@ def run_async_sserver(algo) -> None:
             grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
             t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
             busy += time.perf_counter() - t0
+            evaluate_step()     # a busy S-server is never idle: evaluate one batch per activation served
         elif src != F_SERVER:
             raise ProtocolError(f"{kind.name} message from rank {src}: only the F-server (rank 0) sends these")
         elif kind == Kind.EVAL:

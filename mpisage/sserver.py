@@ -9,6 +9,7 @@ import torch
 from mpi4py import MPI
 
 from mpisage.algorithms import Algorithm
+from mpisage.algorithms.base import IGNORE_INDEX
 from mpisage.checkpoint import checkpoint_due, restore_transport, send_checkpoint, transport_state
 from mpisage.environment import resident_bytes
 from mpisage.state import load_packed, state_nbytes
@@ -37,7 +38,7 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
                                 f"round {round}; expected upload {next_seq[act.client]} of {expected[act.client]}")
         next_seq[act.client] += 1
         labels = t.recv(Kind.LABELS, act.source, round=round, client=act.client, seq=act.seq, dtype=torch.int64,
-                        shape=(act.tensor.shape[0],), device=world.device)
+                        shape=tuple(act.tensor.shape[:world.data.train_y.dim()]), device=world.device)
         yield act, labels.tensor
 
 
@@ -74,7 +75,7 @@ def run_sserver(algo: Algorithm) -> None:
         expected = {cid: algo.expected_uploads(cid) for cid in range(world.num_clients)}
         for act, labels in _uploads(algo, round, expected, idle=evaluate_in_background):
             t0 = time.perf_counter()
-            y_bad = (labels < 0) | (labels >= world.data.num_classes)
+            y_bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= world.data.num_classes)
             if y_bad.any():
                 raise ProtocolError(f"LABELS from rank {act.source}: client {act.client} sent labels outside "
                                     f"0..{world.data.num_classes - 1}")

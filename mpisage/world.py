@@ -83,10 +83,25 @@ class World:
             torch.manual_seed(derive_seed(self.cfg.seed, "init"))
             self._initial = build_split(self.cfg.model, in_channels=self.data.in_channels,
                                         image_size=self.data.image_size, num_classes=self.data.num_classes,
-                                        aux=self.cfg.aux_model)
+                                        aux=self.cfg.aux_model, lm=self.cfg.lm, seq_len=self.seq_len)
             for module in (self._initial.client, self._initial.server, self._initial.aux):
                 module.to(self.device)
         return copy.deepcopy(self._initial)
+
+    @property
+    def seq_len(self) -> int | None:
+        return getattr(self.data, "seq_len", None)
+
+    @property
+    def is_token_task(self) -> bool:
+        """Language modelling (token ids in, next-token targets out) rather than image classification."""
+        return self.seq_len is not None
+
+    def example_input(self, n: int) -> torch.Tensor:
+        """n all-zero model inputs of this dataset's shape and type (for shape probes and cost counts)."""
+        if self.is_token_task:
+            return torch.zeros(n, self.seq_len, dtype=torch.int64, device=self.device)
+        return torch.zeros(n, self.data.in_channels, self.data.image_size, self.data.image_size, device=self.device)
 
     def initial_part(self, part: str) -> torch.nn.Module:
         """A fresh copy of one part ("client", "server" or "aux") of the initial split, without copying the rest."""
@@ -112,8 +127,13 @@ def make_world(cfg: Config, transport: Transport) -> World:
                           f"every client rank must host a client. Use num_clients>={size - 2} or "
                           f"`mpirun -n {num_clients + 2}`.")
     data = load_dataset(cfg.dataset.name, cfg.dataset.root, image_size=cfg.dataset.image_size,
-                        channels=cfg.dataset.channels)
+                        channels=cfg.dataset.channels, seq_len=cfg.dataset.seq_len)
     labels = data.train_y.numpy()
+    if labels.ndim > 1:       # token targets: clients are dealt whole samples, label skew has no meaning here
+        if cfg.dataset.distribution != "iid":
+            raise ConfigError(f"dataset.distribution={cfg.dataset.distribution!r} needs class labels; "
+                              f"{data.name} is a language-modelling dataset: use dataset.distribution=iid")
+        labels = np.zeros(len(labels), dtype=np.int64)
     try:
         parts = partition(labels, num_clients, cfg.dataset.distribution, alpha=cfg.dataset.alpha,
                           shards_per_client=cfg.dataset.shards_per_client,
@@ -124,7 +144,7 @@ def make_world(cfg: Config, transport: Transport) -> World:
     if empty:
         raise ConfigError(f"clients {empty[:5]} got no training data ({len(labels)} samples for {num_clients} "
                           f"clients, distribution={cfg.dataset.distribution}); use fewer clients")
-    hist = label_histograms(labels, parts, data.num_classes)
+    hist = label_histograms(labels, parts, data.num_classes if data.train_y.dim() == 1 else 1)
     world = World(cfg, transport, data, parts, hist)
     # Keep what this rank's role needs (11 ranks share one machine's memory).
     if transport.rank == F_SERVER:

@@ -32,7 +32,7 @@ if ! mpi_loads; then
   mpi_loads || { echo "[setup] mpi4py still cannot load an MPI library; install one (e.g. pip install mpich)"; exit 1; }
 fi
 
-$PIP install -e ".[test]"
+$PIP install -e ".[test,llm]"
 
 # Fashion-MNIST: the Debian package when we can install it, else mpisage downloads it on first use.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpisage.models import AUX_VARIANTS, MODELS, activation_shape, build_split, state_bytes
+from mpisage.models import AUX_VARIANTS, IMAGE_MODELS, MODELS, activation_shape, build_split, state_bytes
 
 # (in_channels, image_size) used for each model in the generic tests.
-INPUTS = {"cnn": (1, 28), "resnet18": (3, 32)}
+INPUTS = {"cnn": (1, 28), "resnet18": (3, 32), "resnet16": (3, 32), "alexnet": (3, 32)}
 
 
 def _build(name, aux="default", num_classes=10, seed=0):
@@ -47,7 +47,7 @@ def test_activation_shape(name, c, s, expected):
     assert not split.client.training
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize("aux", AUX_VARIANTS)
 def test_forward_shapes_and_whole(name, aux):
     split = _build(name, aux, num_classes=7)
@@ -64,7 +64,7 @@ def test_forward_shapes_and_whole(name, aux):
     torch.testing.assert_close(whole(x), split.server(split.client(x)), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize("aux", AUX_VARIANTS)
 def test_aux_double_backward(name, aux):
     split = _build(name, aux)
@@ -84,7 +84,7 @@ def test_aux_double_backward(name, aux):
     assert any(p.grad.abs().sum() > 0 for p in params)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_server_backward_to_leaf_input(name):
     split = _build(name)
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_server_backward_to_leaf_input(name):
     assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_same_seed_same_weights_different_seed_differs(name):
     a, b, c = _build(name, seed=0), _build(name, seed=0), _build(name, seed=1)
     for part in ("client", "server", "aux"):

@@ -20,10 +20,28 @@ import torch.nn.functional as F
 
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.data import eval_transform
-from mpisage.models import activation_shape
 from mpisage.state import fedavg
 from mpisage.transport import S_SERVER, Kind, Transport
 from mpisage.world import World
+
+
+IGNORE_INDEX = -100     # a target that is not scored (language models: prompt and padding positions)
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean",
+              label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over every scored target: images (logits [B, C], labels [B]) and tokens (logits [B, T, V],
+    targets [B, T], IGNORE_INDEX where unscored) alike."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
+def count_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    return ((logits.argmax(-1) == y) & (y != IGNORE_INDEX)).sum().item()
+
+
+def count_scored(y: torch.Tensor) -> int:
+    return (y != IGNORE_INDEX).sum().item()
 
 
 @dataclass
@@ -51,7 +69,8 @@ class ServerState:
 
 class Evaluation:
     """Global model = server(client(x)), BN in eval mode, on the whole test set, one batch per `step()` so the
-    S-server can interleave it with uploads. `result()` -> (mean loss, accuracy, seconds spent)."""
+    S-server can interleave it with uploads. `result()` -> (mean loss, accuracy, seconds spent), both per scored
+    target (per image, or per completion token for language models; no label smoothing)."""
 
     def __init__(self, server: nn.Module, client: nn.Module, data, batch_size: int, device,
                  samples: int | None = None):
@@ -59,7 +78,7 @@ class Evaluation:
         self.data, self.batch_size, self.device = data, batch_size, device
         self.samples = len(data.test_y) if samples is None else min(samples, len(data.test_y))
         self.transform = eval_transform(data)
-        self.position, self.loss_sum, self.correct, self.seconds = 0, 0.0, 0, 0.0
+        self.position, self.loss_sum, self.correct, self.scored, self.seconds = 0, 0.0, 0, 0, 0.0
 
     @property
     def done(self) -> bool:
@@ -72,15 +91,16 @@ class Evaluation:
         x = self.transform(self.data.test_x[self.position:end].to(self.device))
         y = self.data.test_y[self.position:end].to(self.device)
         logits = self.server(self.client(x))
-        self.loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        self.correct += (logits.argmax(1) == y).sum().item()
+        self.loss_sum += task_loss(logits, y, reduction="sum").item()
+        self.correct += count_correct(logits, y)
+        self.scored += count_scored(y)
         self.position = end
         self.seconds += time.perf_counter() - start
 
     def result(self) -> tuple[float, float, float]:
         while not self.done:
             self.step()
-        return self.loss_sum / self.samples, self.correct / self.samples, self.seconds
+        return self.loss_sum / self.scored, self.correct / self.scored, self.seconds
 
 
 class MeanEvaluation:
@@ -119,6 +139,7 @@ class ClientLink:
 def make_optimizer(params, cfg, lr: float | None = None, weight_decay: float | None = None) -> torch.optim.Optimizer:
     """The configured optimiser: Adam (betas 0.9/0.999, weight decay as L2; the FSL-SAGE paper), AdamW, or SGD
     with momentum (GAS)."""
+    params = [p for p in params if p.requires_grad]     # frozen weights (GPT-2 under LoRA) never step
     lr = cfg.lr if lr is None else lr
     weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
     if cfg.optimizer == "sgd":
@@ -159,8 +180,15 @@ class Algorithm:
     def __init__(self, world: World):
         self.world = world
         self.cfg = world.cfg
-        data = world.data
-        self.activation_shape = activation_shape(world.build_model(), data.in_channels, data.image_size)
+        client = world.initial_part("client").eval()
+        with torch.no_grad():
+            self.activation_shape = tuple(client(world.example_input(2)).shape[1:])
+        # language models train on label-smoothed token cross-entropy (the paper: 0.1); images on plain CE
+        self.label_smoothing = self.cfg.lm.label_smoothing if world.is_token_task else 0.0
+
+    def train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss every training step minimises (mean over scored targets)."""
+        return task_loss(logits, y, label_smoothing=self.label_smoothing)
 
     # ------------------------------------------------------------------ client side
     def make_client(self, cid: int) -> ClientState:
@@ -222,11 +250,11 @@ class Algorithm:
 
     def local_step(self, c: ClientState, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """One step of the client's optimiser on the mean cross-entropy of logits it computed itself."""
-        loss = F.cross_entropy(logits, y)
+        loss = self.train_loss(logits, y)
         c.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer_step(c.optimizer, self.cfg)
-        return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
+        return loss.item() * count_scored(y), count_correct(logits, y)
 
     def shared_modules(self, c: ClientState) -> dict[Kind, nn.Module]:
         """The client's modules that go to the F-server each round and come back averaged."""
@@ -290,10 +318,10 @@ class Algorithm:
         if return_grad:
             z = z.detach().requires_grad_(True)
         logits = model(z)
-        loss = F.cross_entropy(logits, y)
+        loss = self.train_loss(logits, y)
         loss.backward()
         optimizer_step(optimizer, self.cfg)
-        s.train_stats[cid] += (loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y))
+        s.train_stats[cid] += (loss.item() * count_scored(y), count_correct(logits, y), count_scored(y))
         return z.grad if return_grad else None
 
     def eval_models(self, s: ServerState, shared: dict[Kind, nn.Module]) -> tuple[nn.Module, nn.Module]:

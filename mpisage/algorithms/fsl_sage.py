@@ -5,10 +5,9 @@ l rounds the S-server aligns each client's auxiliary model to its own true cut-l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, make_optimizer,
-                                     optimizer_step)
+from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, count_correct,
+                                     count_scored, make_optimizer, optimizer_step)
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.state import load_packed, pack_state, state_nbytes
 from mpisage.transport import Kind
@@ -34,12 +33,12 @@ class FslSage(Algorithm):
         z_leaf = z.detach().requires_grad_(True)
         c.aux.train()
         logits = c.aux(z_leaf)
-        loss = F.cross_entropy(logits, y)
+        loss = self.train_loss(logits, y)
         (g_hat,) = torch.autograd.grad(loss, z_leaf)
         c.optimizer.zero_grad(set_to_none=True)
         z.backward(g_hat)
         optimizer_step(c.optimizer, self.cfg)
-        return loss.item() * len(y), (logits.argmax(1) == y).sum().item()
+        return loss.item() * count_scored(y), count_correct(logits, y)
 
     # ------------------------------------------------------------------ S-server
     def make_server(self) -> ServerState:
@@ -76,7 +75,7 @@ class FslSage(Algorithm):
         n = self.cfg.align_buffer_size
         if cid not in s.extra["buffer_z"]:
             s.extra["buffer_z"][cid] = z.new_empty((n, *z.shape[1:]))
-            s.extra["buffer_y"][cid] = y.new_empty((n,))
+            s.extra["buffer_y"][cid] = y.new_empty((n, *y.shape[1:]))    # token targets are [n, T]
             s.extra["buffer_fill"][cid] = torch.zeros(2, dtype=torch.int64)   # samples held, next write position
         bz, by, fill = s.extra["buffer_z"][cid], s.extra["buffer_y"][cid], s.extra["buffer_fill"][cid]
         z, y = z[-n:], y[-n:]
@@ -100,12 +99,12 @@ class FslSage(Algorithm):
         aux, opt = s.extra["aux"][cid], s.extra["aux_optimizer"][cid]
         s.model.train()
         z_leaf = z.detach().clone().requires_grad_(True)
-        (target,) = torch.autograd.grad(F.cross_entropy(s.model(z_leaf), y), z_leaf)   # scale 1/N
+        (target,) = torch.autograd.grad(self.train_loss(s.model(z_leaf), y), z_leaf)   # scale 1/N
         aux.train()
         losses = []
         for _ in range(self.cfg.align_steps):
             z_leaf = z.detach().clone().requires_grad_(True)
-            (g_aux,) = torch.autograd.grad(F.cross_entropy(aux(z_leaf), y), z_leaf, create_graph=True)
+            (g_aux,) = torch.autograd.grad(self.train_loss(aux(z_leaf), y), z_leaf, create_graph=True)
             loss = ((g_aux - target) ** 2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState, make_optimizer, optimizer_step
+from mpisage.config import ConfigError
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.models import state_bytes
 from mpisage.state import fedavg
@@ -129,6 +130,9 @@ class Gas(Algorithm):
 
     def __init__(self, world):
         super().__init__(world)
+        if world.is_token_task:
+            raise ConfigError(f"gas is defined for image classification; {world.data.name} is a language-modelling "
+                              f"dataset (use fsl_sage or a baseline)")
         cfg, m = self.cfg, world.num_clients
         self.active = min(cfg.active_clients or m, m)
         self.server_buffer = cfg.server_buffer or self.active

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "cinic10")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "cinic10", "e2e")
 
 
 class DataError(RuntimeError):
@@ -59,7 +59,7 @@ class ImageDataset:
 
 
 def load_dataset(name: str, root: str | None, *, image_size: int | None = None,
-                 channels: int | None = None) -> ImageDataset:
+                 channels: int | None = None, seq_len: int = 128) -> ImageDataset:
     """Load dataset `name` (one of DATASETS), looking under `root` first (see the readers).
 
     image_size: resize every image to image_size x image_size (bilinear, antialiased when shrinking),
@@ -67,6 +67,9 @@ def load_dataset(name: str, root: str | None, *, image_size: int | None = None,
     mean/std repeated (normalising a repeated channel is normalising the grey one). None keeps the
     images as stored.
     """
+    if name == "e2e":       # GPT-2 tokens (needs the llm extra); seq_len tokens per sample
+        from .e2e import load_e2e
+        return load_e2e(root, seq_len)
     readers = {"fashion_mnist": _load_fashion_mnist,
                "cifar10": lambda r: _load_cifar(r, "cifar10"),
                "cifar100": lambda r: _load_cifar(r, "cifar100"),

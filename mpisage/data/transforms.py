@@ -72,8 +72,15 @@ def _rand(size: tuple[int, ...], generator, device) -> torch.Tensor:
     return torch.rand(size, generator=generator, device=_gen_device(generator, device)).to(device)
 
 
+def _tokens(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return x
+
+
 def train_transform(ds: ImageDataset, augment: bool) -> BatchTransform:
-    """Training transform: CIFAR-style crop (pad 4) + flip when `augment`; Fashion-MNIST normalises only."""
+    """Training transform: CIFAR-style crop (pad 4) + flip when `augment`; Fashion-MNIST normalises only; token
+    ids pass unchanged."""
+    if getattr(ds, "seq_len", None) is not None:
+        return _tokens
     if augment and ds.name in _AUGMENTED:
         return BatchTransform(ds.mean, ds.std, crop_padding=4, flip=True)
     return BatchTransform(ds.mean, ds.std)
@@ -81,4 +88,6 @@ def train_transform(ds: ImageDataset, augment: bool) -> BatchTransform:
 
 def eval_transform(ds: ImageDataset) -> BatchTransform:
     """Evaluation transform: normalisation only."""
+    if getattr(ds, "seq_len", None) is not None:
+        return _tokens
     return BatchTransform(ds.mean, ds.std)
