@@ -316,33 +316,33 @@ class Transport:
     def wait_any(self, kinds, source: int = MPI.ANY_SOURCE, idle=None) -> tuple[Kind, int]:
         """Waits (without spinning) until a message of one of `kinds` is ready to be received from `source`;
         returns (its kind, its sender). Asynchronous roles use it to serve whichever stream speaks first."""
-        status = MPI.Status()
-        pause, waited = 2e-5, 0.0
-        while True:
-            for kind in kinds:
-                if self.comm.Iprobe(source=source, tag=2 * int(kind), status=status):
-                    return Kind(kind), status.Get_source()
-            if idle is not None and idle():
-                waited = 0.0
-                continue
-            slept = time.perf_counter()
-            time.sleep(pause)
-            slept = time.perf_counter() - slept
-            waited += slept
-            self.wait_seconds += slept
-            pause = min(pause * 1.5, 2e-3)
-            if waited > self.timeout_s:
-                names = "/".join(Kind(k).name for k in kinds)
-                raise CommTimeout(f"rank {self.rank} waited {waited:.0f} s for a {names} message; a peer is dead "
-                                  f"or stuck (raise comm_timeout_s if it is only slow)")
+        names = "/".join(Kind(k).name for k in kinds)
+        return self._poll(lambda: self.probe(kinds, source), idle,
+                          lambda waited: CommTimeout(f"rank {self.rank} waited {waited:.0f} s for a {names} message; "
+                                                     f"a peer is dead or stuck (raise comm_timeout_s if it is only "
+                                                     f"slow)"))
 
     # ------------------------------------------------------------------ waiting
     def _wait(self, req: MPI.Request, *, what: str, peer, kind, status: MPI.Status | None = None,
               idle=None) -> None:
         """Polls without spinning: ranks outnumber cores and a blocking MPI wait burns a core. Only the sleeps
         count as idle time and towards the timeout; `idle()` background work does not."""
+        def timed_out(waited: float) -> CommTimeout:
+            req.Cancel()
+            who = "any rank" if peer in (None, MPI.ANY_SOURCE) else f"rank {peer} ({ROLE_NAMES[role_of(peer)]})"
+            return CommTimeout(f"rank {self.rank} waited {waited:.0f} s for {what} from {who}; "
+                               f"the peer is dead or stuck (raise comm_timeout_s if it is only slow)")
+
+        self._poll(lambda: req.Test(status), idle, timed_out)
+
+    def _poll(self, ready, idle, timed_out):
+        """Calls ready() until it returns something true, sleeping a short, growing pause between tries (ranks
+        outnumber cores: never spin). idle() may do a piece of background work instead of a sleep."""
         pause, waited = 2e-5, 0.0
-        while not req.Test(status):
+        while True:
+            got = ready()
+            if got:
+                return got
             if idle is not None and idle():
                 waited = 0.0
                 continue
@@ -353,10 +353,7 @@ class Transport:
             self.wait_seconds += slept
             pause = min(pause * 1.5, 2e-3)
             if waited > self.timeout_s:
-                req.Cancel()
-                who = "any rank" if peer in (None, MPI.ANY_SOURCE) else f"rank {peer} ({ROLE_NAMES[role_of(peer)]})"
-                raise CommTimeout(f"rank {self.rank} waited {waited:.0f} s for {what} from {who}; "
-                                  f"the peer is dead or stuck (raise comm_timeout_s if it is only slow)")
+                raise timed_out(waited)
 
     def counters(self) -> np.ndarray:
         """[3, NUM_KINDS, 3] int64: wire bytes, paper bytes, messages per (kind, destination role)."""

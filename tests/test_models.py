@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpisage.models import AUX_VARIANTS, IMAGE_MODELS, MODELS, activation_shape, build_split, state_bytes
+from mpisage.models import AUX_VARIANTS, IMAGE_MODELS, activation_shape, build_split, state_bytes
 
 # (in_channels, image_size) used for each model in the generic tests.
 INPUTS = {"cnn": (1, 28), "resnet18": (3, 32), "resnet16": (3, 32), "alexnet": (3, 32)}

@@ -207,6 +207,18 @@ class Algorithm:
         itself computed, or None when only the server sees the loss (split learning with returned gradients)."""
         raise NotImplementedError
 
+    def returned_gradient_step(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor,
+                               y: torch.Tensor) -> None:
+        """Split learning's local iteration: forward, upload (z, y), step on the cut-layer gradient that comes
+        back (the loss is measured on the S-server)."""
+        c.model.train()
+        z = c.model(x)
+        link.upload(z, y, seq=k)
+        grad = link.receive(Kind.GRADIENT, seq=k, shape=tuple(z.shape), dtype=z.dtype)
+        c.optimizer.zero_grad(set_to_none=True)
+        z.backward(grad)
+        optimizer_step(c.optimizer, self.cfg)
+
     def client_send(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor, y: torch.Tensor):
         """Lockstep methods: the first half of a local iteration (forward, upload); returns what client_finish
         needs."""

@@ -17,12 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpisage.algorithms.base import Algorithm, ClientState, ServerState, make_optimizer, optimizer_step
+from mpisage.algorithms.base import Algorithm, ClientState, ServerState, optimizer_step
 from mpisage.config import ConfigError
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.models import state_bytes
 from mpisage.state import fedavg
-from mpisage.transport import Kind
 from mpisage.world import derive_seed
 
 
@@ -158,13 +157,7 @@ class Gas(Algorithm):
     # ------------------------------------------------------------------ client
     def client_iteration(self, c: ClientState, link, k: int, x, y) -> None:
         """One local step on the gradient the S-server returns (its loss is measured there)."""
-        c.model.train()
-        z = c.model(x)
-        link.upload(z, y, seq=k)
-        grad = link.receive(Kind.GRADIENT, seq=k, shape=tuple(z.shape), dtype=z.dtype)
-        c.optimizer.zero_grad(set_to_none=True)
-        z.backward(grad)
-        optimizer_step(c.optimizer, self.cfg)
+        self.returned_gradient_step(c, link, k, x, y)
 
     # ------------------------------------------------------------------ S-server
     def make_server(self) -> ServerState:

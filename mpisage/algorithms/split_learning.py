@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, make_optimizer,
-                                     optimizer_step)
+from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, make_optimizer
 from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.state import fedavg, load_packed, pack_state
 from mpisage.transport import Kind
@@ -22,13 +21,7 @@ class SplitFedV2(Algorithm):
     name = "sl_single_server"
 
     def client_step(self, c: ClientState, link: ClientLink, k: int, x, y):
-        c.model.train()
-        z = c.model(x)
-        link.upload(z, y, seq=k)
-        grad = link.receive(Kind.GRADIENT, seq=k, shape=tuple(z.shape), dtype=z.dtype)
-        c.optimizer.zero_grad(set_to_none=True)
-        z.backward(grad)
-        optimizer_step(c.optimizer, self.cfg)
+        self.returned_gradient_step(c, link, k, x, y)
         return None
 
     def expected_uploads(self, cid: int) -> int:
