@@ -27,16 +27,12 @@ from mpisage.config import to_yaml
 from mpisage.data import train_transform
 from mpisage.environment import environment, resident_bytes
 from mpisage.metrics import MetricsFile
+from mpisage.sserver import recv_labels
 from mpisage.state import flatten_state, load_packed, pack_state, state_nbytes
-from mpisage.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError
+from mpisage.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError, split_counters
 
 GIB = 1024 ** 3
 FINAL = -1          # the round field of a rank's last report
-N_COUNTERS = 3 * NUM_KINDS * 3
-
-
-def _split_counters(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return values[:N_COUNTERS].astype(np.int64).reshape(3, NUM_KINDS, 3), values[N_COUNTERS:]
 
 
 # ---------------------------------------------------------------------------------------------------- client
@@ -48,11 +44,12 @@ def run_async_client(algo) -> None:
     starts = uploads = 0
     starts_announced = None             # set by the F-server's stop message
     busy = 0.0
+    nbytes = state_nbytes(next(iter(hosted.values())).model.state_dict())
 
     def take_start() -> None:
         nonlocal starts
         msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted,   # a client this rank hosts
-                     nbytes=state_nbytes(hosted[world.clients_of(world.rank)[0]].model.state_dict()))
+                     nbytes=nbytes)
         starts += 1
         if starts_announced is None:
             c = hosted[msg.client]
@@ -141,13 +138,7 @@ def run_async_sserver(algo) -> None:
             t0 = time.perf_counter()
             act = t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of, trailing_shape=algo.activation_shape,
                          device=world.device)
-            labels = t.recv(Kind.LABELS, src, client=act.client, seq=act.seq, dtype=torch.int64,
-                            shape=(act.tensor.shape[0],), device=world.device).tensor
-            if ((labels < 0) | (labels >= world.data.num_classes)).any():
-                raise ProtocolError(f"LABELS from rank {src}: client {act.client} sent labels outside "
-                                    f"0..{world.data.num_classes - 1}")
-            if not torch.isfinite(act.tensor).all():
-                raise FloatingPointError(f"non-finite smashed activations from client {act.client}")
+            labels = recv_labels(world, act)
             progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
             grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
             t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
@@ -252,7 +243,7 @@ def run_async_fserver(algo, log=print) -> dict:
             if msg.client >= 0:          # a model that came back after the stop: received, not used
                 t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes)
                 continue
-            counters[r], _ = _split_counters(msg.tensor.numpy())
+            counters[r], _ = split_counters(msg.tensor.numpy())
             if msg.round == FINAL:
                 break
     t.send(S_SERVER, Kind.CONTROL, torch.tensor([requested, 1], dtype=torch.int64), round=FINAL)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import traceback
 
 # Ranks outnumber cores: keep each rank to its threads and make MPICH waits yield (set before MPI starts).
@@ -15,15 +14,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _fail(rank: int, role: str, exc: BaseException) -> None:
-    from mpi4py import MPI
+    from mpisage.transport import abort_job
     detail = "".join(traceback.format_exception(exc)) if os.environ.get("MPISAGE_TRACEBACK", "1") != "0" else ""
-    sys.stderr.write(f"{detail}[mpisage] rank {rank} ({role}) failed: {type(exc).__name__}: {exc}\n"
-                     f"[mpisage] aborting all ranks\n")
-    sys.stderr.flush()
-    # mpiexec forwards each rank's stderr asynchronously and Abort kills the forwarders at once: without this
-    # pause a loaded machine loses the message that says why the job died.
-    time.sleep(1.0)
-    MPI.COMM_WORLD.Abort(1)
+    abort_job(f"{detail}[mpisage] rank {rank} ({role}) failed: {type(exc).__name__}: {exc}\n"
+              f"[mpisage] aborting all ranks\n")
 
 
 def run_job(cfg, comm, log=None) -> dict:

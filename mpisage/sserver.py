@@ -37,9 +37,21 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
             raise ProtocolError(f"ACTIVATION from rank {act.source}: client {act.client} sent upload {act.seq} of "
                                 f"round {round}; expected upload {next_seq[act.client]} of {expected[act.client]}")
         next_seq[act.client] += 1
-        labels = t.recv(Kind.LABELS, act.source, round=round, client=act.client, seq=act.seq, dtype=torch.int64,
-                        shape=tuple(act.tensor.shape[:world.data.train_y.dim()]), device=world.device)
-        yield act, labels.tensor
+        yield act, recv_labels(world, act)
+
+
+def recv_labels(world, act) -> torch.Tensor:
+    """The labels that follow activation message `act`, checked, with the activation itself: one label per sample
+    (per position for token targets), each a class or IGNORE_INDEX, and finite activations."""
+    labels = world.transport.recv(Kind.LABELS, act.source, round=act.round, client=act.client, seq=act.seq,
+                                  dtype=torch.int64, shape=tuple(act.tensor.shape[:world.data.train_y.dim()]),
+                                  device=world.device).tensor
+    if (((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= world.data.num_classes)).any():
+        raise ProtocolError(f"LABELS from rank {act.source}: client {act.client} sent labels outside "
+                            f"0..{world.data.num_classes - 1}")
+    if not torch.isfinite(act.tensor).all():
+        raise FloatingPointError(f"non-finite smashed activations from client {act.client} in round {act.round}")
+    return labels
 
 
 def run_sserver(algo: Algorithm) -> None:
@@ -75,12 +87,6 @@ def run_sserver(algo: Algorithm) -> None:
         expected = {cid: algo.expected_uploads(cid) for cid in range(world.num_clients)}
         for act, labels in _uploads(algo, round, expected, idle=evaluate_in_background):
             t0 = time.perf_counter()
-            y_bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= world.data.num_classes)
-            if y_bad.any():
-                raise ProtocolError(f"LABELS from rank {act.source}: client {act.client} sent labels outside "
-                                    f"0..{world.data.num_classes - 1}")
-            if not torch.isfinite(act.tensor).all():
-                raise FloatingPointError(f"non-finite smashed activations from client {act.client} in round {round}")
             for reply in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
                 cid, kind, tensor = reply if len(reply) == 3 else (act.client, *reply)
                 t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq)

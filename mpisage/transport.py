@@ -363,15 +363,14 @@ class Transport:
         """Reports this rank's counters (plus `extra` float64 figures) to `dest`, counting this very message
         first, so the figure it carries is exact."""
         n_extra = 0 if extra is None else len(extra)
-        self.count(Kind.CONTROL, dest, 8 * (3 * NUM_KINDS * 3 + n_extra))
+        self.count(Kind.CONTROL, dest, 8 * (N_COUNTERS + n_extra))
         payload = np.concatenate([self.counters().ravel().astype(np.float64),
                                   np.zeros(0) if extra is None else np.asarray(extra, dtype=np.float64)])
         self.send(dest, Kind.CONTROL, torch.from_numpy(payload), round=round, count=False)
 
     def recv_counters(self, source: int, *, round: int, n_extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        msg = self.recv(Kind.CONTROL, source, round=round, dtype=torch.float64, shape=(3 * NUM_KINDS * 3 + n_extra,))
-        values = msg.tensor.numpy()
-        return values[:3 * NUM_KINDS * 3].astype(np.int64).reshape(3, NUM_KINDS, 3), values[3 * NUM_KINDS * 3:]
+        msg = self.recv(Kind.CONTROL, source, round=round, dtype=torch.float64, shape=(N_COUNTERS + n_extra,))
+        return split_counters(msg.tensor.numpy())
 
     def check_payload_path(self, device) -> bool:
         """Start-up self-check, collective: every rank sends a tiny tensor made in its `device`'s memory to the next
@@ -399,6 +398,25 @@ class Transport:
             return bool(all_ok[0])
         finally:
             comm.Free()
+
+
+def abort_job(message: str) -> None:
+    """Says why on stderr, then takes every rank down (MPI_Abort)."""
+    import sys
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    # mpiexec forwards each rank's stderr asynchronously and Abort kills the forwarders at once: without this
+    # pause a loaded machine loses the message that says why the job died.
+    time.sleep(1.0)
+    MPI.COMM_WORLD.Abort(1)
+
+
+N_COUNTERS = 3 * NUM_KINDS * 3     # the counters at the head of a send_counters report
+
+
+def split_counters(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A send_counters report -> ([3, NUM_KINDS, 3] int64 counters, the extra figures that follow)."""
+    return values[:N_COUNTERS].astype(np.int64).reshape(3, NUM_KINDS, 3), values[N_COUNTERS:]
 
 
 def _elsize(dtype: torch.dtype) -> int:
@@ -447,11 +465,8 @@ class Heartbeat:
                     pending[p] = self.comm.Irecv(inbox[p], source=p, tag=0)
             for p, seen in last_seen.items():
                 if now - seen > self.timeout:
-                    import sys
-                    sys.stderr.write(f"[mpisage] rank {p} ({ROLE_NAMES[role_of(p)]}) stopped answering: no heartbeat "
-                                     f"for {now - seen:.0f} s (heartbeat_timeout_s={self.timeout:g}); aborting all ranks\n")
-                    sys.stderr.flush()
-                    MPI.COMM_WORLD.Abort(1)
+                    abort_job(f"[mpisage] rank {p} ({ROLE_NAMES[role_of(p)]}) stopped answering: no heartbeat "
+                              f"for {now - seen:.0f} s (heartbeat_timeout_s={self.timeout:g}); aborting all ranks\n")
             self._stop.wait(min(0.5, self.interval / 4))
         bye = np.array([self.BYE], dtype=np.int64)
         for p in self.peers:
