@@ -133,7 +133,9 @@ def run_async_sserver(algo) -> None:
                 kind, src = t.wait_any([Kind.EVAL], F_SERVER)
                 _take_eval(t, queue, nbytes)
             continue
-        kind, src = t.wait_any([Kind.ACTIVATION, Kind.EVAL, Kind.CONTROL], idle=evaluate_step)
+        # The F-server's rare messages first: with C clients there is nearly always an activation waiting, and
+        # probing activations first would leave evaluation requests and the stop unread for the whole run.
+        kind, src = t.wait_any([Kind.EVAL, Kind.CONTROL, Kind.ACTIVATION], idle=evaluate_step)
         if kind == Kind.ACTIVATION:
             t0 = time.perf_counter()
             act = t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of, trailing_shape=algo.activation_shape,
@@ -204,7 +206,7 @@ def run_async_fserver(algo, log=print) -> dict:
         start_client(draw())
     stop = False
     while not stop:
-        kind, src = t.wait_any([Kind.CLIENT_MODEL, Kind.EVAL])
+        kind, src = t.wait_any([Kind.EVAL, Kind.CLIENT_MODEL])      # results first: models must not starve them
         if kind == Kind.CLIENT_MODEL:
             msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
             cid = msg.client
@@ -221,8 +223,12 @@ def run_async_fserver(algo, log=print) -> dict:
                     t.send(S_SERVER, Kind.EVAL, global_model, round=version, seq=int(Kind.CLIENT_MODEL))
                     requested += 1
                 version += 1
-            start_client(draw())         # the replacement starts from the newest global model ...
-            inactive.append(cid)         # ... and the finished client may be drawn again later
+            # The replacement starts from the newest global model; the finished client may be drawn again later
+            # (at once when every client is active, C = K: then it is the only one to draw).
+            replacement = draw() if inactive else cid
+            start_client(replacement)
+            if replacement != cid:
+                inactive.append(cid)
             continue
         if src != S_SERVER:
             raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")

@@ -10,21 +10,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def on_root(fn) -> np.ndarray:
-    """Runs `fn` (returning a list of numbers) on rank 0 and broadcasts the result, so every rank asserts on it.
-    If `fn` raises on rank 0, the other ranks still get an answer (NaN) instead of hanging in the broadcast."""
+def on_root(fn, root: int = 0) -> np.ndarray:
+    """Runs `fn` (returning a list of numbers) on rank `root` and broadcasts the result, so every rank asserts on
+    it. If `fn` raises there, the other ranks still get an answer (NaN) instead of hanging in the broadcast."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     values = [float("nan")]
-    if comm.Get_rank() == 0:
+    if comm.Get_rank() == root:
         try:
             values = [float(v) for v in fn()]
         except Exception:  # noqa: BLE001 - reported on rank 0, turned into a failure on every rank
             import traceback
             traceback.print_exc()
             values = [float("nan")]
-    out = bcast_array(comm, values)
-    assert not (len(out) == 1 and np.isnan(out[0])), "the check on rank 0 raised (traceback above)"
+    out = bcast_array(comm, values, root=root)
+    assert not (len(out) == 1 and np.isnan(out[0])), f"the check on rank {root} raised (traceback above)"
     return out
 
 

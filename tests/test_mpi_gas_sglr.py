@@ -1,11 +1,19 @@
 """Multi-rank runs of the two other systems: GAS (asynchronous) and SGLR (lockstep parallel split learning). Their
 byte counters must match a hand count of one iteration, and their metrics and checkpoints are written like every
-other method's."""
+other method's. Inside the same runs, recorders on the S-server and the client ranks check what the issue names:
+every GAS server batch holds all the real activations and tops every label seen up to B, the running statistics
+equal those of all activations concatenated, and what each SGLR client receives over MPI is the element-wise mean
+of the slices (for the sampled receivers) or its own slice (for the rest), recomputed independently."""
+import copy
 import os
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import on_root, run_job, write_on_root
+
+from mpisage.transport import S_SERVER
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
@@ -22,8 +30,70 @@ def fmnist(shared_tmp):
     return root
 
 
-def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_down(fmnist, shared_tmp):
+def _record_sglr(monkeypatch):
+    """S-server: for every iteration, the slices and their mean recomputed from the uploads through a copy of the
+    model before its step. Clients: every gradient received, by (client, round, seq)."""
+    from mpisage.algorithms.base import ClientLink
+    from mpisage.algorithms.sglr import Sglr
     from mpisage.transport import Kind
+    expected, received = {}, {}
+    on_upload, receive = Sglr.on_upload, ClientLink.receive
+
+    def recording_upload(self, s, round, cid, seq, z, y):
+        pending = dict(s.extra["pending"])
+        last = cid not in pending and len(pending) + 1 == self.world.num_clients
+        before = copy.deepcopy(s.model) if last else None
+        replies = on_upload(self, s, round, cid, seq, z, y)
+        if last:
+            pending[cid] = (z, y)
+            cids = sorted(pending)
+            z_all = torch.cat([pending[c][0] for c in cids]).detach().clone().requires_grad_(True)
+            F.cross_entropy(before(z_all), torch.cat([pending[c][1] for c in cids])).backward()
+            slices = dict(zip(cids, z_all.grad.split([len(pending[c][1]) for c in cids])))
+            expected[(round, seq)] = (slices, torch.stack(list(slices.values())).mean(0))
+        return replies
+
+    def recording_receive(self, kind, seq=None, **expect):
+        tensor = receive(self, kind, seq, **expect)
+        if kind == Kind.GRADIENT:
+            received[(self.cid, self.round, seq)] = tensor.detach().clone()
+        return tensor
+
+    monkeypatch.setattr(Sglr, "on_upload", recording_upload)
+    monkeypatch.setattr(ClientLink, "receive", recording_receive)
+    return expected, received
+
+
+def _gather_on_sserver(received: dict) -> dict:
+    """Every client rank sends its received gradients to the S-server rank as raw arrays (keys, then values)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() > S_SERVER:
+        keys = sorted(received)
+        values = [received[k].double().flatten().numpy() for k in keys]
+        comm.Send(np.array([len(keys)], dtype=np.int64), dest=S_SERVER)
+        comm.Send(np.array(keys, dtype=np.int64).reshape(-1, 3), dest=S_SERVER)
+        comm.Send(np.array([len(v) for v in values], dtype=np.int64), dest=S_SERVER)
+        comm.Send(np.concatenate(values) if values else np.empty(0), dest=S_SERVER)
+        return {}
+    out = {}
+    if comm.Get_rank() == S_SERVER:
+        for rank in range(S_SERVER + 1, comm.Get_size()):
+            n = np.empty(1, dtype=np.int64)
+            comm.Recv(n, source=rank)
+            keys, sizes = np.empty((n[0], 3), dtype=np.int64), np.empty(n[0], dtype=np.int64)
+            comm.Recv(keys, source=rank)
+            comm.Recv(sizes, source=rank)
+            flat = np.empty(sizes.sum())
+            comm.Recv(flat, source=rank)
+            for key, part in zip(keys, np.split(flat, np.cumsum(sizes)[:-1])):
+                out[tuple(int(k) for k in key)] = torch.from_numpy(part)
+    return out
+
+
+def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_down(fmnist, shared_tmp, monkeypatch):
+    from mpisage.transport import Kind
+    expected, received = _record_sglr(monkeypatch)
     run_dir = os.path.join(shared_tmp, "sglr")
     run_job(["algorithm=sglr", f"dataset.root={fmnist}", "num_clients=4", "rounds=2", "batch_size=10",
              "split_avg=sampled", "split_avg_fraction=0.5", "eval_samples=20", f"run_dir={run_dir}"])
@@ -45,11 +115,59 @@ def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_dow
     assert got[5] == 2 * 4 * 4                # one gradient message per client per iteration, mean or own
     assert got[6] >= 2 * 4 and got[7] and got[8]
 
+    gathered = _gather_on_sserver(received)
 
-def test_gas_answers_every_activation_and_counts_every_model(fmnist, shared_tmp):
+    def check_gradients():
+        means_per_iteration, receiver_sets, own_differs = [], set(), False
+        for (round, seq), (slices, mean) in expected.items():
+            receivers = []
+            for cid, own in slices.items():
+                got = gathered[(cid, round, seq)].view_as(own).to(own.dtype)
+                is_mean, is_own = torch.allclose(got, mean, atol=1e-9), torch.allclose(got, own, atol=1e-9)
+                assert is_mean or is_own, f"client {cid} got neither the mean nor its slice at {round}/{seq}"
+                own_differs |= not torch.allclose(mean, own, atol=1e-9)
+                if is_mean and not torch.allclose(mean, own, atol=1e-9):
+                    receivers.append(cid)
+            means_per_iteration.append(len(receivers))
+            receiver_sets.add(tuple(receivers))
+        return [len(expected), len(gathered), min(means_per_iteration), max(means_per_iteration), len(receiver_sets),
+                own_differs]
+
+    iterations, gradients, fewest, most, distinct_sets, own_differs = on_root(check_gradients, root=S_SERVER)
+    assert iterations == 2 * 4 and gradients == 2 * 4 * 4      # 2 rounds x 4 iterations, 4 clients each
+    assert fewest == most == 2             # phi = 0.5 of 4 clients get the mean in every iteration ...
+    assert distinct_sets > 1 and own_differs   # ... sampled afresh each iteration, and the mean is not a slice
+
+
+def _record_gas(monkeypatch):
+    """S-server: the buffer (real activations, labels, weights) and the batch of every server step, and the server
+    state itself (for its final statistics)."""
+    from mpisage.algorithms.gas import Gas
+    steps, servers = [], []
+    server_batch, make_server = Gas.server_batch, Gas.make_server
+
+    def recording_batch(self, s):
+        real = [(z.clone(), y.clone(), w) for z, y, w in s.extra["buffer"]]
+        z, y = server_batch(self, s)
+        steps.append((real, z.clone(), y.clone()))
+        return z, y
+
+    def recording_server(self):
+        servers.append(make_server(self))
+        return servers[-1]
+
+    monkeypatch.setattr(Gas, "server_batch", recording_batch)
+    monkeypatch.setattr(Gas, "make_server", recording_server)
+    return steps, servers
+
+
+def test_gas_answers_every_activation_and_counts_every_model(fmnist, shared_tmp, monkeypatch):
+    from mpisage.algorithms.gas import LabelStatistics
     from mpisage.transport import Kind
+    steps, servers = _record_gas(monkeypatch)
     run_dir = os.path.join(shared_tmp, "gas")
-    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=2",
+    # Every client active (C = K): a finished client has no inactive one to hand over to and goes again itself.
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=4",
              "local_iters=2", "rounds=3", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
              "eval_samples=20", f"run_dir={run_dir}"])
 
@@ -66,7 +184,35 @@ def test_gas_answers_every_activation_and_counts_every_model(fmnist, shared_tmp)
     rows, act, grad, act_msgs, model, model_msgs, participations, generated, clock_ok, finite, ckpt = got
     assert rows == 3
     assert act == grad == act_msgs * 8 * ALEX_ACT          # every activation (a full batch of 8) answered once
-    assert act_msgs >= 3 * 2 * 2                           # 3 updates x Q_c = 2 models x E = 2 iterations
+    assert act_msgs >= 3 * 4 * 2                           # 3 updates x Q_c = 4 models x E = 2 iterations
     assert model == model_msgs * ALEX_CLIENT               # starts and returns, each one client model
-    assert model_msgs >= 2 + participations and participations >= 3 * 2
+    assert model_msgs >= 4 + participations and participations >= 3 * 4
     assert generated > 0 and clock_ok and finite and ckpt
+
+    def check_server_batches():
+        seen, whole, tops = set(), [], 0
+        for real, z, y in steps:
+            real_z, real_y = torch.cat([r[0] for r in real]), torch.cat([r[1] for r in real])
+            assert torch.equal(z[:len(real_z)], real_z) and torch.equal(y[:len(real_y)], real_y), "real ones lost"
+            seen |= set(real_y.tolist())
+            for label in range(10):
+                n_real = int((real_y == label).sum())
+                want = max(8, n_real) if label in seen else n_real      # B = 8; an unseen label has no statistics
+                assert int((y == label).sum()) == want, f"label {label}: {int((y == label).sum())} != {want}"
+                tops += want > n_real
+            whole += [(r[0].flatten(1), r[1], torch.full((len(r[1]),), r[2])) for r in real]
+        z, y, w = (torch.cat(parts) for parts in zip(*whole))
+        stats = servers[0].extra["statistics"]
+        for label in seen:
+            rows = y == label
+            truth = LabelStatistics.of(z[rows], w[rows], diagonal=True)
+            assert stats[label].weight == pytest.approx(truth.weight, rel=1e-12)
+            assert torch.allclose(stats[label].mean, truth.mean, rtol=1e-9, atol=1e-12)
+            assert torch.allclose(stats[label].scatter, truth.scatter, rtol=1e-9, atol=1e-12)
+        generated_here = sum(len(y) - sum(len(r[1]) for r in real) for real, z, y in steps)
+        left_in_buffer = sum(len(b[1]) for b in servers[0].extra["buffer"])   # a step not yet due at the stop
+        return [len(steps), len(seen), tops, generated_here == servers[0].extra["generated"], len(z) + left_in_buffer]
+
+    n_steps, labels_seen, tops, generated_agrees, n_real = on_root(check_server_batches, root=S_SERVER)
+    assert n_steps >= 3 and labels_seen >= 5 and tops > 0 and generated_agrees
+    assert n_real == act_msgs * 8              # every activation the S-server answered is buffered or was stepped on
