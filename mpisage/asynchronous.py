@@ -9,7 +9,9 @@ client    runs its active clients one iteration at a time, as fast as it (and it
 
 Stopping (after `rounds` updates, the comm budget or a preemption signal) drains every stream: the F-server tells
 each client rank how many starts it sent; a client rank takes them all, reports how many models it sent and
-stops; then the S-server is told how many evaluations to finish. Nothing is left in flight.
+stops; then the S-server is told how many evaluations to finish. Nothing is left in flight. The stop writes one
+checkpoint of every rank (global model, schedule and clocks, server model and statistics, every client's optimiser,
+counters, metrics), and `resume=` continues from it: asynchrony makes the continuation a valid run, not a replay.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch
 
 from mpisage import preemption
 from mpisage.algorithms.base import ClientLink
-from mpisage.checkpoint import recv_checkpoint, send_checkpoint, transport_state, write_checkpoint
+from mpisage.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state, transport_state,
+                                write_checkpoint)
 from mpisage.config import to_yaml
 from mpisage.data import train_transform
 from mpisage.environment import environment, resident_bytes
@@ -45,6 +48,10 @@ def run_async_client(algo) -> None:
     starts_announced = None             # set by the F-server's stop message
     busy = 0.0
     nbytes = state_nbytes(next(iter(hosted.values())).model.state_dict())
+    if world.resume_from:
+        flat = restore_rank_state(world, f"rank{world.rank}")
+        for cid, c in hosted.items():
+            algo.restore_client(c, flat, f"client{cid}")
 
     def take_start() -> None:
         nonlocal starts
@@ -89,6 +96,7 @@ def run_async_client(algo) -> None:
         t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=version, client=cid)
         t.send_counters(F_SERVER, round=version, extra=np.array([t.wait_seconds, busy, resident_bytes()]))
         uploads += 1
+    send_rank_state(t, {f"client{cid}": algo.client_checkpoint(c) for cid, c in hosted.items()}, FINAL)
     t.send_counters(F_SERVER, round=FINAL, extra=np.array([uploads, t.wait_seconds, busy, resident_bytes()]))
     t.flush()
 
@@ -97,6 +105,8 @@ def run_async_client(algo) -> None:
 def run_async_sserver(algo) -> None:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
+    if world.resume_from:
+        algo.restore_server(s, restore_rank_state(world, "rank1"), "server")
     template = world.initial_part("client")
     nbytes = state_nbytes(template.state_dict())
     queue: list[tuple[int, torch.Tensor]] = []      # (version, global client model) waiting for evaluation
@@ -154,8 +164,7 @@ def run_async_sserver(algo) -> None:
             msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(2,), dtype=torch.int64)
             expected_evaluations, want_checkpoint = (int(v) for v in msg.tensor.tolist())
             if want_checkpoint:
-                send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state(),
-                                    "transport": transport_state(t)}, FINAL)
+                send_rank_state(t, {"server": algo.server_checkpoint(s)}, FINAL)
     t.send_counters(F_SERVER, round=FINAL, extra=np.array([t.wait_seconds, busy, time.perf_counter() - start,
                                                           s.extra["steps"], s.extra["generated"], resident_bytes()]))
     t.flush()
@@ -172,15 +181,8 @@ def run_async_fserver(algo, log=print) -> dict:
     m = world.num_clients
     template = world.initial_part("client")
     nbytes = state_nbytes(template.state_dict())
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
-        "config": to_yaml(cfg), "environment": environment(t.comm, transport=t), "algorithm": algo.describe(),
-        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]})
-    metrics.set("label_histograms", world.histograms)
-    metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
-    metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
     threshold = cfg.comm_threshold_mb * 1024 ** 2
-    counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
+    counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}   # latest reports
     rng = world.generator("fserver")
     global_model = pack_state(template.state_dict())
     version, requested = 0, 0
@@ -193,6 +195,31 @@ def run_async_fserver(algo, log=print) -> dict:
     local_stats = np.zeros((m, 4))
     start = time.perf_counter()
     held: list[dict] = []       # metrics rows from the stop on
+    history = None
+    if world.resume_from:
+        # Participations in flight at the stop were abandoned, so every client is inactive again; the rest
+        # continues: the newest global model, the schedule's random stream, both clocks, counters and metrics.
+        flat = world.resume_state("fserver")
+        restore_transport(t, flat)
+        global_model = flat["client/packed"].clone()
+        version = requested = world.start_round
+        participations = flat["schedule/participations"].numpy().copy()
+        local_stats = flat["schedule/local_stats"].numpy().copy()
+        sim_now, wall = (float(v) for v in flat["schedule/clock"])
+        rng.set_state(flat["schedule/rng"])
+        for r in counters:
+            counters[r] = flat["schedule/reports"][r - 1].numpy().copy()
+        update_clock[version - 1] = (wall, sim_now)
+        start -= wall
+        history = {k.removeprefix("metrics/"): v.numpy() for k, v in flat.items() if k.startswith("metrics/")}
+        log(f"[mpisage] resuming after update {version} from {world.resume_from[0]}")
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
+        "config": to_yaml(cfg), "environment": environment(t.comm, transport=t), "algorithm": algo.describe(),
+        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]}, history=history)
+    metrics.set("label_histograms", world.histograms)
+    metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
+    metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
 
     def draw() -> int:
         return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
@@ -252,8 +279,10 @@ def run_async_fserver(algo, log=print) -> dict:
             counters[r], _ = split_counters(msg.tensor.numpy())
             if msg.round == FINAL:
                 break
-    t.send(S_SERVER, Kind.CONTROL, torch.tensor([requested, 1], dtype=torch.int64), round=FINAL)
-    server_state = recv_checkpoint(t, S_SERVER, FINAL)
+    ranks = {f"rank{r}": recv_checkpoint(t, r, FINAL) for r in world.client_ranks}
+    sent = requested - world.start_round       # evaluations this run asked for (a resumed run starts later)
+    t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent, 1], dtype=torch.int64), round=FINAL)
+    ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL)
     while held[-1]["round"] + 1 < requested:
         t.wait_any([Kind.EVAL], S_SERVER)
         held.append(_record(t, counters, update_clock, local_stats, participations, log, cfg))
@@ -265,10 +294,16 @@ def run_async_fserver(algo, log=print) -> dict:
         metrics.append(row)
     summary = held[-1]
     last = int(summary["round"])
-    fserver_state = flatten_state({"client": {"packed": global_model}, "transport": transport_state(t),
-                                   "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
-    write_checkpoint(cfg.run_dir, last, {"fserver": fserver_state, "rank1": server_state},
-                     {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+    schedule = {"participations": torch.from_numpy(participations), "local_stats": torch.from_numpy(local_stats),
+                "clock": torch.tensor([sim_now, time.perf_counter() - start], dtype=torch.float64),
+                "rng": rng.get_state(), "reports": torch.from_numpy(np.stack([counters[r] for r in range(1, t.size)]))}
+    ranks["fserver"] = flatten_state({"client": {"packed": global_model}, "transport": transport_state(t),
+                                      "schedule": schedule,
+                                      "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
+    write_checkpoint(cfg.run_dir, last, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+    if preemption.requested() and last < cfg.rounds - 1:
+        log(f"[mpisage] {preemption.requested()}: stopped after update {last + 1} with a checkpoint; run again with "
+            f"resume=auto to continue")
     metrics.close()
     return summary
 

@@ -22,13 +22,6 @@ def checkpoint_due(cfg, round: int, stop: bool) -> bool:
     return stop or round == cfg.rounds - 1 or (round + 1) % cfg.checkpoint_interval == 0
 
 
-def send_checkpoint(t: Transport, state: dict, round: int) -> None:
-    tensors, plain = flatten_state(state)
-    manifest, payload = pack_named(tensors, plain)
-    t.send(F_SERVER, Kind.CHECKPOINT, manifest, round=round, seq=0)
-    t.send(F_SERVER, Kind.CHECKPOINT, payload, round=round, seq=1)
-
-
 def recv_checkpoint(t: Transport, source: int, round: int) -> tuple[dict[str, torch.Tensor], dict]:
     manifest = t.recv(Kind.CHECKPOINT, source, round=round, seq=0, dtype=torch.uint8, max_nbytes=1 << 28)
     payload = t.recv(Kind.CHECKPOINT, source, round=round, seq=1, dtype=torch.uint8)
@@ -241,3 +234,26 @@ def restore_transport(t: Transport, flat: dict[str, torch.Tensor]) -> None:
     t.paper_bytes[:] = flat["transport/paper"].numpy()
     t.messages[:] = flat["transport/messages"].numpy()
     t.wait_seconds = float(flat["transport/wait"][0])
+
+
+def send_rank_state(t: Transport, parts: dict, round: int) -> None:
+    """A worker rank's checkpoint contribution: its algorithm state `parts`, its torch RNG and its counters. The
+    counters it saves already include these two messages (their sizes do not depend on the counters' values), so
+    a resumed rank counts exactly what an uninterrupted one would."""
+    def packed() -> tuple[torch.Tensor, torch.Tensor]:
+        state = {**parts, "torch_rng": torch.get_rng_state(), "transport": transport_state(t)}
+        return pack_named(*flatten_state(state))
+
+    for message in packed():
+        t.count(Kind.CHECKPOINT, F_SERVER, message.numel())
+    manifest, payload = packed()
+    t.send(F_SERVER, Kind.CHECKPOINT, manifest, round=round, seq=0, count=False)
+    t.send(F_SERVER, Kind.CHECKPOINT, payload, round=round, seq=1, count=False)
+
+
+def restore_rank_state(world, group: str) -> dict[str, torch.Tensor]:
+    """The inverse on resume: restores the torch RNG and counters of this rank and returns its flat state."""
+    flat = world.resume_state(group)
+    torch.set_rng_state(flat["torch_rng"])
+    restore_transport(world.transport, flat)
+    return flat

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mpisage.algorithms import Algorithm, ClientLink, ClientState
-from mpisage.checkpoint import checkpoint_due, restore_transport, send_checkpoint, transport_state
+from mpisage.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.data import train_transform
 from mpisage.environment import resident_bytes
 from mpisage.state import load_packed, pack_state, state_nbytes
@@ -98,11 +98,9 @@ def run_client(algo: Algorithm) -> None:
     clients = [algo.make_client(cid) for cid in world.clients_of(world.rank)]
     transform = train_transform(world.data, world.cfg.dataset.augment)
     if world.resume_from:
-        flat = world.resume_state(f"rank{world.rank}")
+        flat = restore_rank_state(world, f"rank{world.rank}")
         for c in clients:
             algo.restore_client(c, flat, f"client{c.cid}")
-        torch.set_rng_state(flat["torch_rng"])
-        restore_transport(t, flat)
     for round in range(world.start_round, world.cfg.rounds):
         _inject_fault(world.rank, round)
         if algo.lockstep:
@@ -124,7 +122,7 @@ def run_client(algo: Algorithm) -> None:
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
         if checkpoint_due(world.cfg, round, stop):
             state = {f"client{c.cid}": algo.client_checkpoint(c) for c in clients}
-            send_checkpoint(t, {**state, "torch_rng": torch.get_rng_state(), "transport": transport_state(t)}, round)
+            send_rank_state(t, state, round)
         if stop:
             break
     t.flush()

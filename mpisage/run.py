@@ -51,14 +51,15 @@ def run_job(cfg, comm, log=None) -> dict:
 
 def _run_role(cfg, world, comm, log) -> dict:
     from mpisage.algorithms import make_algorithm
-    from mpisage.config import ConfigError
     algo = make_algorithm(world)
     rank = comm.Get_rank()
     if algo.asynchronous:
         from mpisage.asynchronous import run_async_client, run_async_fserver, run_async_sserver
-        if world.resume_from is not None:
-            raise ConfigError(f"{cfg.algorithm} cannot resume from a checkpoint yet (its checkpoint holds the global "
-                              f"client model, the server and the metrics); start a new run_dir")
+        if world.start_round >= cfg.rounds:      # resumed after its last update: nothing left to do on any rank
+            if rank == 0:
+                (log or _print)(f"[mpisage] {cfg.run_dir} already holds {world.start_round} updates; raise rounds= "
+                                f"to continue it")
+            return {}
         if rank == 0:
             _announce(cfg, world, comm, log)
             return run_async_fserver(algo, log=log or _print)

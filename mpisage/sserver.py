@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from mpisage.algorithms import Algorithm
 from mpisage.algorithms.base import IGNORE_INDEX
-from mpisage.checkpoint import checkpoint_due, restore_transport, send_checkpoint, transport_state
+from mpisage.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.environment import resident_bytes
 from mpisage.state import load_packed, state_nbytes
 from mpisage.transport import F_SERVER, Kind, ProtocolError
@@ -76,10 +76,7 @@ def run_sserver(algo: Algorithm) -> None:
             evaluation = None
 
     if world.resume_from:
-        flat = world.resume_state("rank1")
-        algo.restore_server(s, flat, "server")
-        torch.set_rng_state(flat["torch_rng"])
-        restore_transport(t, flat)
+        algo.restore_server(s, restore_rank_state(world, "rank1"), "server")
     for round in range(world.start_round, cfg.rounds):
         start, busy = time.perf_counter(), 0.0
         s.train_stats[:] = 0
@@ -106,8 +103,7 @@ def run_sserver(algo: Algorithm) -> None:
             load_packed(module, msg.tensor)
         evaluation, eval_round = algo.evaluation(s, eval_modules), round
         if checkpoint_due(cfg, round, stop):
-            send_checkpoint(t, {"server": algo.server_checkpoint(s), "torch_rng": torch.get_rng_state(),
-                                "transport": transport_state(t)}, round)
+            send_rank_state(t, {"server": algo.server_checkpoint(s)}, round)
         if stop:
             finish_evaluation()
             break

@@ -140,11 +140,11 @@ def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_dow
 
 
 def _record_gas(monkeypatch):
-    """S-server: the buffer (real activations, labels, weights) and the batch of every server step, and the server
-    state itself (for its final statistics)."""
+    """S-server: the buffer (real activations, labels, weights) and the batch of every server step, the server
+    state itself (for its final statistics), and its figures right after a resume restored it."""
     from mpisage.algorithms.gas import Gas
-    steps, servers = [], []
-    server_batch, make_server = Gas.server_batch, Gas.make_server
+    steps, servers, restored = [], [], []
+    server_batch, make_server, restore_server = Gas.server_batch, Gas.make_server, Gas.restore_server
 
     def recording_batch(self, s):
         real = [(z.clone(), y.clone(), w) for z, y, w in s.extra["buffer"]]
@@ -156,15 +156,20 @@ def _record_gas(monkeypatch):
         servers.append(make_server(self))
         return servers[-1]
 
+    def recording_restore(self, s, flat, prefix):
+        restore_server(self, s, flat, prefix)
+        restored.append(_server_figures(s))
+
     monkeypatch.setattr(Gas, "server_batch", recording_batch)
     monkeypatch.setattr(Gas, "make_server", recording_server)
-    return steps, servers
+    monkeypatch.setattr(Gas, "restore_server", recording_restore)
+    return steps, servers, restored
 
 
-def test_gas_answers_every_activation_and_counts_every_model(fmnist, shared_tmp, monkeypatch):
+def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, shared_tmp, monkeypatch):
     from mpisage.algorithms.gas import LabelStatistics
     from mpisage.transport import Kind
-    steps, servers = _record_gas(monkeypatch)
+    steps, servers, restored = _record_gas(monkeypatch)
     run_dir = os.path.join(shared_tmp, "gas")
     # Every client active (C = K): a finished client has no inactive one to hand over to and goes again itself.
     run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=4",
@@ -216,3 +221,39 @@ def test_gas_answers_every_activation_and_counts_every_model(fmnist, shared_tmp,
     n_steps, labels_seen, tops, generated_agrees, n_real = on_root(check_server_batches, root=S_SERVER)
     assert n_steps >= 3 and labels_seen >= 5 and tops > 0 and generated_agrees
     assert n_real == act_msgs * 8              # every activation the S-server answered is buffered or was stepped on
+
+    # Resumed from the checkpoint of the stop, the run continues: updates 4 and 5 follow 1..3 in the same metrics,
+    # every counter and clock goes on from where it was, and the S-server gets back its statistics and buffer.
+    before = on_root(lambda: _gas_progress(run_dir))
+    at_stop = on_root(lambda: _server_figures(servers[0]), root=S_SERVER)
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=4",
+             "local_iters=2", "rounds=5", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
+             "eval_samples=20", f"run_dir={run_dir}", "resume=auto"])
+    after = on_root(lambda: _gas_progress(run_dir))
+    on_resume = on_root(lambda: restored[0], root=S_SERVER)
+    at_end = on_root(lambda: _server_figures(servers[1]), root=S_SERVER)
+    assert list(after[:6]) == [0, 1, 2, 3, 4, -1]               # rounds: no gap, no repeat
+    assert after[6] and after[7]                                # bytes, participations, clocks never go back
+    assert after[8] > before[8] and after[9] > before[9]        # more bytes and participations than before
+    assert list(on_resume) == list(at_stop)                     # buffer, steps, generated, statistics weight
+    assert at_end[1] > at_stop[1] and at_end[3] > at_stop[3]    # and the server went on stepping
+    # resumed once more with nothing left to do: every rank returns at once and the metrics stay as they are
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=4",
+             "local_iters=2", "rounds=5", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
+             "eval_samples=20", f"run_dir={run_dir}", "resume=auto"])
+    assert list(on_root(lambda: _gas_progress(run_dir))) == list(after)
+
+
+def _server_figures(s) -> list:
+    return [len(s.extra["buffer"]), s.extra["steps"], s.extra["generated"],
+            sum(st.weight for st in s.extra["statistics"].values())]
+
+
+def _gas_progress(run_dir: str) -> list:
+    from mpisage.metrics import read_rounds
+    r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+    monotone = all(np.all(np.diff(r[key], axis=0) >= 0) for key in ("comm_bytes", "wire_bytes", "wall_time",
+                                                                     "simulated_time", "participations"))
+    rounds = list(r["round"]) + [-1] * (6 - len(r["round"]))
+    return [*rounds[:6], monotone, bool(np.all(np.diff(r["server_steps"]) >= 0)), r["comm_bytes"][-1],
+            r["participations"][-1].sum()]

@@ -210,15 +210,26 @@ class Gas(Algorithm):
         s.extra["steps"] += 1
 
     def server_checkpoint(self, s: ServerState) -> dict:
-        stats = s.extra["statistics"]
+        stats, buffer = s.extra["statistics"], s.extra["buffer"]
         return {**super().server_checkpoint(s), "generator": s.extra["generator"].get_state(),
+                "counts": torch.tensor([s.extra["steps"], s.extra["generated"]], dtype=torch.int64),
                 "statistics": {str(label): {"weight": torch.tensor([st.weight], dtype=torch.float64),
-                                            "mean": st.mean, "scatter": st.scatter} for label, st in stats.items()}}
+                                            "mean": st.mean, "scatter": st.scatter} for label, st in stats.items()},
+                # the activations waiting for the next server step, as one array each
+                "buffer": {"z": torch.cat([b[0] for b in buffer]) if buffer else torch.zeros(0),
+                           "y": torch.cat([b[1] for b in buffer]) if buffer else torch.zeros(0, dtype=torch.int64),
+                           "weight": torch.tensor([b[2] for b in buffer], dtype=torch.float64),
+                           "sizes": torch.tensor([len(b[1]) for b in buffer], dtype=torch.int64)}}
 
     def restore_server(self, s: ServerState, flat, prefix: str) -> None:
         restore_module(s.model, flat, f"{prefix}/model")
         restore_optimizer(s.optimizer, flat, f"{prefix}/optimizer")
         s.extra["generator"].set_state(flat[f"{prefix}/generator"])
+        s.extra["steps"], s.extra["generated"] = (int(v) for v in flat[f"{prefix}/counts"])
+        sizes = flat[f"{prefix}/buffer/sizes"].tolist()
+        parts = zip(flat[f"{prefix}/buffer/z"].split(sizes), flat[f"{prefix}/buffer/y"].split(sizes),
+                    flat[f"{prefix}/buffer/weight"].tolist())
+        s.extra["buffer"] = [(z.to(self.world.device), y.to(self.world.device), w) for z, y, w in parts]
         for label in range(self.world.data.num_classes):
             key = f"{prefix}/statistics/{label}"
             if f"{key}/weight" in flat:
