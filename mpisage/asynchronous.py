@@ -114,11 +114,14 @@ def run_async_sserver(algo) -> None:
     evaluations_done = 0
     busy, start = 0.0, time.perf_counter()
 
-    def report(version: int, result) -> None:
-        t.send(F_SERVER, Kind.EVAL, torch.tensor(result, dtype=torch.float64), round=version)
+    def report_counters(round: int) -> None:
         extra = [t.wait_seconds, busy, time.perf_counter() - start, s.extra["steps"], s.extra["generated"],
                  resident_bytes()]
-        t.send_counters(F_SERVER, round=version, extra=np.array(extra))
+        t.send_counters(F_SERVER, round=round, extra=np.array(extra))
+
+    def report(version: int, result) -> None:
+        t.send(F_SERVER, Kind.EVAL, torch.tensor(result, dtype=torch.float64), round=version)
+        report_counters(version)
 
     def evaluate_step() -> bool:
         nonlocal evaluations_done
@@ -161,12 +164,10 @@ def run_async_sserver(algo) -> None:
         elif kind == Kind.EVAL:
             _take_eval(t, queue, nbytes)
         else:
-            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(2,), dtype=torch.int64)
-            expected_evaluations, want_checkpoint = (int(v) for v in msg.tensor.tolist())
-            if want_checkpoint:
-                send_rank_state(t, {"server": algo.server_checkpoint(s)}, FINAL)
-    t.send_counters(F_SERVER, round=FINAL, extra=np.array([t.wait_seconds, busy, time.perf_counter() - start,
-                                                          s.extra["steps"], s.extra["generated"], resident_bytes()]))
+            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
+            expected_evaluations = int(msg.tensor.item())
+            send_rank_state(t, {"server": algo.server_checkpoint(s)}, FINAL)      # for the stop checkpoint
+    report_counters(FINAL)
     t.flush()
 
 
@@ -281,7 +282,7 @@ def run_async_fserver(algo, log=print) -> dict:
                 break
     ranks = {f"rank{r}": recv_checkpoint(t, r, FINAL) for r in world.client_ranks}
     sent = requested - world.start_round       # evaluations this run asked for (a resumed run starts later)
-    t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent, 1], dtype=torch.int64), round=FINAL)
+    t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
     ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL)
     while held[-1]["round"] + 1 < requested:
         t.wait_any([Kind.EVAL], S_SERVER)

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import torch
 
-from mpisage.state import flatten_state, numpy_of, pack_named, unpack_named
+from mpisage.state import flatten_state, named_manifest, numpy_of, pack_state, state_nbytes, unpack_named
 from mpisage.transport import F_SERVER, Kind, Transport
 
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ def write_checkpoint(run_dir: str, round: int, ranks: dict[str, tuple[dict[str, 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in sorted(glob.glob(os.path.join(run_dir, "checkpoint_round*.h5")))[:-keep]:
+    for old in list_checkpoints(run_dir)[:-keep]:
         os.remove(old)
     return final
 
@@ -240,15 +240,13 @@ def send_rank_state(t: Transport, parts: dict, round: int) -> None:
     """A worker rank's checkpoint contribution: its algorithm state `parts`, its torch RNG and its counters. The
     counters it saves already include these two messages (their sizes do not depend on the counters' values), so
     a resumed rank counts exactly what an uninterrupted one would."""
-    def packed() -> tuple[torch.Tensor, torch.Tensor]:
-        state = {**parts, "torch_rng": torch.get_rng_state(), "transport": transport_state(t)}
-        return pack_named(*flatten_state(state))
-
-    for message in packed():
-        t.count(Kind.CHECKPOINT, F_SERVER, message.numel())
-    manifest, payload = packed()
+    tensors, plain = flatten_state({**parts, "torch_rng": torch.get_rng_state(), "transport": transport_state(t)})
+    manifest = named_manifest(tensors, plain)
+    t.count(Kind.CHECKPOINT, F_SERVER, manifest.numel())
+    t.count(Kind.CHECKPOINT, F_SERVER, state_nbytes(tensors))
+    tensors.update(flatten_state({"transport": transport_state(t)})[0])    # same names and shapes, newer values
     t.send(F_SERVER, Kind.CHECKPOINT, manifest, round=round, seq=0, count=False)
-    t.send(F_SERVER, Kind.CHECKPOINT, payload, round=round, seq=1, count=False)
+    t.send(F_SERVER, Kind.CHECKPOINT, pack_state(tensors), round=round, seq=1, count=False)
 
 
 def restore_rank_state(world, group: str) -> dict[str, torch.Tensor]:

@@ -22,12 +22,13 @@ CLIENT_STATS = 4
 def _batches(algo: Algorithm, c: ClientState, round: int, transform):
     """E local epochs over the client's shard in a fresh order each epoch; the ragged last batch is kept."""
     dev, n = algo.world.device, len(c.y)
+    poisoned = _inject_nan(c.cid, round)      # the test hook: read once per round, not per batch
     for _ in range(algo.cfg.local_epochs):
         order = torch.randperm(n, generator=c.generator)
         for first in range(0, n, algo.cfg.batch_size):
             idx = order[first:first + algo.cfg.batch_size]
             x = transform(c.x[idx].to(dev), c.generator)
-            if _inject_nan(c.cid, round):
+            if poisoned:
                 x = x * float("nan")
             yield x, c.y[idx].to(dev)
 

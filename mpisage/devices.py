@@ -65,7 +65,10 @@ def device_map(cfg: Config, comm: MPI.Comm, num_gpus: int | None = None) -> list
 
 def select_device(cfg: Config, comm: MPI.Comm) -> torch.device:
     """This rank's device (made the current CUDA device when it is a GPU). Collective, like `device_map`."""
-    device = device_map(cfg, comm)[comm.Get_rank()]
+    return _make_current(device_map(cfg, comm)[comm.Get_rank()])
+
+
+def _make_current(device: torch.device) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
@@ -99,7 +102,12 @@ def cuda_aware_setting(devices: DeviceConfig, environ=os.environ) -> tuple[str, 
 def needs_self_check(any_gpu: bool, setting: str, library: int | None) -> bool:
     """Whether to try the direct path at start-up. Only when the library or the user says MPI is CUDA-aware: handing
     device memory to an MPI that is not can crash it rather than fail."""
-    return any_gpu and (setting == "yes" or (setting == "auto" and library == 1))
+    return any_gpu and _claims_cuda_aware(setting, library)
+
+
+def _claims_cuda_aware(setting: str, library: int | None) -> bool:
+    """The user says so, or leaves it to a library that says so."""
+    return setting == "yes" or (setting == "auto" and library == 1)
 
 
 def decide_payload_path(any_gpu: bool, setting: str, source: str, library: int | None,
@@ -112,8 +120,7 @@ def decide_payload_path(any_gpu: bool, setting: str, source: str, library: int |
         return CudaAwareness(aware, how, setting, source, library, self_check)
 
     if not any_gpu:
-        aware = setting == "yes" or (setting == "auto" and library == 1)
-        return "host", record(aware, f"no rank computes on a GPU: payloads stay in host memory ({query}; {source})")
+        return "host", record(_claims_cuda_aware(setting, library), f"no rank computes on a GPU: payloads stay in host memory ({query}; {source})")
     if setting == "no":
         return "staged", record(False, f"{source}: GPU payloads are staged through pinned host buffers")
     if setting == "yes":
@@ -167,16 +174,13 @@ def configure_devices(cfg: Config, transport: Transport) -> torch.device:
     `transport.cuda_awareness`, `transport.devices`). Returns this rank's device. Collective."""
     comm = transport.comm
     devices = device_map(cfg, comm)
-    device = devices[comm.Get_rank()]
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = _make_current(devices[comm.Get_rank()])
     setting, source = _agreed_setting(cfg.device, comm)
     library = _lowest_library_answer(comm)
     any_gpu = any(d.type == "cuda" for d in devices)
     self_check = None
     if needs_self_check(any_gpu, setting, library):
-        transport.payload_path = "direct"
-        self_check = transport.check_payload_path(device)
+        self_check = transport.check_payload_path(device, path="direct")
     path, awareness = decide_payload_path(any_gpu, setting, source, library, self_check)
     transport.payload_path = path
     transport.cuda_awareness = awareness

@@ -27,7 +27,7 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     m = world.num_clients
     templates = algo.shared_templates()
-    eval_keys = list(algo.eval_templates())     # (kind, client id) of what the S-server evaluates each round
+    eval_keys = algo.eval_keys(templates)     # (kind, client id) of what the S-server evaluates each round
     # the current global modules: the common initial weights until the first round is done
     current = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     os.makedirs(cfg.run_dir, exist_ok=True)

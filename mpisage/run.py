@@ -61,7 +61,7 @@ def _run_role(cfg, world, comm, log) -> dict:
                                 f"to continue it")
             return {}
         if rank == 0:
-            _announce(cfg, world, comm, log)
+            _announce(cfg, world, comm, log, updates=True)
             return run_async_fserver(algo, log=log or _print)
         run_async_sserver(algo) if rank == 1 else run_async_client(algo)
         return {}
@@ -82,10 +82,11 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def _announce(cfg, world, comm, log) -> None:
+def _announce(cfg, world, comm, log, updates: bool = False) -> None:
+    """The job's first line; an asynchronous method counts global updates, not rounds."""
     (log or _print)(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
                     f"{world.num_clients} clients on {comm.Get_size() - 2} client ranks | up to {cfg.rounds} "
-                    f"{'global updates' if cfg.algorithm == 'gas' else 'rounds'} | run_dir {cfg.run_dir}")
+                    f"{'global updates' if updates else 'rounds'} | run_dir {cfg.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,15 +89,21 @@ def flatten_state(obj, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]
     return tensors, plain
 
 
-def pack_named(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(manifest, payload): a UTF-8 JSON manifest (names, dtypes, shapes, offsets, meta) and the raw bytes."""
+def named_manifest(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> torch.Tensor:
+    """The UTF-8 JSON manifest (names, dtypes, shapes, offsets, meta) of `pack_state(tensors)`; it depends on the
+    tensors' shapes and dtypes only, not on their values."""
     entries, offset = [], 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
         entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, n])
         offset += n
     manifest = json.dumps({"tensors": entries, "meta": meta or {}}).encode()
-    return torch.frombuffer(bytearray(manifest), dtype=torch.uint8), pack_state(tensors)
+    return torch.frombuffer(bytearray(manifest), dtype=torch.uint8)
+
+
+def pack_named(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(manifest, payload): the manifest of `named_manifest` and the raw bytes."""
+    return named_manifest(tensors, meta), pack_state(tensors)
 
 
 def unpack_named(manifest: torch.Tensor, payload: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:

@@ -316,11 +316,12 @@ class Transport:
     def wait_any(self, kinds, source: int = MPI.ANY_SOURCE, idle=None) -> tuple[Kind, int]:
         """Waits (without spinning) until a message of one of `kinds` is ready to be received from `source`;
         returns (its kind, its sender). Asynchronous roles use it to serve whichever stream speaks first."""
-        names = "/".join(Kind(k).name for k in kinds)
-        return self._poll(lambda: self.probe(kinds, source), idle,
-                          lambda waited: CommTimeout(f"rank {self.rank} waited {waited:.0f} s for a {names} message; "
-                                                     f"a peer is dead or stuck (raise comm_timeout_s if it is only "
-                                                     f"slow)"))
+        def timed_out(waited: float) -> CommTimeout:
+            names = "/".join(Kind(k).name for k in kinds)
+            return CommTimeout(f"rank {self.rank} waited {waited:.0f} s for a {names} message; a peer is dead or "
+                               f"stuck (raise comm_timeout_s if it is only slow)")
+
+        return self._poll(lambda: self.probe(kinds, source), idle, timed_out)
 
     # ------------------------------------------------------------------ waiting
     def _wait(self, req: MPI.Request, *, what: str, peer, kind, status: MPI.Status | None = None,
@@ -372,16 +373,16 @@ class Transport:
         msg = self.recv(Kind.CONTROL, source, round=round, dtype=torch.float64, shape=(N_COUNTERS + n_extra,))
         return split_counters(msg.tensor.numpy())
 
-    def check_payload_path(self, device) -> bool:
+    def check_payload_path(self, device, path: str | None = None) -> bool:
         """Start-up self-check, collective: every rank sends a tiny tensor made in its `device`'s memory to the next
-        rank (a ring) over the payload path set now, and compares what it gets from the previous rank with what that
+        rank (a ring) over `path` (default: the payload path set now), and compares what it gets from the previous rank with what that
         rank made. True on every rank when every rank got it bit-exact. On a private duplicate of the communicator,
         so nothing of the job can match it, and not counted. A direct-path check hands device memory to MPI: run
         it only when the library says it is CUDA-aware (or the user says so), a library that is not may crash."""
         comm = self.comm.Dup()
         try:
             probe = Transport(comm, timeout_s=min(self.timeout_s, 120.0), stage_host_tensors=self.stage_host_tensors)
-            probe.payload_path = self.payload_path
+            probe.payload_path = path or self.payload_path
             rank, size = comm.Get_rank(), comm.Get_size()
 
             def made_by(r: int) -> torch.Tensor:   # distinct per rank, and every byte matters

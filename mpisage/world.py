@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mpisage.config import Config, ConfigError
-from mpisage.data import ImageDataset, label_histograms, load_dataset, partition
+from mpisage.data import ImageDataset, convert_dataset, label_histograms, load_dataset, partition
 from mpisage.models import SplitModel, build_split
 from mpisage.transport import F_SERVER, S_SERVER, Transport
 
@@ -79,6 +79,9 @@ class World:
     def build_model(self) -> SplitModel:
         """A fresh copy of the initial split: the same weights on every rank and for every client (the paper
         starts all clients from one). Built once per rank, copied after."""
+        return copy.deepcopy(self._initial_split())
+
+    def _initial_split(self) -> SplitModel:
         if self._initial is None:
             torch.manual_seed(derive_seed(self.cfg.seed, "init"))
             self._initial = build_split(self.cfg.model, in_channels=self.data.in_channels,
@@ -86,7 +89,7 @@ class World:
                                         aux=self.cfg.aux_model, lm=self.cfg.lm, seq_len=self.seq_len)
             for module in (self._initial.client, self._initial.server, self._initial.aux):
                 module.to(self.device)
-        return copy.deepcopy(self._initial)
+        return self._initial
 
     @property
     def seq_len(self) -> int | None:
@@ -105,9 +108,7 @@ class World:
 
     def initial_part(self, part: str) -> torch.nn.Module:
         """A fresh copy of one part ("client", "server" or "aux") of the initial split, without copying the rest."""
-        if self._initial is None:
-            self.build_model()
-        return copy.deepcopy(getattr(self._initial, part))
+        return copy.deepcopy(getattr(self._initial_split(), part))
 
     def generator(self, stream: str, index: int = 0) -> torch.Generator:
         g = torch.Generator(device="cpu")
@@ -126,8 +127,7 @@ def make_world(cfg: Config, transport: Transport) -> World:
         raise ConfigError(f"num_clients={num_clients} is fewer than the {size - 2} client ranks of `mpirun -n {size}`: "
                           f"every client rank must host a client. Use num_clients>={size - 2} or "
                           f"`mpirun -n {num_clients + 2}`.")
-    data = load_dataset(cfg.dataset.name, cfg.dataset.root, image_size=cfg.dataset.image_size,
-                        channels=cfg.dataset.channels, seq_len=cfg.dataset.seq_len)
+    data = load_dataset(cfg.dataset.name, cfg.dataset.root, seq_len=cfg.dataset.seq_len)   # converted below
     labels = data.train_y.numpy()
     if labels.ndim > 1:       # token targets: clients are dealt whole samples, label skew has no meaning here
         if cfg.dataset.distribution != "iid":
@@ -159,4 +159,5 @@ def make_world(cfg: Config, transport: Transport) -> World:
         world.local_index = {c: np.arange(offsets[i], offsets[i + 1]) for i, c in enumerate(mine)}
         data.train_x, data.train_y = data.train_x[keep].clone(), data.train_y[keep].clone()
         data.test_x, data.test_y = data.test_x[:0], data.test_y[:0]
+    convert_dataset(data, cfg.dataset.image_size, cfg.dataset.channels)    # only the rows this rank kept
     return world

@@ -283,20 +283,23 @@ class Algorithm:
         """The message kind a shared module travels as between client and F-server."""
         return kind if self.averaged else Kind.EVAL
 
-    def eval_templates(self) -> dict[tuple[Kind, int], nn.Module]:
-        """What the F-server sends the S-server for each evaluation, keyed (kind, client id): the averaged modules
+    def eval_keys(self, kinds) -> list[tuple[Kind, int]]:
+        """What the F-server sends the S-server for each evaluation, as (kind, client id): the averaged modules
         (client id -1), or every client's own modules when they are never averaged."""
-        templates = self.shared_templates()
         if self.averaged:
-            return {(kind, -1): module for kind, module in templates.items()}
-        return {(kind, cid): copy.deepcopy(module) for cid in range(self.world.num_clients)
-                for kind, module in templates.items()}
+            return [(kind, -1) for kind in kinds]
+        return [(kind, cid) for cid in range(self.world.num_clients) for kind in kinds]
+
+    def eval_templates(self) -> dict[tuple[Kind, int], nn.Module]:
+        """A module to receive each of `eval_keys` into."""
+        templates = self.shared_templates()
+        return {(kind, cid): templates[kind] if cid < 0 else copy.deepcopy(templates[kind])
+                for kind, cid in self.eval_keys(templates)}
 
     # ------------------------------------------------------------------ S-server side
     def make_server(self) -> ServerState:
-        split = self.world.build_model()
-        return ServerState(split.server, make_optimizer(split.server.parameters(), self.cfg),
-                           np.zeros((self.world.num_clients, 3)))
+        server = self.world.initial_part("server")
+        return ServerState(server, make_optimizer(server.parameters(), self.cfg), np.zeros((self.world.num_clients, 3)))
 
     def expected_uploads(self, cid: int) -> int:
         """How many smashed batches client `cid` sends the S-server in one round."""

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState, optimizer_step
 from mpisage.config import ConfigError
-from mpisage.checkpoint import restore_module, restore_optimizer
 from mpisage.models import state_bytes
 from mpisage.state import fedavg
 from mpisage.world import derive_seed
@@ -222,8 +221,7 @@ class Gas(Algorithm):
                            "sizes": torch.tensor([len(b[1]) for b in buffer], dtype=torch.int64)}}
 
     def restore_server(self, s: ServerState, flat, prefix: str) -> None:
-        restore_module(s.model, flat, f"{prefix}/model")
-        restore_optimizer(s.optimizer, flat, f"{prefix}/optimizer")
+        super().restore_server(s, flat, prefix)
         s.extra["generator"].set_state(flat[f"{prefix}/generator"])
         s.extra["steps"], s.extra["generated"] = (int(v) for v in flat[f"{prefix}/counts"])
         sizes = flat[f"{prefix}/buffer/sizes"].tolist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -91,9 +92,10 @@ class Sglr(Algorithm):
         losses.mean().backward()
         optimizer_step(s.optimizer, self.cfg)
         slices = z_all.grad.split(sizes)
-        correct = (logits.argmax(1) == y_all).split(sizes)
-        for c, loss, hit in zip(cids, losses.detach().split(sizes), correct):
-            s.train_stats[c] += (loss.sum().item(), hit.sum().item(), len(loss))
+        # per-client loss sums and hits in one device-to-host copy (every client's batch has the same size)
+        correct = (logits.argmax(1) == y_all).to(losses.dtype)
+        per_client = torch.stack([losses.detach(), correct]).view(2, len(cids), -1).sum(2).T.cpu().numpy()
+        s.train_stats[cids] += np.column_stack([per_client, sizes])
         receivers = self.mean_receivers(s, round)
         mean = torch.stack(slices).mean(0) if receivers else None
         return [(c, Kind.GRADIENT, mean if c in receivers else g) for c, g in zip(cids, slices)]

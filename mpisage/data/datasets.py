@@ -76,14 +76,18 @@ def load_dataset(name: str, root: str | None, *, image_size: int | None = None,
                "cinic10": _load_cinic10}
     if name not in readers:
         raise ValueError(f"dataset.name={name!r} is unknown; choose one of {', '.join(DATASETS)}")
+    return convert_dataset(readers[name](root), image_size, channels)
+
+
+def convert_dataset(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:
+    """Resizes and repeats channels as `load_dataset` describes. A job calls it after each rank has kept only the
+    rows its role needs, so no rank converts images it then drops."""
     if channels not in (None, 1, 3):
         raise ValueError(f"dataset.channels={channels!r} is not allowed: 1, 3 or null (as stored)")
     if image_size is not None and image_size < 1:
         raise ValueError(f"dataset.image_size={image_size!r} must be >= 1, or null (as stored)")
-    return _convert(readers[name](root), image_size, channels)
-
-
-def _convert(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:
+    if ds.train_x.dim() != 4:       # token sequences (e2e): no images to convert
+        return ds
     if channels == 1 and ds.in_channels != 1:
         raise DataError(f"dataset.channels=1: {ds.name} images have {ds.in_channels} channels and turning "
                         "colour into grey is not supported; set dataset.channels=3 or null (as stored).")

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .datasets import DataError, _user_cache_dir
+from .datasets import DataError, _user_cache_dir, _write_atomically
 
 E2E_FILES = {"train": "trainset.csv", "test": "testset_w_refs.csv", "dev": "devset.csv"}
 E2E_URL = "https://github.com/tuetschek/e2e-dataset"
 E2E_ZIP_URL = "https://github.com/tuetschek/e2e-dataset/archive/v1.0.0.zip"   # the release named in its README
-VOCAB_SIZE = 50257
+VOCAB_SIZE = 50257        # GPT-2's BPE vocabulary (50,000 merges + 256 bytes + <|endoftext|>)
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 PAD_ID = EOT_ID          # any id works: right padding under causal attention is never attended to, labels are -100
@@ -40,7 +40,7 @@ PROMPT_SEPARATOR = " ||"
 # sha256 of OpenAI's GPT-2 BPE files (the values tiktoken checks when it downloads them itself).
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-LLM_EXTRA_HINT = "install the optional LLM extra: pip install -e .[llm]"
+LLM_EXTRA_HINT = "install the optional LLM extra: pip install -e .[llm]  (transformers, peft, tiktoken, ...)"
 
 
 @dataclass
@@ -196,10 +196,7 @@ def download_e2e(dest: str, url: str = E2E_ZIP_URL, timeout_s: float = 60.0) -> 
         raise DataError(f"e2e: {url} does not hold {missing}; download the release by hand from {E2E_URL}.")
     for fname in E2E_FILES.values():
         if fname in members:
-            tmp = os.path.join(dest, f"{fname}.tmp.{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(archive.read(members[fname]))
-            os.replace(tmp, os.path.join(dest, fname))
+            _write_atomically(os.path.join(dest, fname), lambda f, n=members[fname]: f.write(archive.read(n)))
     return dest
 
 

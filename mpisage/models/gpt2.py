@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpisage.data.e2e import LLM_EXTRA_HINT, VOCAB_SIZE     # GPT-2's BPE vocabulary: one definition
+
 GPT2_MODELS = ("gpt2_tiny", "gpt2_medium")
-VOCAB_SIZE = 50257        # GPT-2's BPE vocabulary (50,000 merges + 256 bytes + <|endoftext|>)
 N_POSITIONS = 1024        # GPT-2's context length; also used for the tiny test model, so any seq_len <= 1024 fits
 
 
@@ -36,8 +37,6 @@ GPT2_SHAPES = {
     "gpt2_medium": GPT2Shape(n_layer=24, n_embd=1024, n_head=16),
     "gpt2_tiny": GPT2Shape(n_layer=4, n_embd=32, n_head=2),     # for CPU tests: same vocabulary and positions
 }
-
-LLM_EXTRA_HINT = "install the optional LLM extra: pip install -e .[llm]  (transformers, peft, tiktoken, ...)"
 
 
 def _require_llm_extra():
