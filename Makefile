@@ -18,7 +18,7 @@ $(VENV)/.setup-done: setup.py scripts/setup.sh
 
 run: setup
 	$(MPIRUN) -n $(NP) $(PY) -m mpisage.run $(ARGS)
-	$(PY) -m mpisage.plot $(or $(RUN_DIR),runs/default)
+	$(PY) -m mpisage.tools.plot $(or $(RUN_DIR),runs/default)
 
 test: setup test-serial test-mpi
 
@@ -31,7 +31,7 @@ test-mpi:
 		--timeout=600 --timeout-method=thread
 
 bench: setup
-	$(PY) -m mpisage.bench $(ARGS)
+	$(PY) -m mpisage.tools.bench $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

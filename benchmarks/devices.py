@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from mpisage.data import write_fashion_mnist_fixture
-from mpisage.environment import job_command
-from mpisage.metrics import read_attrs, read_rounds
+from mpisage.runtime.environment import job_command
+from mpisage.runtime.metrics import read_attrs, read_rounds
 
 
 def timed_job(name: str, ranks: int, overrides: list[str], env_extra: dict) -> tuple[float, dict]:

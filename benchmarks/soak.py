@@ -13,8 +13,8 @@ import tempfile
 import numpy as np
 
 from mpisage.data import write_fashion_mnist_fixture
-from mpisage.environment import job_command
-from mpisage.metrics import read_rounds
+from mpisage.runtime.environment import job_command
+from mpisage.runtime.metrics import read_rounds
 
 MIB = 1024 ** 2
 

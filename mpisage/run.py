@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _fail(rank: int, role: str, exc: BaseException) -> None:
-    from mpisage.transport import abort_job
+    from mpisage.runtime.transport import abort_job
     detail = "".join(traceback.format_exception(exc)) if os.environ.get("MPISAGE_TRACEBACK", "1") != "0" else ""
     abort_job(f"{detail}[mpisage] rank {rank} ({role}) failed: {type(exc).__name__}: {exc}\n"
               f"[mpisage] aborting all ranks\n")
@@ -25,11 +25,11 @@ def run_job(cfg, comm, log=None) -> dict:
     import torch
     from mpi4py import MPI
 
-    from mpisage import preemption
-    from mpisage.checkpoint import agree_on_checkpoint
-    from mpisage.devices import configure_devices
-    from mpisage.transport import Heartbeat, Transport
-    from mpisage.world import make_world
+    from mpisage.runtime import preemption
+    from mpisage.runtime.checkpoint import agree_on_checkpoint
+    from mpisage.runtime.devices import configure_devices
+    from mpisage.runtime.transport import Heartbeat, Transport
+    from mpisage.runtime.world import make_world
 
     preemption.install()
     torch.set_num_threads(cfg.torch_threads)
@@ -54,7 +54,7 @@ def _run_role(cfg, world, comm, log) -> dict:
     algo = make_algorithm(world)
     rank = comm.Get_rank()
     if algo.asynchronous:
-        from mpisage.asynchronous import run_async_client, run_async_fserver, run_async_sserver
+        from mpisage.roles.asynchronous import run_async_client, run_async_fserver, run_async_sserver
         if world.start_round >= cfg.rounds:      # resumed after its last update: nothing left to do on any rank
             if rank == 0:
                 (log or _print)(f"[mpisage] {cfg.run_dir} already holds {world.start_round} updates; raise rounds= "
@@ -66,14 +66,14 @@ def _run_role(cfg, world, comm, log) -> dict:
         run_async_sserver(algo) if rank == 1 else run_async_client(algo)
         return {}
     if rank == 0:
-        from mpisage.fserver import run_fserver
+        from mpisage.roles.fserver import run_fserver
         _announce(cfg, world, comm, log)
         return run_fserver(algo, log=log or _print)
     if rank == 1:
-        from mpisage.sserver import run_sserver
+        from mpisage.roles.sserver import run_sserver
         run_sserver(algo)
     else:
-        from mpisage.client import run_client
+        from mpisage.roles.client import run_client
         run_client(algo)
     return {}
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(e.code)
         return 0
-    from mpisage.checkpoint import CheckpointError
+    from mpisage.runtime.checkpoint import CheckpointError
     from mpisage.data import DataError
 
     try:

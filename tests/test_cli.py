@@ -6,7 +6,7 @@ import time
 
 from conftest import ROOT
 
-from mpisage.environment import job_command
+from mpisage.runtime.environment import job_command
 
 
 def _job(n: int, args: list[str], env: dict | None):
@@ -31,7 +31,7 @@ def test_bad_config_exits_before_training(tmp_path):
 def test_bad_inputs_found_at_start_up_are_rejected_before_training(tmp_path):
     """Problems that need the data, the rank layout or a checkpoint to be seen: each exits non-zero on every
     rank with a message naming it, before any round runs (one launch per case, 3 ranks)."""
-    from mpisage.checkpoint import write_checkpoint
+    from mpisage.runtime.checkpoint import write_checkpoint
     from mpisage.data import write_fashion_mnist_fixture
     data = write_fashion_mnist_fixture(str(tmp_path / "data"), 60, 20)
     foreign = tmp_path / "foreign"
@@ -98,7 +98,7 @@ def _tiny_job(tmp_path, rounds: int) -> list[str]:
 def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
     import signal
 
-    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
     job = _tiny_job(tmp_path, 10_000)
     proc = _start(job)
     _wait_for_line(proc, "round    2/")
@@ -118,7 +118,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
 
 
 def test_nan_stops_the_run_naming_round_and_client(tmp_path):
-    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
     proc = _start(_tiny_job(tmp_path, 5), env={"MPISAGE_INJECT_NAN": "1:2"})   # client 1, round index 2
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -143,7 +143,7 @@ def _rank_pid(tmp_path, rank: int) -> int:
 def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
     import signal
 
-    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
     proc = _start(_tiny_job(tmp_path, 10_000))
     _wait_for_line(proc, "round    2/")
     victim = _rank_pid(tmp_path, 3)

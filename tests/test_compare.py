@@ -1,4 +1,4 @@
-"""`mpisage.compare` as a library, on hand-made metrics files (no mpirun): the summary figures, the written table
+"""`mpisage.tools.compare` as a library, on hand-made metrics files (no mpirun): the summary figures, the written table
 and the figure."""
 import csv
 import json
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from mpisage.compare import NOT_REACHED, is_complete, plot_comparison, summarize, write_table
-from mpisage.metrics import MetricsFile
+from mpisage.tools.compare import NOT_REACHED, is_complete, plot_comparison, summarize, write_table
+from mpisage.runtime.metrics import MetricsFile
 
 GIB = 1024 ** 3
 
@@ -55,7 +55,7 @@ def test_summarize(runs):
 def test_write_table(runs, tmp_path):
     rows = summarize(runs, target=0.8)
     md, csv_path = tmp_path / "out" / "results.md", tmp_path / "out" / "results.csv"
-    command = "python -m mpisage.compare --methods fast,slow,one --target 0.8 rounds=4"
+    command = "python -m mpisage.tools.compare --methods fast,slow,one --target 0.8 rounds=4"
     write_table(rows, str(md), str(csv_path), command)
     text = md.read_text()
     assert command in text

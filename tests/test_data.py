@@ -600,7 +600,7 @@ def test_colour_to_grey_is_refused(tmp_path, offline):
 
 def test_make_world_applies_the_dataset_keys(tmp_path, offline):
     from mpisage.config import load_config
-    from mpisage.world import make_world
+    from mpisage.runtime.world import make_world
     root = write_fashion_mnist_fixture(str(tmp_path), 40, 8)
     cfg = load_config(None, [f"dataset.root={root}", "dataset.image_size=32", "dataset.channels=3",
                              "dataset.samples_per_client=6", "num_clients=3"])

@@ -8,7 +8,7 @@ import torch
 from mpi4py import MPI
 
 from mpisage.config import ConfigError, DeviceConfig, load_config
-from mpisage.devices import (
+from mpisage.runtime.devices import (
     CUDA_AWARE_ENV,
     configure_devices,
     cuda_aware_setting,
@@ -16,7 +16,7 @@ from mpisage.devices import (
     device_for,
     needs_self_check,
 )
-from mpisage.transport import Kind, StagingPool, Transport, query_mpi_cuda_support
+from mpisage.runtime.transport import Kind, StagingPool, Transport, query_mpi_cuda_support
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -125,7 +125,7 @@ def test_payload_path_decision():
 
 
 def test_configure_devices_records_the_decision(monkeypatch):
-    import mpisage.environment as env
+    import mpisage.runtime.environment as env
     monkeypatch.setattr(env, "git_revision", lambda: "test")
     monkeypatch.delenv(CUDA_AWARE_ENV, raising=False)
     t = Transport(MPI.COMM_SELF, timeout_s=30)

@@ -36,14 +36,14 @@ def cifar(shared_tmp):
 
 @pytest.mark.parametrize("method", sorted(CLOSED_FORM))
 def test_round_bytes_match_closed_form(method, cifar, shared_tmp):
-    from mpisage.transport import PAPER_KINDS, Kind
+    from mpisage.runtime.transport import PAPER_KINDS, Kind
     run_dir = os.path.join(shared_tmp, method)
     run_job([f"algorithm={method}", f"dataset.root={cifar}", "dataset=cifar10", "model=resnet18",
              f"num_clients={M}", "rounds=2", "batch_size=16", "server_update_interval=2", f"run_dir={run_dir}",
              "eval_batch_size=20", "checkpoint_interval=100"])
 
     def check():
-        from mpisage.metrics import read_rounds
+        from mpisage.runtime.metrics import read_rounds
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
         per_round = np.diff(np.concatenate([[0], r["comm_bytes"]]))
         wire, paper, msgs = r["wire_bytes_by_kind"][-1], r["paper_bytes_by_kind"][-1], r["messages_by_kind"][-1]
@@ -67,7 +67,7 @@ def _single_process_reference(data_root: str, seed: int, rounds: int, batch_size
     from mpisage.config import load_config
     from mpisage.data import load_dataset, partition, train_transform
     from mpisage.models import build_split
-    from mpisage.world import derive_seed
+    from mpisage.runtime.world import derive_seed
     cfg = load_config(None, [f"dataset.root={data_root}", f"seed={seed}"])
     data = load_dataset("fashion_mnist", data_root)
     rows = torch.from_numpy(partition(data.train_y.numpy(), 1, "iid", seed=derive_seed(seed, "init", 1))[0])
@@ -95,7 +95,7 @@ def _single_process_reference(data_root: str, seed: int, rounds: int, batch_size
 
 @pytest.mark.parametrize("method", ["sl_vanilla", "sl_single_server"])
 def test_one_client_split_learning_equals_joined_training(method, shared_tmp):
-    from mpisage.checkpoint import read_checkpoint
+    from mpisage.runtime.checkpoint import read_checkpoint
     from mpisage.data import write_fashion_mnist_fixture
     data = os.path.join(shared_tmp, "fmnist")
     write_on_root(write_fashion_mnist_fixture, data, 150, 30)

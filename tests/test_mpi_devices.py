@@ -34,7 +34,7 @@ def made_by(rank: int) -> list[torch.Tensor]:
 def ring_exchange(transport, device="cpu") -> bool:
     """Each rank sends its tensors to the next rank and checks, bit for bit, what it gets from the previous one."""
     rank, size = transport.rank, transport.size
-    from mpisage.transport import Kind
+    from mpisage.runtime.transport import Kind
     for seq, x in enumerate(made_by(rank)):
         transport.send((rank + 1) % size, Kind.ACTIVATION, x.to(device), round=0, client=rank, seq=seq)
     ok = True
@@ -50,7 +50,7 @@ def ring_exchange(transport, device="cpu") -> bool:
 def test_staged_path_is_bit_identical_and_counts_the_same_bytes():
     from mpi4py import MPI
 
-    from mpisage.transport import Transport
+    from mpisage.runtime.transport import Transport
     comm_host, comm_staged = MPI.COMM_WORLD.Dup(), MPI.COMM_WORLD.Dup()
     host = Transport(comm_host, timeout_s=120)
     staged = Transport(comm_staged, timeout_s=120, stage_host_tensors=True)
@@ -71,7 +71,7 @@ def test_device_map_over_the_job():
     from mpi4py import MPI
 
     from mpisage.config import load_config
-    from mpisage.devices import device_map, select_device
+    from mpisage.runtime.devices import device_map, select_device
     comm = MPI.COMM_WORLD.Dup()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local = np.empty(comm.Get_size(), dtype=np.int64)
@@ -96,7 +96,7 @@ def test_a_missing_gpu_on_one_rank_stops_every_rank_with_the_same_error():
     from mpi4py import MPI
 
     from mpisage.config import ConfigError, load_config
-    from mpisage.devices import device_map
+    from mpisage.runtime.devices import device_map
     comm = MPI.COMM_WORLD.Dup()
     cfg = load_config(None, ["device.clients=cuda", "device.sserver=cpu"])
     message = ""
@@ -113,8 +113,8 @@ def test_configure_devices_agrees_on_one_path(monkeypatch):
     from mpi4py import MPI
 
     from mpisage.config import ConfigError, load_config
-    from mpisage.devices import CUDA_AWARE_ENV, configure_devices
-    from mpisage.transport import Transport
+    from mpisage.runtime.devices import CUDA_AWARE_ENV, configure_devices
+    from mpisage.runtime.transport import Transport
     monkeypatch.delenv(CUDA_AWARE_ENV, raising=False)
     comm = MPI.COMM_WORLD.Dup()
     t = Transport(comm, timeout_s=120)
@@ -152,8 +152,8 @@ def test_gpu_ranks_share_gpus_and_exchange_device_tensors():
     from mpi4py import MPI
 
     from mpisage.config import load_config
-    from mpisage.devices import configure_devices
-    from mpisage.transport import Transport
+    from mpisage.runtime.devices import configure_devices
+    from mpisage.runtime.transport import Transport
     comm = MPI.COMM_WORLD.Dup()
     t = Transport(comm, timeout_s=300)
     device = configure_devices(load_config(None, ["device.sserver=cuda", "device.clients=cuda"]), t)

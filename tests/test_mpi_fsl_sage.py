@@ -15,8 +15,8 @@ HEADER_BYTES = 14 * 8
 
 def _rounds_and_weights(run_dir: str):
     """Rank 0 reads the metrics and the final checkpoint; returns (metrics dict, flat weights) on rank 0."""
-    from mpisage.checkpoint import read_checkpoint
-    from mpisage.metrics import read_rounds
+    from mpisage.runtime.checkpoint import read_checkpoint
+    from mpisage.runtime.metrics import read_rounds
     rounds = read_rounds(os.path.join(run_dir, "metrics.h5"))
     ckpt = sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint_round"))[-1]
     _, groups = read_checkpoint(os.path.join(run_dir, ckpt))
@@ -73,8 +73,8 @@ def test_resnet18_round_bytes_match_closed_form(shared_tmp):
              "checkpoint_interval=100"])
 
     def check():
-        from mpisage.metrics import read_rounds
-        from mpisage.transport import Kind
+        from mpisage.runtime.metrics import read_rounds
+        from mpisage.runtime.transport import Kind
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
         per_round = np.diff(np.concatenate([[0], r["comm_bytes"]]))
         wire, paper, msgs = r["wire_bytes_by_kind"][-1], r["paper_bytes_by_kind"][-1], r["messages_by_kind"][-1]
@@ -105,8 +105,8 @@ def test_transport_validates_headers():
     import torch
     from mpi4py import MPI
 
-    from mpisage.transport import HEADER_BYTES as HB
-    from mpisage.transport import Kind, ProtocolError, Transport
+    from mpisage.runtime.transport import HEADER_BYTES as HB
+    from mpisage.runtime.transport import Kind, ProtocolError, Transport
     comm = MPI.COMM_WORLD.Dup()
     t = Transport(comm, timeout_s=60)
     rank = comm.Get_rank()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import on_root, run_job, write_on_root
 
-from mpisage.transport import S_SERVER
+from mpisage.runtime.transport import S_SERVER
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
@@ -35,7 +35,7 @@ def _record_sglr(monkeypatch):
     model before its step. Clients: every gradient received, by (client, round, seq)."""
     from mpisage.algorithms.base import ClientLink
     from mpisage.algorithms.sglr import Sglr
-    from mpisage.transport import Kind
+    from mpisage.runtime.transport import Kind
     expected, received = {}, {}
     on_upload, receive = Sglr.on_upload, ClientLink.receive
 
@@ -92,14 +92,14 @@ def _gather_on_sserver(received: dict) -> dict:
 
 
 def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_down(fmnist, shared_tmp, monkeypatch):
-    from mpisage.transport import Kind
+    from mpisage.runtime.transport import Kind
     expected, received = _record_sglr(monkeypatch)
     run_dir = os.path.join(shared_tmp, "sglr")
     run_job(["algorithm=sglr", f"dataset.root={fmnist}", "num_clients=4", "rounds=2", "batch_size=10",
              "split_avg=sampled", "split_avg_fraction=0.5", "eval_samples=20", f"run_dir={run_dir}"])
 
     def check():
-        from mpisage.metrics import read_rounds
+        from mpisage.runtime.metrics import read_rounds
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
         paper, msgs = r["paper_bytes_by_kind"], r["messages_by_kind"]
         per_round = np.diff(np.concatenate([[0], r["comm_bytes"]]))
@@ -168,7 +168,7 @@ def _record_gas(monkeypatch):
 
 def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, shared_tmp, monkeypatch):
     from mpisage.algorithms.gas import LabelStatistics
-    from mpisage.transport import Kind
+    from mpisage.runtime.transport import Kind
     steps, servers, restored = _record_gas(monkeypatch)
     run_dir = os.path.join(shared_tmp, "gas")
     # Every client active (C = K): a finished client has no inactive one to hand over to and goes again itself.
@@ -177,7 +177,7 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
              "eval_samples=20", f"run_dir={run_dir}"])
 
     def check():
-        from mpisage.metrics import read_rounds
+        from mpisage.runtime.metrics import read_rounds
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
         paper, msgs = r["paper_bytes_by_kind"][-1], r["messages_by_kind"][-1]
         return [len(r["round"]), paper[Kind.ACTIVATION], paper[Kind.GRADIENT], msgs[Kind.ACTIVATION],
@@ -250,7 +250,7 @@ def _server_figures(s) -> list:
 
 
 def _gas_progress(run_dir: str) -> list:
-    from mpisage.metrics import read_rounds
+    from mpisage.runtime.metrics import read_rounds
     r = read_rounds(os.path.join(run_dir, "metrics.h5"))
     monotone = all(np.all(np.diff(r[key], axis=0) >= 0) for key in ("comm_bytes", "wire_bytes", "wall_time",
                                                                      "simulated_time", "participations"))

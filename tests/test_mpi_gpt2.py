@@ -17,7 +17,7 @@ pytestmark = pytest.mark.mpi(min_size=4)
 
 def test_one_fsl_sage_round_of_gpt2_tiny_aligns_and_counts_lora_only(shared_tmp):
     from mpisage.data.e2e import write_e2e_fixture
-    from mpisage.transport import Kind
+    from mpisage.runtime.transport import Kind
     root = os.path.join(shared_tmp, "e2e")
     write_on_root(write_e2e_fixture, root, 24, 8)
     run_dir = os.path.join(shared_tmp, "gpt2")
@@ -31,7 +31,7 @@ def test_one_fsl_sage_round_of_gpt2_tiny_aligns_and_counts_lora_only(shared_tmp)
         import torch
 
         from mpisage.config import LMConfig
-        from mpisage.metrics import read_rounds
+        from mpisage.runtime.metrics import read_rounds
         from mpisage.models import build_split, state_bytes
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
         first, last = r["align_loss"][0, :, 0], r["align_loss"][0, :, 1]

@@ -16,7 +16,7 @@ COMPARED = ("test_acc", "test_loss", "comm_bytes", "server_train_loss", "client_
 
 
 def _final_state(run_dir):
-    from mpisage.checkpoint import list_checkpoints, read_checkpoint
+    from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
     _, groups = read_checkpoint(list_checkpoints(run_dir)[-1])
     # the counters, clocks and saved metrics of a resumed run include its own start-up messages and timings
     return {f"{g}/{k}": v for g, ts in groups.items() for k, v in ts.items()
@@ -26,7 +26,7 @@ def _final_state(run_dir):
 @pytest.mark.parametrize("method, truncate_newest", [("fsl_sage", True), ("sl_single_server", False)])
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(method, truncate_newest, shared_tmp):
     from mpisage.data import write_fashion_mnist_fixture
-    from mpisage.metrics import read_rounds
+    from mpisage.runtime.metrics import read_rounds
     data = os.path.join(shared_tmp, "fmnist")
     write_on_root(write_fashion_mnist_fixture, data, 300, 60)
     common = [f"algorithm={method}", f"dataset.root={data}", "num_clients=3", "batch_size=32", "align_interval=2",
@@ -39,7 +39,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(method, trun
         write_on_root(os.remove, os.path.join(parts, "metrics.h5"))
     if truncate_newest:                                         # and its newest checkpoint was cut short
         def truncate():
-            from mpisage.checkpoint import list_checkpoints
+            from mpisage.runtime.checkpoint import list_checkpoints
             newest = list_checkpoints(parts)[-1]
             with open(newest, "r+b") as f:
                 f.truncate(os.path.getsize(newest) // 2)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mpisage.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from mpisage.state import fedavg, flatten_state, load_packed, pack_named, pack_state, unpack_named, unpack_state
+from mpisage.runtime.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from mpisage.runtime.state import fedavg, flatten_state, load_packed, pack_named, pack_state, unpack_named, unpack_state
 
 
 def _net(seed):

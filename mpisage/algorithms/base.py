@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpisage.checkpoint import restore_module, restore_optimizer
+from mpisage.runtime.checkpoint import restore_module, restore_optimizer
 from mpisage.data import eval_transform
-from mpisage.state import fedavg
-from mpisage.transport import S_SERVER, Kind, Transport
-from mpisage.world import World
+from mpisage.runtime.state import fedavg
+from mpisage.runtime.transport import S_SERVER, Kind, Transport
+from mpisage.runtime.world import World
 
 
 IGNORE_INDEX = -100     # a target that is not scored (language models: prompt and padding positions)
@@ -174,7 +174,7 @@ class Algorithm:
     # Lockstep methods need every client's k-th batch before the S-server answers any (SGLR): a client rank runs
     # its clients one iteration at a time, all together, with client_send + client_finish instead of client_step.
     lockstep = False
-    # Asynchronous methods (GAS) run the loops of mpisage/asynchronous.py: no rounds, clients at their own pace.
+    # Asynchronous methods (GAS) run the loops of mpisage/roles/asynchronous.py: no rounds, clients at their own pace.
     asynchronous = False
 
     def __init__(self, world: World):

@@ -5,7 +5,7 @@ average is a no-op; here each client owns its copy, as baselines.md asks.)"""
 from __future__ import annotations
 
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, make_optimizer
-from mpisage.transport import Kind
+from mpisage.runtime.transport import Kind
 
 
 class FedAvg(Algorithm):

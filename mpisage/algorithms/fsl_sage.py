@@ -8,9 +8,9 @@ import torch
 
 from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, count_correct,
                                      count_scored, make_optimizer, optimizer_step)
-from mpisage.checkpoint import restore_module, restore_optimizer
-from mpisage.state import load_packed, pack_state, state_nbytes
-from mpisage.transport import Kind
+from mpisage.runtime.checkpoint import restore_module, restore_optimizer
+from mpisage.runtime.state import load_packed, pack_state, state_nbytes
+from mpisage.runtime.transport import Kind
 
 
 class FslSage(Algorithm):

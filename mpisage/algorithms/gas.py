@@ -1,6 +1,6 @@
 """GAS (Yang & Liu, AAAI 2025): asynchronous split federated learning with generative activations.
 
-Clients run at their own pace (the asynchronous role loops are in mpisage/asynchronous.py). For every activation
+Clients run at their own pace (the asynchronous role loops are in mpisage/roles/asynchronous.py). For every activation
 the S-server answers at once with the gradient of the logit-adjusted loss CE(s + log P_k(y), y) through its
 CURRENT model, and keeps the activation, weighted by how late in training it came. When Q_s batches are buffered
 it folds them into per-label activation statistics, tops every label up to B samples with activations drawn from
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState, optimizer_step
 from mpisage.config import ConfigError
 from mpisage.models import state_bytes
-from mpisage.state import fedavg
-from mpisage.world import derive_seed
+from mpisage.runtime.state import fedavg
+from mpisage.runtime.world import derive_seed
 
 
 @dataclass

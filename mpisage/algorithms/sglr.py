@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, MeanEvaluation, ServerState,
                                      make_optimizer, optimizer_step)
 from mpisage.config import ConfigError
-from mpisage.transport import Kind
+from mpisage.runtime.transport import Kind
 
 
 class Sglr(Algorithm):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 
 from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, make_optimizer
-from mpisage.checkpoint import restore_module, restore_optimizer
-from mpisage.state import fedavg, load_packed, pack_state
-from mpisage.transport import Kind
+from mpisage.runtime.checkpoint import restore_module, restore_optimizer
+from mpisage.runtime.state import fedavg, load_packed, pack_state
+from mpisage.runtime.transport import Kind
 
 
 class SplitFedV2(Algorithm):

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import torch
 
-from mpisage.state import flatten_state, named_manifest, numpy_of, pack_state, state_nbytes, unpack_named
-from mpisage.transport import F_SERVER, Kind, Transport
+from mpisage.runtime.state import flatten_state, named_manifest, numpy_of, pack_state, state_nbytes, unpack_named
+from mpisage.runtime.transport import F_SERVER, Kind, Transport
 
 FORMAT_VERSION = 1
 

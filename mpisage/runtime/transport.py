@@ -10,7 +10,7 @@ Bytes are counted at the send, per kind and destination role: the wire figure (h
 and the paper figure (payload only, for the kinds the FSL-SAGE reference counts; labels, control, evaluation and
 checkpoint traffic are wire-only).
 
-Payloads take one of three paths, chosen once for the whole job (`mpisage.devices.configure_devices`):
+Payloads take one of three paths, chosen once for the whole job (`mpisage.runtime.devices.configure_devices`):
 "host" (no rank has a GPU: tensors are sent from and received into their own memory), "direct" (a CUDA-aware MPI:
 GPU tensors are handed to MPI after their stream is synchronised) or "staged" (GPUs but an MPI that cannot read
 device memory: GPU payloads are copied through reusable pinned host buffers, `StagingPool`). CPU tensors never
@@ -174,7 +174,7 @@ class Transport:
         self._payload_path = "host"
         self.stage_host_tensors = stage_host_tensors
         self.staging = StagingPool()
-        # set by mpisage.devices.configure_devices: what it detected about CUDA-aware MPI and why, every rank's device
+        # set by mpisage.runtime.devices.configure_devices: what it detected about CUDA-aware MPI and why, every rank's device
         self.cuda_awareness = None
         self.devices: list[str] | None = None
 

@@ -12,7 +12,7 @@ import torch
 from mpisage.config import Config, ConfigError
 from mpisage.data import ImageDataset, convert_dataset, label_histograms, load_dataset, partition
 from mpisage.models import SplitModel, build_split
-from mpisage.transport import F_SERVER, S_SERVER, Transport
+from mpisage.runtime.transport import F_SERVER, S_SERVER, Transport
 
 STREAMS = {"init": 0, "client": 1, "server": 2, "fserver": 3}
 
@@ -40,7 +40,7 @@ class World:
 
     def resume_state(self, group: str) -> dict[str, torch.Tensor]:
         """This rank's flat state from the resume checkpoint (every rank reads its own group)."""
-        from mpisage.checkpoint import read_checkpoint
+        from mpisage.runtime.checkpoint import read_checkpoint
         return read_checkpoint(self.resume_from[0], [group])[1][group]
 
     @property

@@ -10,10 +10,10 @@ from mpi4py import MPI
 
 from mpisage.algorithms import Algorithm
 from mpisage.algorithms.base import IGNORE_INDEX
-from mpisage.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
-from mpisage.environment import resident_bytes
-from mpisage.state import load_packed, state_nbytes
-from mpisage.transport import F_SERVER, Kind, ProtocolError
+from mpisage.runtime.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
+from mpisage.runtime.environment import resident_bytes
+from mpisage.runtime.state import load_packed, state_nbytes
+from mpisage.runtime.transport import F_SERVER, Kind, ProtocolError
 
 
 def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):

@@ -22,7 +22,7 @@ import torch
 from mpi4py import MPI
 
 from mpisage.config import Config, ConfigError, DeviceConfig
-from mpisage.transport import F_SERVER, S_SERVER, Transport, query_mpi_cuda_support
+from mpisage.runtime.transport import F_SERVER, S_SERVER, Transport, query_mpi_cuda_support
 
 CUDA_AWARE_ENV = "MPISAGE_CUDA_AWARE"
 CUDA_AWARE_SETTINGS = ("auto", "yes", "no")

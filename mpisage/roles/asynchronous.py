@@ -22,17 +22,17 @@ import time
 import numpy as np
 import torch
 
-from mpisage import preemption
+from mpisage.runtime import preemption
 from mpisage.algorithms.base import ClientLink
-from mpisage.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state, transport_state,
+from mpisage.runtime.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state, transport_state,
                                 write_checkpoint)
 from mpisage.config import to_yaml
 from mpisage.data import train_transform
-from mpisage.environment import environment, resident_bytes
-from mpisage.metrics import MetricsFile
-from mpisage.sserver import recv_labels
-from mpisage.state import flatten_state, load_packed, pack_state, state_nbytes
-from mpisage.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError, split_counters
+from mpisage.runtime.environment import environment, resident_bytes
+from mpisage.runtime.metrics import MetricsFile
+from mpisage.roles.sserver import recv_labels
+from mpisage.runtime.state import flatten_state, load_packed, pack_state, state_nbytes
+from mpisage.runtime.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError, split_counters
 
 GIB = 1024 ** 3
 FINAL = -1          # the round field of a rank's last report

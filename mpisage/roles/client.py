@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from mpisage.algorithms import Algorithm, ClientLink, ClientState
-from mpisage.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
+from mpisage.runtime.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.data import train_transform
-from mpisage.environment import resident_bytes
-from mpisage.state import load_packed, pack_state, state_nbytes
-from mpisage.transport import F_SERVER, Kind
+from mpisage.runtime.environment import resident_bytes
+from mpisage.runtime.state import load_packed, pack_state, state_nbytes
+from mpisage.runtime.transport import F_SERVER, Kind
 
 # per-client figures sent to the F-server after each round: local loss sum, correct, samples, seconds
 CLIENT_STATS = 4

@@ -1,4 +1,4 @@
-"""`python -m mpisage.bench [-n RANKS] [--rounds R] [key=value ...]`: runs a fixed job under mpirun and prints
+"""`python -m mpisage.tools.bench [-n RANKS] [--rounds R] [key=value ...]`: runs a fixed job under mpirun and prints
 seconds per round, how busy the S-server was and how idle the clients were, from the run's own metrics.
 
 Figures are medians over the steady-state rounds (an alignment round is reported on its own); they come from one
@@ -14,8 +14,8 @@ import tempfile
 
 import numpy as np
 
-from mpisage.environment import job_command
-from mpisage.metrics import read_rounds
+from mpisage.runtime.environment import job_command
+from mpisage.runtime.metrics import read_rounds
 
 FIXED = ["algorithm=fsl_sage", "model=cnn", "dataset=fashion_mnist", "dataset.distribution=iid", "batch_size=64",
          "seed=200", "checkpoint_interval=1000"]
@@ -44,7 +44,7 @@ def figures(metrics_path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpisage.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m mpisage.tools.bench", description=__doc__)
     p.add_argument("-n", "--ranks", type=int, default=11)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--keep", help="keep the run here instead of a temporary directory")

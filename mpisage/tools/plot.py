@@ -1,4 +1,4 @@
-"""`python -m mpisage.plot RUN_DIR... [-o out.png]`: test accuracy against communication (GiB, the paper's
+"""`python -m mpisage.tools.plot RUN_DIR... [-o out.png]`: test accuracy against communication (GiB, the paper's
 figure) and against wall time, one line per run."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mpisage.metrics import read_attrs, read_rounds  # noqa: E402
+from mpisage.runtime.metrics import read_attrs, read_rounds  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -43,7 +43,7 @@ def plot(run_dirs: list[str], out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpisage.plot", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m mpisage.tools.plot", description=__doc__)
     p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.h5")
     p.add_argument("-o", "--out", help="PNG to write (default: RUN_DIR/accuracy.png for one run, accuracy.png else)")
     args = p.parse_args(argv)

@@ -9,16 +9,16 @@ import time
 import numpy as np
 import torch
 
-from mpisage import preemption
+from mpisage.runtime import preemption
 from mpisage.algorithms import Algorithm
-from mpisage.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
-from mpisage.client import CLIENT_STATS
+from mpisage.runtime.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
+from mpisage.roles.client import CLIENT_STATS
 from mpisage.config import to_yaml
-from mpisage.environment import environment, resident_bytes
-from mpisage.metrics import MetricsFile
-from mpisage.sserver import sserver_extra_len
-from mpisage.state import flatten_state, pack_state, state_nbytes
-from mpisage.transport import NUM_KINDS, S_SERVER, Kind, role_of
+from mpisage.runtime.environment import environment, resident_bytes
+from mpisage.runtime.metrics import MetricsFile
+from mpisage.roles.sserver import sserver_extra_len
+from mpisage.runtime.state import flatten_state, pack_state, state_nbytes
+from mpisage.runtime.transport import NUM_KINDS, S_SERVER, Kind, role_of
 
 GIB = 1024 ** 3
 

@@ -1,6 +1,6 @@
-"""`python -m mpisage.compare`: run several algorithms on the same settings, one after another, and compare them.
+"""`python -m mpisage.tools.compare`: run several algorithms on the same settings, one after another, and compare them.
 
-    python -m mpisage.compare --methods fsl_sage,cse_fsl,fed_avg,sl_single_server,sl_multi_server [--ranks 11]
+    python -m mpisage.tools.compare --methods fsl_sage,cse_fsl,fed_avg,sl_single_server,sl_multi_server [--ranks 11]
             [--target 0.85] [--out runs/compare] [--skip-existing] [key=value ...]
 
 Each method M runs as `mpirun -n RANKS python -m mpisage.run key=value ... algorithm=M run_dir=OUT/M`. A method may
@@ -34,8 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from mpisage.environment import job_command  # noqa: E402
-from mpisage.metrics import read_attrs, read_rounds  # noqa: E402
+from mpisage.runtime.environment import job_command  # noqa: E402
+from mpisage.runtime.metrics import read_attrs, read_rounds  # noqa: E402
 
 GIB = 1024 ** 3
 NOT_REACHED = "not reached"
@@ -149,7 +149,7 @@ def run_method(method: str, ranks: int, overrides: list[str], run_dir: str) -> i
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m mpisage.compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mpisage.tools.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", required=True, help="comma-separated algorithm names")
     p.add_argument("--ranks", type=int, default=11, help="MPI ranks per run (default 11)")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         done[method] = run_dir
 
-    command = "python -m mpisage.compare " + shlex.join(argv)
+    command = "python -m mpisage.tools.compare " + shlex.join(argv)
     rows = summarize(done, args.target)
     write_table(rows, os.path.join(args.out, "results.md"), os.path.join(args.out, "results.csv"), command, failed)
     if done:

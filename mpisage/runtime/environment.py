@@ -26,17 +26,17 @@ def git_revision() -> str:
 
 def environment(comm, transport=None) -> str:
     """A JSON string: versions, MPI library and size, device facts, git revision. With the job's `transport` (after
-    mpisage.devices.configure_devices), also every rank's device, the payload path and how CUDA-awareness was
+    mpisage.runtime.devices.configure_devices), also every rank's device, the payload path and how CUDA-awareness was
     decided; without it, only what this rank's MPI library says."""
     import mpi4py
 
-    from mpisage.transport import query_mpi_cuda_support
+    from mpisage.runtime.transport import query_mpi_cuda_support
     awareness = getattr(transport, "cuda_awareness", None)
     if awareness is not None:
         cuda_aware = awareness.as_dict()
     else:
         cuda_aware = {"library": query_mpi_cuda_support(),
-                      "how": "not decided: mpisage.devices.configure_devices was not called for this job"}
+                      "how": "not decided: mpisage.runtime.devices.configure_devices was not called for this job"}
     return json.dumps({
         "mpisage": mpisage.__version__, "git": git_revision(), "python": platform.python_version(),
         "torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "mpi4py": mpi4py.__version__,
