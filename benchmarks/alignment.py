@@ -13,8 +13,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.base import ServerState
-from mpisage.algorithms.fsl_sage import FslSage
+from mpisage.algorithms.fsl_sage import FslSage, FslSageServer
 from mpisage.models import build_split
 
 
@@ -23,9 +22,8 @@ def probe(aux_variant: str, samples: int, steps: int) -> tuple[float, float, flo
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10, aux=aux_variant)
     algo = FslSage.__new__(FslSage)
     algo.cfg = types.SimpleNamespace(align_buffer_size=samples, align_steps=steps)
-    s = ServerState(split.server, None, None)
-    s.extra.update(buffer_z={}, buffer_y={}, buffer_fill={}, aux={0: split.aux},
-                   aux_optimizer={0: torch.optim.Adam(split.aux.parameters(), lr=1e-3)})
+    s = FslSageServer(split.server, None, None, aux={0: split.aux},
+                      aux_optimizer={0: torch.optim.Adam(split.aux.parameters(), lr=1e-3)})
     with torch.no_grad():
         z = split.client(torch.randn(samples, 1, 28, 28))
     y = torch.randint(0, 10, (samples,))
@@ -33,7 +31,7 @@ def probe(aux_variant: str, samples: int, steps: int) -> tuple[float, float, flo
     start = time.perf_counter()
     algo.align(s, 0)
     seconds = time.perf_counter() - start
-    first, last = s.extra["align_loss"][0]
+    first, last = s.align_loss[0]
     grads = []
     for model in (split.server, split.aux):
         zl = z.clone().requires_grad_(True)

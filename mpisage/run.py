@@ -4,13 +4,15 @@ Rank 0 is the F-server, rank 1 the S-server, ranks 2.. the clients. Any exceptio
 job (MPI_Abort) after printing the rank, its role and the reason, so nothing hangs."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
 
-# Ranks outnumber cores: keep each rank to its threads and make MPICH waits yield (set before MPI starts).
-os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from mpisage.runtime.process import prepare_rank_environment
+
+prepare_rank_environment()      # before MPI starts
+logger = logging.getLogger("mpisage")
 
 
 def _fail(rank: int, role: str, exc: BaseException) -> None:
@@ -51,42 +53,40 @@ def run_job(cfg, comm, log=None) -> dict:
 
 def _run_role(cfg, world, comm, log) -> dict:
     from mpisage.algorithms import make_algorithm
+    from mpisage.runtime.transport import F_SERVER, S_SERVER
     algo = make_algorithm(world)
     rank = comm.Get_rank()
-    if algo.asynchronous:
-        from mpisage.roles.asynchronous import run_async_client, run_async_fserver, run_async_sserver
+    log = log or logger.info
+    asynchronous = algo.schedule == "async"
+    if asynchronous:
+        from mpisage.roles.asynchronous import run_async_client as run_client
+        from mpisage.roles.asynchronous import run_async_fserver as run_fserver
+        from mpisage.roles.asynchronous import run_async_sserver as run_sserver
         if world.start_round >= cfg.rounds:      # resumed after its last update: nothing left to do on any rank
-            if rank == 0:
-                (log or _print)(f"[mpisage] {cfg.run_dir} already holds {world.start_round} updates; raise rounds= "
-                                f"to continue it")
+            if rank == F_SERVER:
+                log(f"[mpisage] {cfg.run_dir} already holds {world.start_round} updates; raise rounds= to continue it")
             return {}
-        if rank == 0:
-            _announce(cfg, world, comm, log, updates=True)
-            return run_async_fserver(algo, log=log or _print)
-        run_async_sserver(algo) if rank == 1 else run_async_client(algo)
-        return {}
-    if rank == 0:
-        from mpisage.roles.fserver import run_fserver
-        _announce(cfg, world, comm, log)
-        return run_fserver(algo, log=log or _print)
-    if rank == 1:
-        from mpisage.roles.sserver import run_sserver
-        run_sserver(algo)
     else:
         from mpisage.roles.client import run_client
-        run_client(algo)
+        from mpisage.roles.fserver import run_fserver
+        from mpisage.roles.sserver import run_sserver
+    if rank == F_SERVER:
+        log(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
+            f"{world.num_clients} clients on {world.num_client_ranks} client ranks | up to {cfg.rounds} "
+            f"{'global updates' if asynchronous else 'rounds'} | run_dir {cfg.run_dir}")
+        return run_fserver(algo, log=log)
+    run_sserver(algo) if rank == S_SERVER else run_client(algo)
     return {}
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
-
-
-def _announce(cfg, world, comm, log, updates: bool = False) -> None:
-    """The job's first line; an asynchronous method counts global updates, not rounds."""
-    (log or _print)(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
-                    f"{world.num_clients} clients on {comm.Get_size() - 2} client ranks | up to {cfg.rounds} "
-                    f"{'global updates' if updates else 'rounds'} | run_dir {cfg.run_dir}")
+def configure_logging(rank: int) -> None:
+    """One rank speaks: rank 0 logs progress lines to stdout, one write per line (MPICH interleaves ranks' output
+    mid-line otherwise); the other ranks log warnings and errors only."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     role = {0: "F-server", 1: "S-server"}.get(rank, "client")
+    configure_logging(rank)
     try:
         # Every rank parses the same arguments identically, so a bad config stops every rank the same way.
         cfg = load_config(*parse_args(sys.argv[1:] if argv is None else argv))
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_job(cfg, comm)
         if rank == 0 and summary:
-            print(f"[mpisage] done: test acc {summary['test_acc']:.4f} after {summary['round'] + 1} rounds, "
-                  f"{summary['comm_bytes'] / 1024 ** 3:.3f} GiB, metrics in {cfg.run_dir}/metrics.h5", flush=True)
+            logger.info(f"[mpisage] done: test acc {summary['test_acc']:.4f} after {summary['round'] + 1} rounds, "
+                        f"{summary['comm_bytes'] / 1024 ** 3:.3f} GiB, metrics in {cfg.run_dir}/metrics.h5")
     except (ConfigError, DataError, CheckpointError) as e:
         # Start-up checks that need MPI or data (rank counts, partitions, files) fail identically on every rank.
         if rank == 0:

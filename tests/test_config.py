@@ -37,6 +37,9 @@ def test_overrides_file_and_shorthands(tmp_path):
     (["lr=0"], "lr"),
     (["num_clients=0"], "num_clients"),
     (["rounds"], "key=value"),
+    (["optimizer=lion"], "optimizer"),
+    (["split_avg=all"], "split_avg"),
+    (["device.clients=tpu"], "device.clients"),
 ])
 def test_bad_config_is_rejected_with_its_name(override, needle):
     with pytest.raises(ConfigError) as e:

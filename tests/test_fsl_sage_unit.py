@@ -4,8 +4,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.base import ServerState
-from mpisage.algorithms.fsl_sage import FslSage
+from mpisage.algorithms.fsl_sage import FslSage, FslSageServer
 from mpisage.models import build_split
 
 
@@ -17,9 +16,7 @@ def _algo(buffer_size=10, steps=50):
 
 
 def _state(server=None):
-    s = ServerState(server, None, None)
-    s.extra.update(buffer_z={}, buffer_y={}, buffer_fill={}, aux={}, aux_optimizer={})
-    return s
+    return FslSageServer(server, None, None)
 
 
 def test_buffer_keeps_exactly_the_last_n_uploaded_samples():
@@ -40,8 +37,8 @@ def test_alignment_pulls_the_aux_gradient_towards_the_server_gradient():
     z = split.client(torch.randn(64, 1, 28, 28)).detach()
     y = torch.randint(0, 10, (64,))
     algo._buffer(s, 0, z, y)
-    s.extra["aux"][0] = split.aux
-    s.extra["aux_optimizer"][0] = torch.optim.Adam(split.aux.parameters(), lr=1e-3)
+    s.aux[0] = split.aux
+    s.aux_optimizer[0] = torch.optim.Adam(split.aux.parameters(), lr=1e-3)
 
     def mismatch():
         zl = z.clone().requires_grad_(True)
@@ -53,7 +50,7 @@ def test_alignment_pulls_the_aux_gradient_towards_the_server_gradient():
     before = mismatch()
     server_before = [p.clone() for p in split.server.parameters()]
     algo.align(s, 0)
-    first, last = s.extra["align_loss"][0]
+    first, last = s.align_loss[0]
     # Measured: the default CNN aux plateaus near 0.8x of the initial mismatch (its pooled input cannot express
     # the conv server's gradient exactly); without double back-propagation the loss would not move at all.
     assert last < 0.9 * first and mismatch() < 0.9 * before

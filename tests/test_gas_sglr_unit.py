@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpisage.algorithms.base import ServerState
-from mpisage.algorithms.gas import Gas, LabelStatistics, client_profiles, count_macs, merge_statistics
-from mpisage.algorithms.sglr import Sglr
+from mpisage.algorithms.asynchronous import client_profiles, count_macs
+from mpisage.algorithms.gas import Gas, GasServer, LabelStatistics, merge_statistics
+from mpisage.algorithms.sglr import Sglr, SglrServer
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
@@ -43,24 +43,23 @@ def _gas(batch_size=8, generative=True, num_classes=4):
 
 
 def _buffered(algo, labels_per_batch, shape=(2, 3, 3)):
-    s = ServerState(None, None, None)
-    s.extra.update(statistics={}, generator=torch.Generator().manual_seed(1), generated=0, buffer=[])
+    s = GasServer(None, None, None, generator=torch.Generator().manual_seed(1))
     for i, labels in enumerate(labels_per_batch):
         y = torch.tensor(labels)
-        s.extra["buffer"].append((torch.randn(len(y), *shape) + y.view(-1, 1, 1, 1), y, float(i + 1)))
+        s.buffer.append((torch.randn(len(y), *shape) + y.view(-1, 1, 1, 1), y, float(i + 1)))
     return s
 
 
 def test_generation_tops_every_label_up_to_b_and_keeps_every_real_activation():
     algo = _gas(batch_size=8)
     s = _buffered(algo, [[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 0, 1, 1, 2, 2, 2]])
-    real_z = torch.cat([b[0] for b in s.extra["buffer"]])
-    real_y = torch.cat([b[1] for b in s.extra["buffer"]])
+    real_z = torch.cat([b[0] for b in s.buffer])
+    real_y = torch.cat([b[1] for b in s.buffer])
     z, y = algo.server_batch(s)
     assert torch.equal(z[:len(real_z)], real_z) and torch.equal(y[:len(real_y)], real_y)
     counts = torch.bincount(y, minlength=4).tolist()
     assert counts == [max(8, int((real_y == c).sum())) for c in range(4)] == [8, 8, 8, 8]
-    assert s.extra["generated"] == len(y) - len(real_y) == 32 - 16
+    assert s.generated == len(y) - len(real_y) == 32 - 16
     # generated activations follow their label's statistics (label c is centred near c here)
     for c in range(4):
         assert abs(z[len(real_z):][y[len(real_y):] == c].mean().item() - c) < 1.0
@@ -73,7 +72,7 @@ def test_a_label_never_seen_gets_no_generated_samples_and_the_ablation_generates
     ablation = _gas(batch_size=4, generative=False)
     s = _buffered(ablation, [[0, 0, 1, 1], [1, 2, 2, 2]])
     z, y = ablation.server_batch(s)
-    assert len(y) == 8 and s.extra["generated"] == 0
+    assert len(y) == 8 and s.generated == 0
 
 
 def _sglr(mode, fraction, m=3, rounds=10):
@@ -84,8 +83,8 @@ def _sglr(mode, fraction, m=3, rounds=10):
     algo.server_lr = 0.1
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4))
-    s = ServerState(model, torch.optim.SGD(model.parameters(), lr=0.1), np.zeros((m, 3)))
-    s.extra.update(pending={}, generator=torch.Generator().manual_seed(3))
+    s = SglrServer(model, torch.optim.SGD(model.parameters(), lr=0.1), np.zeros((m, 3)),
+                   generator=torch.Generator().manual_seed(3))
     return algo, s
 
 

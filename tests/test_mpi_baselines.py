@@ -63,7 +63,7 @@ def _single_process_reference(data_root: str, seed: int, rounds: int, batch_size
     """The joined model trained in one process on the very batches the one client of the MPI run sees."""
     import torch.nn.functional as F
 
-    from mpisage.algorithms.base import make_optimizer
+    from mpisage.algorithms.training import make_optimizer
     from mpisage.config import load_config
     from mpisage.data import load_dataset, partition, train_transform
     from mpisage.models import build_split

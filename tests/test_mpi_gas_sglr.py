@@ -33,14 +33,14 @@ def fmnist(shared_tmp):
 def _record_sglr(monkeypatch):
     """S-server: for every iteration, the slices and their mean recomputed from the uploads through a copy of the
     model before its step. Clients: every gradient received, by (client, round, seq)."""
-    from mpisage.algorithms.base import ClientLink
+    from mpisage.runtime.protocol import ClientLink
     from mpisage.algorithms.sglr import Sglr
     from mpisage.runtime.transport import Kind
     expected, received = {}, {}
     on_upload, receive = Sglr.on_upload, ClientLink.receive
 
     def recording_upload(self, s, round, cid, seq, z, y):
-        pending = dict(s.extra["pending"])
+        pending = dict(s.pending)
         last = cid not in pending and len(pending) + 1 == self.world.num_clients
         before = copy.deepcopy(s.model) if last else None
         replies = on_upload(self, s, round, cid, seq, z, y)
@@ -144,10 +144,11 @@ def _record_gas(monkeypatch):
     state itself (for its final statistics), and its figures right after a resume restored it."""
     from mpisage.algorithms.gas import Gas
     steps, servers, restored = [], [], []
-    server_batch, make_server, restore_server = Gas.server_batch, Gas.make_server, Gas.restore_server
+    from mpisage.algorithms.gas import GasServer
+    server_batch, make_server, restore_server = Gas.server_batch, Gas.make_server, GasServer.load_state_dict
 
     def recording_batch(self, s):
-        real = [(z.clone(), y.clone(), w) for z, y, w in s.extra["buffer"]]
+        real = [(z.clone(), y.clone(), w) for z, y, w in s.buffer]
         z, y = server_batch(self, s)
         steps.append((real, z.clone(), y.clone()))
         return z, y
@@ -156,13 +157,13 @@ def _record_gas(monkeypatch):
         servers.append(make_server(self))
         return servers[-1]
 
-    def recording_restore(self, s, flat, prefix):
-        restore_server(self, s, flat, prefix)
+    def recording_restore(s, flat, prefix, device=None):
+        restore_server(s, flat, prefix, device)
         restored.append(_server_figures(s))
 
     monkeypatch.setattr(Gas, "server_batch", recording_batch)
     monkeypatch.setattr(Gas, "make_server", recording_server)
-    monkeypatch.setattr(Gas, "restore_server", recording_restore)
+    monkeypatch.setattr(GasServer, "load_state_dict", recording_restore)
     return steps, servers, restored
 
 
@@ -207,7 +208,7 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
                 tops += want > n_real
             whole += [(r[0].flatten(1), r[1], torch.full((len(r[1]),), r[2])) for r in real]
         z, y, w = (torch.cat(parts) for parts in zip(*whole))
-        stats = servers[0].extra["statistics"]
+        stats = servers[0].statistics
         for label in seen:
             rows = y == label
             truth = LabelStatistics.of(z[rows], w[rows], diagonal=True)
@@ -215,8 +216,8 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
             assert torch.allclose(stats[label].mean, truth.mean, rtol=1e-9, atol=1e-12)
             assert torch.allclose(stats[label].scatter, truth.scatter, rtol=1e-9, atol=1e-12)
         generated_here = sum(len(y) - sum(len(r[1]) for r in real) for real, z, y in steps)
-        left_in_buffer = sum(len(b[1]) for b in servers[0].extra["buffer"])   # a step not yet due at the stop
-        return [len(steps), len(seen), tops, generated_here == servers[0].extra["generated"], len(z) + left_in_buffer]
+        left_in_buffer = sum(len(b[1]) for b in servers[0].buffer)   # a step not yet due at the stop
+        return [len(steps), len(seen), tops, generated_here == servers[0].generated, len(z) + left_in_buffer]
 
     n_steps, labels_seen, tops, generated_agrees, n_real = on_root(check_server_batches, root=S_SERVER)
     assert n_steps >= 3 and labels_seen >= 5 and tops > 0 and generated_agrees
@@ -245,8 +246,7 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
 
 
 def _server_figures(s) -> list:
-    return [len(s.extra["buffer"]), s.extra["steps"], s.extra["generated"],
-            sum(st.weight for st in s.extra["statistics"].values())]
+    return [len(s.buffer), s.steps, s.generated, sum(st.weight for st in s.statistics.values())]
 
 
 def _gas_progress(run_dir: str) -> list:

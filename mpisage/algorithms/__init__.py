@@ -1,5 +1,6 @@
-"""Algorithms by config name. Each is a small file of hooks (see base.py)."""
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState
+"""Algorithms by config name. Each is a small file of hooks (base.py: synchronous; asynchronous.py: asynchronous)."""
+from mpisage.algorithms.asynchronous import AsyncAlgorithm
+from mpisage.algorithms.base import Algorithm, ClientState, ServerState
 from mpisage.algorithms.fed_avg import FedAvg
 from mpisage.algorithms.fsl_sage import FslSage
 from mpisage.algorithms.gas import Gas
@@ -15,4 +16,4 @@ def make_algorithm(world) -> Algorithm:
     return REGISTRY[world.cfg.algorithm](world)
 
 
-__all__ = ["Algorithm", "ClientLink", "ClientState", "ServerState", "REGISTRY", "make_algorithm"]
+__all__ = ["Algorithm", "AsyncAlgorithm", "ClientState", "ServerState", "REGISTRY", "make_algorithm"]

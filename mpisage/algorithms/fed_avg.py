@@ -4,7 +4,9 @@ evaluates the averaged model. (The FSL-SAGE authors' code shares one server-part
 average is a no-op; here each client owns its copy, as baselines.md asks.)"""
 from __future__ import annotations
 
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, make_optimizer
+from mpisage.algorithms.base import Algorithm, ClientState
+from mpisage.algorithms.training import make_optimizer
+from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.transport import Kind
 
 
@@ -22,5 +24,5 @@ class FedAvg(Algorithm):
         c.server.train()
         return self.local_step(c, c.server(c.model(x)), y)
 
-    def eval_models(self, s, shared):
-        return shared[Kind.SERVER_MODEL], shared[Kind.CLIENT_MODEL]
+    def evaluation(self, s, modules):
+        return self.make_evaluation(modules[(Kind.SERVER_MODEL, -1)], modules[(Kind.CLIENT_MODEL, -1)])

@@ -4,13 +4,30 @@ l rounds the S-server aligns each client's auxiliary model to its own true cut-l
 """
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
 
-from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, count_correct,
-                                     count_scored, make_optimizer, optimizer_step)
-from mpisage.runtime.checkpoint import restore_module, restore_optimizer
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.algorithms.training import count_correct, count_scored, make_optimizer, optimizer_step
+from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import load_packed, pack_state, state_nbytes
+from mpisage.runtime.stateful import transient
 from mpisage.runtime.transport import Kind
+
+
+@dataclass
+class FslSageServer(ServerState):
+    """Per client: an auxiliary copy with its own Adam (state persists across alignments) and a ring of the last
+    `align_buffer_size` uploaded samples (kept as uploaded: they go stale, as in the paper)."""
+    aux: dict[int, nn.Module] = field(default_factory=dict)
+    aux_optimizer: dict[int, torch.optim.Optimizer] = field(default_factory=dict)
+    buffer_z: dict[int, torch.Tensor] = field(default_factory=dict)       # created at a client's first upload
+    buffer_y: dict[int, torch.Tensor] = field(default_factory=dict)
+    buffer_fill: dict[int, torch.Tensor] = field(default_factory=dict)    # [samples held, next write position]
+    align_loss: dict[int, tuple[float, float]] = transient(default_factory=dict)   # this round's (first, last)
 
 
 class FslSage(Algorithm):
@@ -41,20 +58,12 @@ class FslSage(Algorithm):
         return loss.item() * count_scored(y), count_correct(logits, y)
 
     # ------------------------------------------------------------------ S-server
-    def make_server(self) -> ServerState:
-        s = super().make_server()
-        # Per client: an auxiliary copy with its own Adam (state persists across alignments) and a FIFO of the
-        # last `align_buffer_size` uploaded samples (kept as uploaded: they go stale, as in the paper).
-        s.extra["aux"] = {}
-        s.extra["aux_optimizer"] = {}
-        s.extra["buffer_z"] = {}
-        s.extra["buffer_y"] = {}
-        s.extra["buffer_fill"] = {}
+    def make_server(self) -> FslSageServer:
+        s = self.server_state(FslSageServer)
         for cid in range(self.world.num_clients):
-            aux = self.world.initial_part("aux")
-            s.extra["aux"][cid] = aux
-            s.extra["aux_optimizer"][cid] = make_optimizer(aux.parameters(), self.cfg, lr=self.cfg.align_lr,
-                                                            weight_decay=0.0)
+            s.aux[cid] = self.world.initial_part("aux")
+            s.aux_optimizer[cid] = make_optimizer(s.aux[cid].parameters(), self.cfg, lr=self.cfg.align_lr,
+                                                  weight_decay=0.0)
         return s
 
     def expected_uploads(self, cid: int) -> int:
@@ -66,18 +75,18 @@ class FslSage(Algorithm):
         self._buffer(s, cid, z, y)
         if seq == 0 and self.is_align_round(round):
             self.align(s, cid)
-            return [(Kind.AUX_MODEL, pack_state(s.extra["aux"][cid].state_dict()))]
+            return [(Kind.AUX_MODEL, pack_state(s.aux[cid].state_dict()))]
         return []
 
-    def _buffer(self, s: ServerState, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
+    def _buffer(self, s: FslSageServer, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
         """Keeps the last `align_buffer_size` samples in a ring (alignment uses the whole buffer as one batch, so
         the order inside it does not matter; a ring avoids re-copying the buffer on every upload)."""
         n = self.cfg.align_buffer_size
-        if cid not in s.extra["buffer_z"]:
-            s.extra["buffer_z"][cid] = z.new_empty((n, *z.shape[1:]))
-            s.extra["buffer_y"][cid] = y.new_empty((n, *y.shape[1:]))    # token targets are [n, T]
-            s.extra["buffer_fill"][cid] = torch.zeros(2, dtype=torch.int64)   # samples held, next write position
-        bz, by, fill = s.extra["buffer_z"][cid], s.extra["buffer_y"][cid], s.extra["buffer_fill"][cid]
+        if cid not in s.buffer_z:
+            s.buffer_z[cid] = z.new_empty((n, *z.shape[1:]))
+            s.buffer_y[cid] = y.new_empty((n, *y.shape[1:]))    # token targets are [n, T]
+            s.buffer_fill[cid] = torch.zeros(2, dtype=torch.int64)
+        bz, by, fill = s.buffer_z[cid], s.buffer_y[cid], s.buffer_fill[cid]
         z, y = z[-n:], y[-n:]
         pos = int(fill[1])
         first = min(len(y), n - pos)
@@ -86,17 +95,17 @@ class FslSage(Algorithm):
         fill[0] = min(n, int(fill[0]) + len(y))
         fill[1] = (pos + len(y)) % n
 
-    def buffered(self, s: ServerState, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        held = int(s.extra["buffer_fill"][cid][0])
-        return s.extra["buffer_z"][cid][:held], s.extra["buffer_y"][cid][:held]
+    def buffered(self, s: FslSageServer, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        held = int(s.buffer_fill[cid][0])
+        return s.buffer_z[cid][:held], s.buffer_y[cid][:held]
 
-    def align(self, s: ServerState, cid: int) -> float:
+    def align(self, s: FslSageServer, cid: int) -> float:
         """Lazy alignment: the true cut-layer gradients of the current server model on the whole buffer
         (server in train mode: BN statistics update, weights do not), then `align_steps` Adam steps of the
         client's auxiliary copy on sum((g_aux(z) - G)^2), g_aux by double back-propagation (align batch = the
         whole buffer, so estimate and target share the 1/N scale). Returns the last loss."""
         z, y = self.buffered(s, cid)
-        aux, opt = s.extra["aux"][cid], s.extra["aux_optimizer"][cid]
+        aux, opt = s.aux[cid], s.aux_optimizer[cid]
         s.model.train()
         z_leaf = z.detach().clone().requires_grad_(True)
         (target,) = torch.autograd.grad(self.train_loss(s.model(z_leaf), y), z_leaf)   # scale 1/N
@@ -111,25 +120,18 @@ class FslSage(Algorithm):
             opt.step()
             losses.append(loss.item())
         if losses:   # first and last alignment loss of this client's latest alignment, for the metrics
-            s.extra.setdefault("align_loss", {})[cid] = (losses[0], losses[-1])
+            s.align_loss[cid] = (losses[0], losses[-1])
         return losses[-1] if losses else float("nan")
 
-    def server_checkpoint(self, s: ServerState) -> dict:
-        x = s.extra
-        return {**super().server_checkpoint(s),
-                "aux": {cid: m.state_dict() for cid, m in x["aux"].items()},
-                "aux_optimizer": {cid: o.state_dict() for cid, o in x["aux_optimizer"].items()},
-                "buffer_z": dict(x["buffer_z"]), "buffer_y": dict(x["buffer_y"]),
-                "buffer_fill": dict(x["buffer_fill"])}
+    def server_report_fields(self) -> dict:
+        return {"align_loss": (self.world.num_clients, 2)}
 
-    def restore_server(self, s: ServerState, flat, prefix: str) -> None:
-        super().restore_server(s, flat, prefix)
-        for cid in range(self.world.num_clients):
-            restore_module(s.extra["aux"][cid], flat, f"{prefix}/aux/{cid}")
-            restore_optimizer(s.extra["aux_optimizer"][cid], flat, f"{prefix}/aux_optimizer/{cid}")
-            if f"{prefix}/buffer_fill/{cid}" in flat:     # clients that have uploaded at least once
-                for part in ("buffer_z", "buffer_y", "buffer_fill"):
-                    s.extra[part][cid] = flat[f"{prefix}/{part}/{cid}"].clone()
+    def server_report(self, s: FslSageServer) -> dict:
+        """First and last alignment loss of each client aligned this round (NaN for the others)."""
+        report = {"align_loss": np.array([s.align_loss.get(cid, (np.nan, np.nan))
+                                          for cid in range(self.world.num_clients)])}
+        s.align_loss.clear()
+        return report
 
     def describe(self) -> dict:
         return {**super().describe(), "Q": self.cfg.server_update_interval, "l": self.cfg.align_interval,

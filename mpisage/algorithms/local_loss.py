@@ -7,7 +7,9 @@ takes one step on it. Client and auxiliary models are both averaged by the F-ser
 """
 from __future__ import annotations
 
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, make_optimizer
+from mpisage.algorithms.base import Algorithm, ClientState
+from mpisage.algorithms.training import make_optimizer
+from mpisage.runtime.protocol import ClientLink
 
 
 class CseFsl(Algorithm):

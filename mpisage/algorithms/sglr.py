@@ -12,21 +12,31 @@ Evaluation: each client's own model under the shared server, accuracies and loss
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, MeanEvaluation, ServerState,
-                                     make_optimizer, optimizer_step)
+from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.algorithms.evaluation import MeanEvaluation
+from mpisage.algorithms.training import apply_schedule, make_optimizer, optimizer_step
 from mpisage.config import ConfigError
+from mpisage.runtime.protocol import ClientLink
+from mpisage.runtime.stateful import transient
 from mpisage.runtime.transport import Kind
+
+
+@dataclass
+class SglrServer(ServerState):
+    generator: torch.Generator = None                                   # who gets the mean gradient
+    pending: dict[int, tuple] = transient(default_factory=dict)        # client id -> (z, y) of this iteration
 
 
 class Sglr(Algorithm):
     name = "sglr"
-    averaged = False
-    lockstep = True
+    schedule = "lockstep"
+    averages_shared = False
 
     def __init__(self, world):
         super().__init__(world)
@@ -41,7 +51,7 @@ class Sglr(Algorithm):
 
     # ------------------------------------------------------------------ client
     def client_send(self, c: ClientState, link: ClientLink, k: int, x, y):
-        self.apply_schedule(c.optimizer, self.cfg.lr, link.round)
+        apply_schedule(c.optimizer, self.cfg, self.cfg.lr, link.round)
         c.model.train()
         z = c.model(x)
         link.upload(z, y, seq=k)
@@ -55,27 +65,25 @@ class Sglr(Algorithm):
         return None
 
     # ------------------------------------------------------------------ S-server
-    def make_server(self) -> ServerState:
-        s = super().make_server()
+    def make_server(self) -> SglrServer:
+        s = self.server_state(SglrServer, generator=self.world.generator("server"))
         s.optimizer = make_optimizer(s.model.parameters(), self.cfg, lr=self.server_lr)
-        s.extra["pending"] = {}                                   # client id -> (z, y) of the current iteration
-        s.extra["generator"] = self.world.generator("server")     # who gets the mean gradient
         return s
 
     def expected_uploads(self, cid: int) -> int:
         return self.world.steps_per_round(cid)
 
-    def mean_receivers(self, s: ServerState, round: int) -> set[int]:
+    def mean_receivers(self, s: SglrServer, round: int) -> set[int]:
         m = self.world.num_clients
         if self.cfg.split_avg == "phased":
             return set(range(m)) if round < self.cfg.split_avg_fraction * self.cfg.rounds else set()
         if self.cfg.split_avg == "sampled":
             count = int(self.cfg.split_avg_fraction * m + 0.5)
-            return set(torch.randperm(m, generator=s.extra["generator"])[:count].tolist())
+            return set(torch.randperm(m, generator=s.generator)[:count].tolist())
         return set()
 
     def on_upload(self, s, round, cid, seq, z, y):
-        pending = s.extra["pending"]
+        pending = s.pending
         pending[cid] = (z, y)
         if len(pending) < self.world.num_clients:
             return []
@@ -84,7 +92,7 @@ class Sglr(Algorithm):
         y_all = torch.cat([pending[c][1] for c in cids])
         sizes = [len(pending[c][1]) for c in cids]
         pending.clear()
-        self.apply_schedule(s.optimizer, self.server_lr, round)
+        apply_schedule(s.optimizer, self.cfg, self.server_lr, round)
         s.model.train()
         s.optimizer.zero_grad(set_to_none=True)
         logits = s.model(z_all)
@@ -99,13 +107,6 @@ class Sglr(Algorithm):
         receivers = self.mean_receivers(s, round)
         mean = torch.stack(slices).mean(0) if receivers else None
         return [(c, Kind.GRADIENT, mean if c in receivers else g) for c, g in zip(cids, slices)]
-
-    def server_checkpoint(self, s: ServerState) -> dict:
-        return {**super().server_checkpoint(s), "generator": s.extra["generator"].get_state()}
-
-    def restore_server(self, s: ServerState, flat, prefix: str) -> None:
-        super().restore_server(s, flat, prefix)
-        s.extra["generator"].set_state(flat[f"{prefix}/generator"])
 
     def evaluation(self, s, modules):
         server = copy.deepcopy(s.model)

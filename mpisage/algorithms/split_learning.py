@@ -10,9 +10,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
-from mpisage.algorithms.base import Algorithm, ClientLink, ClientState, ServerState, make_optimizer
-from mpisage.runtime.checkpoint import restore_module, restore_optimizer
+import torch
+import torch.nn as nn
+
+from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.algorithms.training import make_optimizer
+from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import fedavg, load_packed, pack_state
 from mpisage.runtime.transport import Kind
 
@@ -31,43 +36,35 @@ class SplitFedV2(Algorithm):
         return [(Kind.GRADIENT, self.server_step(s, cid, z, y, return_grad=True))]
 
 
+@dataclass
+class SplitFedV1Server(ServerState):
+    copies: dict[int, nn.Module] = field(default_factory=dict)                     # client id -> its server copy
+    copy_optimizers: dict[int, torch.optim.Optimizer] = field(default_factory=dict)
+
+
 class SplitFedV1(SplitFedV2):
     name = "sl_multi_server"
 
-    def make_server(self) -> ServerState:
-        s = super().make_server()
-        s.extra["copies"] = {cid: copy.deepcopy(s.model) for cid in range(self.world.num_clients)}
-        s.extra["copy_optimizers"] = {cid: make_optimizer(m.parameters(), self.cfg)
-                                     for cid, m in s.extra["copies"].items()}
+    def make_server(self) -> SplitFedV1Server:
+        s = self.server_state(SplitFedV1Server)
+        s.copies = {cid: copy.deepcopy(s.model) for cid in range(self.world.num_clients)}
+        s.copy_optimizers = {cid: make_optimizer(m.parameters(), self.cfg) for cid, m in s.copies.items()}
         return s
 
     def on_upload(self, s, round, cid, seq, z, y):
-        grad = self.server_step(s, cid, z, y, model=s.extra["copies"][cid],
-                                optimizer=s.extra["copy_optimizers"][cid], return_grad=True)
+        grad = self.server_step(s, cid, z, y, model=s.copies[cid], optimizer=s.copy_optimizers[cid], return_grad=True)
         return [(Kind.GRADIENT, grad)]
 
-    def end_server_round(self, s: ServerState, round: int) -> None:
+    def end_server_round(self, s: SplitFedV1Server, round: int) -> None:
         """Average the server copies (weights n_i / n, whole state_dict) and give every copy the average;
         optimiser states stay per copy, as the client optimisers do."""
-        copies = [s.extra["copies"][cid] for cid in range(self.world.num_clients)]
+        copies = [s.copies[cid] for cid in range(self.world.num_clients)]
         weights = [self.world.num_samples(cid) for cid in range(self.world.num_clients)]
         averaged = fedavg([pack_state(m.state_dict()) for m in copies], weights, s.model.state_dict())
         for module in [s.model, *copies]:
             load_packed(module, averaged)
 
-    def server_checkpoint(self, s: ServerState) -> dict:
-        return {**super().server_checkpoint(s),
-                "copies": {cid: m.state_dict() for cid, m in s.extra["copies"].items()},
-                "copy_optimizers": {cid: o.state_dict() for cid, o in s.extra["copy_optimizers"].items()}}
-
-
-    def restore_server(self, s: ServerState, flat, prefix: str) -> None:
-        super().restore_server(s, flat, prefix)
-        for cid in range(self.world.num_clients):
-            restore_module(s.extra["copies"][cid], flat, f"{prefix}/copies/{cid}")
-            restore_optimizer(s.extra["copy_optimizers"][cid], flat, f"{prefix}/copy_optimizers/{cid}")
-
 
 class VanillaSL(SplitFedV2):
     name = "sl_vanilla"
-    sequential = True
+    schedule = "sequential"

@@ -25,15 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import DataError, DataNotFound, user_cache_dir, write_atomically
+
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "cinic10", "e2e")
-
-
-class DataError(RuntimeError):
-    """A user-facing data problem: the message names the dataset, the paths tried and the fix."""
-
-
-class DataNotFound(DataError):
-    """The dataset is in none of the places looked at (as opposed to found but unreadable)."""
 
 
 @dataclass
@@ -115,11 +109,6 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             torch.from_numpy(np.asarray(y, dtype=np.int64).copy()))
 
 
-def _user_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mpisage")
-
-
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST (idx files)
 # --------------------------------------------------------------------------------------------
@@ -135,7 +124,7 @@ def _fashion_candidates(root: str | None) -> list[str]:
     dirs = []
     if root:
         dirs += [root, os.path.join(root, "fashion-mnist"), os.path.join(root, "FashionMNIST", "raw")]
-    dirs += [FASHION_DEBIAN_DIR, os.path.join(_user_cache_dir(), "fashion-mnist")]
+    dirs += [FASHION_DEBIAN_DIR, os.path.join(user_cache_dir(), "fashion-mnist")]
     return dirs
 
 
@@ -317,7 +306,7 @@ def _read_cifar_batch(path: str, label_key: bytes, num_classes: int) -> tuple[np
 def _load_cifar(root: str | None, name: str) -> ImageDataset:
     dirname, label_key, num_classes, url, archive = _CIFAR[name]
     candidates = []
-    for base in ([root] if root else []) + [_user_cache_dir()]:
+    for base in ([root] if root else []) + [user_cache_dir()]:
         # `root` may be the batch directory itself or its parent.
         if os.path.basename(os.path.normpath(base)) == dirname:
             candidates.append(base)
@@ -365,7 +354,7 @@ def _load_cinic10(root: str | None) -> ImageDataset:
     sub-folder, else ~/.cache/mpisage/CINIC-10.
     """
     in_root = [root] + [os.path.join(root, n) for n in _CINIC_DIRNAMES] if root else []
-    candidates = list(dict.fromkeys(in_root + [os.path.join(_user_cache_dir(), CINIC_DIRNAME)]))
+    candidates = list(dict.fromkeys(in_root + [os.path.join(user_cache_dir(), CINIC_DIRNAME)]))
     for d in candidates:
         if all(os.path.isdir(os.path.join(d, split)) for split in _CINIC_SPLITS):
             arrays = _cinic_arrays(d)
@@ -412,7 +401,7 @@ def _cinic_arrays(directory: str) -> dict[str, np.ndarray]:
     fingerprint = hashlib.sha256("\n".join(p for s in _CINIC_SPLITS for p in listing[s][0]).encode()).hexdigest()
     real = os.path.realpath(directory)
     caches = [os.path.join(directory, CINIC_CACHE_DIRNAME),
-              os.path.join(_user_cache_dir(), "cinic10-cache", hashlib.sha256(real.encode()).hexdigest()[:16])]
+              os.path.join(user_cache_dir(), "cinic10-cache", hashlib.sha256(real.encode()).hexdigest()[:16])]
     for cache in caches:
         arrays, _ = _read_cinic_cache(cache, fingerprint, listing)
         if arrays is not None:
@@ -499,22 +488,10 @@ def _write_cinic_cache(cache: str, fingerprint: str, arrays: dict[str, np.ndarra
     if os.path.exists(manifest):  # a rewrite interrupted half-way must not pass for a valid cache
         os.remove(manifest)
     for name, a in arrays.items():
-        _write_atomically(os.path.join(cache, f"{name}.npy"), lambda f, a=a: np.save(f, a, allow_pickle=False))
+        write_atomically(os.path.join(cache, f"{name}.npy"), lambda f, a=a: np.save(f, a, allow_pickle=False))
     counts = {s: len(arrays[f"{s}_y"]) for s in _CINIC_SPLITS}
     text = json.dumps({"version": _CINIC_CACHE_VERSION, "fingerprint": fingerprint, "counts": counts})
-    _write_atomically(manifest, lambda f: f.write(text.encode()))
-
-
-def _write_atomically(path: str, write) -> None:
-    """write(f) into a temporary file beside `path`, then rename it onto `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".tmp.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(manifest, lambda f: f.write(text.encode()))
 
 
 def _writable_dir(path: str) -> bool:

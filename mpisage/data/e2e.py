@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .datasets import DataError, _user_cache_dir, _write_atomically
+from .files import DataError, user_cache_dir, write_atomically
 
 E2E_FILES = {"train": "trainset.csv", "test": "testset_w_refs.csv", "dev": "devset.csv"}
 E2E_URL = "https://github.com/tuetschek/e2e-dataset"
@@ -145,7 +145,7 @@ def e2e_candidates(root: str | None) -> list[str]:
     dirs = []
     if root:
         dirs += [root] + [os.path.join(root, d) for d in ("e2e-dataset", "e2e-dataset-1.0.0", "e2e")]
-    dirs.append(os.path.join(_user_cache_dir(), "e2e-dataset"))
+    dirs.append(os.path.join(user_cache_dir(), "e2e-dataset"))
     return dirs
 
 
@@ -196,7 +196,7 @@ def download_e2e(dest: str, url: str = E2E_ZIP_URL, timeout_s: float = 60.0) -> 
         raise DataError(f"e2e: {url} does not hold {missing}; download the release by hand from {E2E_URL}.")
     for fname in E2E_FILES.values():
         if fname in members:
-            _write_atomically(os.path.join(dest, fname), lambda f, n=members[fname]: f.write(archive.read(n)))
+            write_atomically(os.path.join(dest, fname), lambda f, n=members[fname]: f.write(archive.read(n)))
     return dest
 
 

@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 
 from mpisage.data import datasets
+from mpisage.data.files import user_cache_dir
 from mpisage.data.datasets import CINIC_DIRNAME, CINIC_URL, DATASETS, DataError, DataNotFound, load_dataset
 
 # name -> (archive url, its md5 where one is published, the folder under ROOT that holds the dataset)
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
         except DataNotFound:
             if name not in ARCHIVES:
                 raise
-            download_and_unpack(name, root or datasets._user_cache_dir())
+            download_and_unpack(name, root or user_cache_dir())
             ds = load_dataset(name, root)
     except (DataError, OSError) as e:  # OSError: the download or the disk
         print(f"[mpisage] {name}: {type(e).__name__}: {e}" if isinstance(e, OSError) else f"[mpisage] {e}",

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mpisage.runtime.state import state_nbytes
+
 from . import alexnet, cnn, resnet
 
 IMAGE_MODELS = ("cnn", "resnet18", "resnet16", "alexnet")
@@ -35,7 +37,7 @@ def build_split(name: str, *, in_channels: int | None = None, image_size: int | 
     """Builds fresh modules from torch's global RNG (the caller seeds it, identically on every rank).
 
     Image models take in_channels and image_size. GPT-2 models (LM_MODELS) take `lm`, an object with the fields
-    of mpisage.config.LMConfig (None: its defaults), num_classes = the vocabulary size (50257) and optionally
+    of mpisage.config.LMConfig, num_classes = the vocabulary size (50257) and optionally
     seq_len (checked against GPT-2's 1024 positions); see mpisage.models.gpt2 for their parts and state_dict.
 
     Raises ValueError naming the bad value and the allowed ones for an unknown model name or aux variant,
@@ -65,15 +67,15 @@ def _build_lm_split(name: str, *, num_classes: int, aux: str, lm, seq_len: int |
         raise ValueError(f"unsupported num_classes={num_classes!r} for {name}: must be GPT-2's vocabulary size "
                          f"{gpt2.VOCAB_SIZE} (use a GPT-2-tokenised dataset such as e2e)")
     if lm is None:
-        from mpisage.config import LMConfig
-        lm = LMConfig()
+        raise ValueError(f"{name} needs its LM settings (lm=mpisage.config.LMConfig(...))")
     client, server, aux_model = gpt2.build(name, lm, seq_len=seq_len)
     return SplitModel(client=client, server=server, aux=aux_model)
 
 
 def state_bytes(module: nn.Module) -> int:
-    """Bytes of all parameters and buffers (BN running stats and int64 num_batches_tracked included)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """Bytes of all parameters and buffers (BN running stats and int64 num_batches_tracked included): what a model
+    message carries."""
+    return state_nbytes(module.state_dict())
 
 
 def activation_shape(split: SplitModel, in_channels: int, image_size: int) -> tuple:

@@ -22,20 +22,22 @@ import time
 import numpy as np
 import torch
 
-from mpisage.runtime import preemption
-from mpisage.algorithms.base import ClientLink
-from mpisage.runtime.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state, transport_state,
-                                write_checkpoint)
 from mpisage.config import to_yaml
 from mpisage.data import train_transform
-from mpisage.runtime.environment import environment, resident_bytes
-from mpisage.runtime.metrics import MetricsFile
 from mpisage.roles.sserver import recv_labels
+from mpisage.runtime import preemption
+from mpisage.runtime.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state,
+                                        transport_state, write_checkpoint)
+from mpisage.runtime.environment import environment, resident_bytes
+from mpisage.runtime.metrics import GIB, MetricsFile
+from mpisage.runtime.protocol import (ASYNC_SSERVER_REPORT, CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT,
+                                      RANK_REPORT, ClientLink, recv_report, send_report)
 from mpisage.runtime.state import flatten_state, load_packed, pack_state, state_nbytes
-from mpisage.runtime.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError, split_counters
+from mpisage.runtime.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError
 
-GIB = 1024 ** 3
-FINAL = -1          # the round field of a rank's last report
+# The round field of an asynchronous message is the global model version it belongs to (the metrics' "round");
+# FINAL marks a rank's last report and the stop.
+FINAL = -1
 
 
 # ---------------------------------------------------------------------------------------------------- client
@@ -51,7 +53,7 @@ def run_async_client(algo) -> None:
     if world.resume_from:
         flat = restore_rank_state(world, f"rank{world.rank}")
         for cid, c in hosted.items():
-            algo.restore_client(c, flat, f"client{cid}")
+            c.load_state_dict(flat, f"client{cid}", world.device)
 
     def take_start() -> None:
         nonlocal starts
@@ -61,7 +63,7 @@ def run_async_client(algo) -> None:
         if starts_announced is None:
             c = hosted[msg.client]
             load_packed(c.model, msg.tensor)
-            active.append([msg.client, msg.round, 0, np.zeros(4)])
+            active.append([msg.client, msg.round, 0, dict.fromkeys(("loss_sum", "correct", "samples", "seconds"), 0.0)])
 
     while starts_announced is None or starts < starts_announced:
         ready = t.probe([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
@@ -88,16 +90,20 @@ def run_async_client(algo) -> None:
             time.sleep(cfg.straggler_delay_s * algo.slowness[cid])
         elapsed = time.perf_counter() - start
         busy += elapsed
-        stats += (0.0, 0.0, len(y), elapsed)
+        stats["samples"] += len(y)
+        stats["seconds"] += elapsed
         if k + 1 < cfg.local_iters:
             active.append([cid, version, k + 1, stats])
             continue
         t.send(F_SERVER, Kind.CLIENT_MODEL, pack_state(c.model.state_dict()), round=version, client=cid)
-        t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=version, client=cid)
-        t.send_counters(F_SERVER, round=version, extra=np.array([t.wait_seconds, busy, resident_bytes()]))
+        send_report(t, F_SERVER, CLIENT_ROUND, stats, round=version, client=cid)
+        send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
+                                               "resident_bytes": resident_bytes()}, round=version)
         uploads += 1
-    send_rank_state(t, {f"client{cid}": algo.client_checkpoint(c) for cid, c in hosted.items()}, FINAL)
-    t.send_counters(F_SERVER, round=FINAL, extra=np.array([uploads, t.wait_seconds, busy, resident_bytes()]))
+    send_rank_state(t, {f"client{cid}": c.state_dict() for cid, c in hosted.items()}, FINAL)
+    send_report(t, F_SERVER, FINAL_CLIENT_REPORT, {"uploads": uploads, "wait_seconds": t.wait_seconds,
+                                                   "busy_seconds": busy, "resident_bytes": resident_bytes()},
+                round=FINAL)
     t.flush()
 
 
@@ -106,7 +112,7 @@ def run_async_sserver(algo) -> None:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
     if world.resume_from:
-        algo.restore_server(s, restore_rank_state(world, "rank1"), "server")
+        s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
     template = world.initial_part("client")
     nbytes = state_nbytes(template.state_dict())
     queue: list[tuple[int, torch.Tensor]] = []      # (version, global client model) waiting for evaluation
@@ -115,12 +121,15 @@ def run_async_sserver(algo) -> None:
     busy, start = 0.0, time.perf_counter()
 
     def report_counters(round: int) -> None:
-        extra = [t.wait_seconds, busy, time.perf_counter() - start, s.extra["steps"], s.extra["generated"],
-                 resident_bytes()]
-        t.send_counters(F_SERVER, round=round, extra=np.array(extra))
+        send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
+            "wait_seconds": t.wait_seconds, "busy_seconds": busy, "elapsed_seconds": time.perf_counter() - start,
+            "server_steps": getattr(s, "steps", 0), "generated_samples": getattr(s, "generated", 0),
+            "resident_bytes": resident_bytes()}, round=round)
 
     def report(version: int, result) -> None:
-        t.send(F_SERVER, Kind.EVAL, torch.tensor(result, dtype=torch.float64), round=version)
+        loss, accuracy, seconds = result
+        send_report(t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
+                    round=version, kind=Kind.EVAL)
         report_counters(version)
 
     def evaluate_step() -> bool:
@@ -166,18 +175,18 @@ def run_async_sserver(algo) -> None:
         else:
             msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
             expected_evaluations = int(msg.tensor.item())
-            send_rank_state(t, {"server": algo.server_checkpoint(s)}, FINAL)      # for the stop checkpoint
+            send_rank_state(t, {"server": s.state_dict()}, FINAL)      # for the stop checkpoint
     report_counters(FINAL)
     t.flush()
 
 
 def _take_eval(t, queue: list, nbytes: int) -> None:
-    msg = t.recv(Kind.EVAL, F_SERVER, seq=int(Kind.CLIENT_MODEL), nbytes=nbytes)
+    msg = t.recv(Kind.EVAL, F_SERVER, part=int(Kind.CLIENT_MODEL), nbytes=nbytes)
     queue.append((msg.round, msg.tensor))
 
 
 # ---------------------------------------------------------------------------------------------------- F-server
-def run_async_fserver(algo, log=print) -> dict:
+def run_async_fserver(algo, log) -> dict:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     m = world.num_clients
     template = world.initial_part("client")
@@ -238,8 +247,9 @@ def run_async_fserver(algo, log=print) -> dict:
         if kind == Kind.CLIENT_MODEL:
             msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
             cid = msg.client
-            local_stats[cid] += t.recv(Kind.CONTROL, src, client=cid, shape=(4,), dtype=torch.float64).tensor.numpy()
-            counters[src], _ = t.recv_counters(src, round=msg.round, n_extra=3)
+            local = recv_report(t, src, CLIENT_ROUND, client=cid)
+            local_stats[cid] += [local[name] for name, _ in CLIENT_ROUND.fields]
+            counters[src] = recv_report(t, src, RANK_REPORT, round=msg.round)["counters"]
             participations[cid] += 1
             sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
             buffer.append((msg.tensor, cid))
@@ -248,7 +258,7 @@ def run_async_fserver(algo, log=print) -> dict:
                 buffer.clear()
                 update_clock[version] = (time.perf_counter() - start, sim_now)
                 if requested < cfg.rounds:
-                    t.send(S_SERVER, Kind.EVAL, global_model, round=version, seq=int(Kind.CLIENT_MODEL))
+                    t.send(S_SERVER, Kind.EVAL, global_model, round=version, part=int(Kind.CLIENT_MODEL))
                     requested += 1
                 version += 1
             # The replacement starts from the newest global model; the finished client may be drawn again later
@@ -273,11 +283,12 @@ def run_async_fserver(algo, log=print) -> dict:
         t.send(r, Kind.CONTROL, torch.tensor([starts[r]], dtype=torch.int64), round=FINAL)
     for r in world.client_ranks:
         while True:
-            msg = t.recv(Kind.CONTROL, r)
+            msg = t.recv(Kind.CONTROL, r, dtype=torch.float64)
             if msg.client >= 0:          # a model that came back after the stop: received, not used
+                CLIENT_ROUND.unpack(msg.tensor)
                 t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes)
                 continue
-            counters[r], _ = split_counters(msg.tensor.numpy())
+            counters[r] = (FINAL_CLIENT_REPORT if msg.round == FINAL else RANK_REPORT).unpack(msg.tensor)["counters"]
             if msg.round == FINAL:
                 break
     ranks = {f"rank{r}": recv_checkpoint(t, r, FINAL) for r in world.client_ranks}
@@ -287,7 +298,7 @@ def run_async_fserver(algo, log=print) -> dict:
     while held[-1]["round"] + 1 < requested:
         t.wait_any([Kind.EVAL], S_SERVER)
         held.append(_record(t, counters, update_clock, local_stats, participations, log, cfg))
-    counters[S_SERVER], _ = t.recv_counters(S_SERVER, round=FINAL, n_extra=6)
+    counters[S_SERVER] = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=FINAL)["counters"]
     t.flush()
     # The last row carries the totals of the whole run: every activation answered, every model counted.
     held[-1].update(_totals(counters, t))
@@ -319,16 +330,19 @@ def _totals(counters: dict, t) -> dict:
 def _record(t, counters, update_clock, local_stats, participations, log, cfg) -> dict:
     """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Byte figures are
     the sums of every rank's latest report."""
-    msg = t.recv(Kind.EVAL, S_SERVER, shape=(3,), dtype=torch.float64)
+    msg = t.recv(Kind.EVAL, S_SERVER, shape=(EVAL_RESULT.size,), dtype=torch.float64)
     version = msg.round
-    counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=version, n_extra=6)
-    test_loss, test_acc, eval_s = msg.tensor.tolist()
+    result = EVAL_RESULT.unpack(msg.tensor)
+    s_rep = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=version)
+    counters[S_SERVER] = s_rep["counters"]
+    test_loss, test_acc, eval_s = result["loss"], result["accuracy"], result["seconds"]
     wall, sim = update_clock[version]
     row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
            "wall_time": wall, "simulated_time": sim, "eval_seconds": eval_s,
            "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
            "participations": participations.copy(), "client_train_seconds": local_stats[:, 3].copy(),
-           "sserver_busy_seconds": s_extra[1], "server_steps": s_extra[3], "generated_samples": s_extra[4]}
+           "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
+           "generated_samples": s_rep["generated_samples"]}
     if version % cfg.log_interval == 0:
         log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
             f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")

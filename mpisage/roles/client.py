@@ -8,15 +8,14 @@ import time
 import numpy as np
 import torch
 
-from mpisage.algorithms import Algorithm, ClientLink, ClientState
-from mpisage.runtime.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
+from mpisage.algorithms import Algorithm, ClientState
 from mpisage.data import train_transform
+from mpisage.roles.shared import carrier, shared_modules
+from mpisage.runtime.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.runtime.environment import resident_bytes
+from mpisage.runtime.protocol import CLIENT_ROUND, RANK_REPORT, ClientLink, send_report
 from mpisage.runtime.state import load_packed, pack_state, state_nbytes
 from mpisage.runtime.transport import F_SERVER, Kind
-
-# per-client figures sent to the F-server after each round: local loss sum, correct, samples, seconds
-CLIENT_STATS = 4
 
 
 def _batches(algo: Algorithm, c: ClientState, round: int, transform):
@@ -33,50 +32,56 @@ def _batches(algo: Algorithm, c: ClientState, round: int, transform):
             yield x, c.y[idx].to(dev)
 
 
-def _tally(stats: np.ndarray, local: tuple[float, int] | None, c: ClientState, round: int, k: int, n: int) -> None:
-    """Adds one local iteration to [loss sum, correct, samples]; a non-finite local loss stops the job."""
+def new_round_stats() -> dict[str, float]:
+    return dict.fromkeys((name for name, _ in CLIENT_ROUND.fields), 0.0)
+
+
+def _tally(stats: dict, local: tuple[float, int] | None, c: ClientState, round: int, k: int, n: int) -> None:
+    """Adds one local iteration to the round's figures; a non-finite local loss stops the job."""
     if local is None:            # the loss lives on the S-server, which checks what it receives
         local = (np.nan, 0)
     elif not np.isfinite(local[0]):
         raise FloatingPointError(f"non-finite training loss on client {c.cid} in round {round}, local step {k}")
-    stats[:3] += (local[0], local[1], n)
+    stats["loss_sum"] += local[0]
+    stats["correct"] += local[1]
+    stats["samples"] += n
 
 
-def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) -> np.ndarray:
-    """One client's round (the step counter k restarts every round) -> [loss sum, correct, samples, seconds]."""
-    start, stats = time.perf_counter(), np.zeros(CLIENT_STATS)
+def train_round(algo: Algorithm, c: ClientState, link: ClientLink, transform) -> dict:
+    """One client's round (the step counter k restarts every round) -> its CLIENT_ROUND figures."""
+    start, stats = time.perf_counter(), new_round_stats()
     for k, (x, y) in enumerate(_batches(algo, c, link.round, transform)):
         _tally(stats, algo.client_step(c, link, k, x, y), c, link.round, k, len(y))
-    stats[3] = time.perf_counter() - start
+    stats["seconds"] = time.perf_counter() - start
     return stats
 
 
-def train_lockstep(algo: Algorithm, clients: list[ClientState], links: list[ClientLink], transform) -> list:
+def train_lockstep(algo: Algorithm, clients: list[ClientState], links: list[ClientLink], transform) -> list[dict]:
     """The round of every hosted client at once, one iteration at a time: all uploads of iteration k go out before
     any reply is awaited (the S-server answers iteration k when it has every client's batch). Time is shared out
     equally."""
-    start, stats = time.perf_counter(), [np.zeros(CLIENT_STATS) for _ in clients]
+    start, stats = time.perf_counter(), [new_round_stats() for _ in clients]
     streams = [_batches(algo, c, link.round, transform) for c, link in zip(clients, links)]
     for k, batches in enumerate(zip(*streams, strict=True)):
         sent = [algo.client_send(c, link, k, x, y) for c, link, (x, y) in zip(clients, links, batches)]
         for c, link, (_, y), out, st in zip(clients, links, batches, sent, stats):
             _tally(st, algo.client_finish(c, link, k, out), c, link.round, k, len(y))
     for st in stats:
-        st[3] = (time.perf_counter() - start) / len(clients)
+        st["seconds"] = (time.perf_counter() - start) / len(clients)
     return stats
 
 
-def _send_round(algo: Algorithm, c: ClientState, stats: np.ndarray, round: int) -> None:
+def _send_round(algo: Algorithm, c: ClientState, stats: dict, round: int) -> None:
     """A client's shared modules and its round figures, to the F-server."""
     t = algo.world.transport
-    for kind, module in algo.shared_modules(c).items():
-        t.send(F_SERVER, algo.carrier(kind), pack_state(module.state_dict()), round=round, client=c.cid)
-    t.send(F_SERVER, Kind.CONTROL, torch.from_numpy(stats), round=round, client=c.cid)
+    for kind, module in shared_modules(algo, c).items():
+        t.send(F_SERVER, carrier(algo, kind), pack_state(module.state_dict()), round=round, client=c.cid)
+    send_report(t, F_SERVER, CLIENT_ROUND, stats, round=round, client=c.cid)
 
 
 def _load_from_fserver(algo: Algorithm, c: ClientState, round: int) -> None:
     t = algo.world.transport
-    for kind, module in algo.shared_modules(c).items():
+    for kind, module in shared_modules(algo, c).items():
         msg = t.recv(kind, F_SERVER, round=round, client=c.cid, nbytes=state_nbytes(module.state_dict()))
         load_packed(module, msg.tensor)
 
@@ -101,28 +106,29 @@ def run_client(algo: Algorithm) -> None:
     if world.resume_from:
         flat = restore_rank_state(world, f"rank{world.rank}")
         for c in clients:
-            algo.restore_client(c, flat, f"client{c.cid}")
+            c.load_state_dict(flat, f"client{c.cid}", world.device)
     for round in range(world.start_round, world.cfg.rounds):
         _inject_fault(world.rank, round)
-        if algo.lockstep:
+        if algo.schedule == "lockstep":
             all_stats = train_lockstep(algo, clients, [ClientLink(t, c.cid, round) for c in clients], transform)
             for c, stats in zip(clients, all_stats):
                 _send_round(algo, c, stats, round)
         else:
             all_stats = []
             for c in clients:
-                if algo.sequential:         # take over the model the previous client trained
+                if algo.schedule == "sequential":         # take over the model the previous client trained
                     _load_from_fserver(algo, c, round)
                 all_stats.append(train_round(algo, c, ClientLink(t, c.cid, round), transform))
                 _send_round(algo, c, all_stats[-1], round)    # at once: a sequential F-server waits for it
-        busy = sum(stats[3] for stats in all_stats)
-        t.send_counters(F_SERVER, round=round, extra=np.array([t.wait_seconds, busy, resident_bytes()]))
-        if algo.averaged and not algo.sequential:         # the averages
+        busy = sum(stats["seconds"] for stats in all_stats)
+        send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
+                                               "resident_bytes": resident_bytes()}, round=round)
+        if algo.averages_shared and algo.schedule != "sequential":         # the averages
             for c in clients:
                 _load_from_fserver(algo, c, round)
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
         if checkpoint_due(world.cfg, round, stop):
-            state = {f"client{c.cid}": algo.client_checkpoint(c) for c in clients}
+            state = {f"client{c.cid}": c.state_dict() for c in clients}
             send_rank_state(t, state, round)
         if stop:
             break

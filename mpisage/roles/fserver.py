@@ -9,25 +9,25 @@ import time
 import numpy as np
 import torch
 
-from mpisage.runtime import preemption
 from mpisage.algorithms import Algorithm
-from mpisage.runtime.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
-from mpisage.roles.client import CLIENT_STATS
 from mpisage.config import to_yaml
+from mpisage.roles.shared import carrier, eval_keys, shared_templates
+from mpisage.runtime import preemption
+from mpisage.runtime.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
 from mpisage.runtime.environment import environment, resident_bytes
-from mpisage.runtime.metrics import MetricsFile
-from mpisage.roles.sserver import sserver_extra_len
+from mpisage.runtime.metrics import GIB, MetricsFile
+from mpisage.runtime.protocol import CLIENT_ROUND, EVAL_RESULT, RANK_REPORT, recv_report, sserver_round_report
 from mpisage.runtime.state import flatten_state, pack_state, state_nbytes
 from mpisage.runtime.transport import NUM_KINDS, S_SERVER, Kind, role_of
 
-GIB = 1024 ** 3
 
-
-def run_fserver(algo: Algorithm, log=print) -> dict:
+def run_fserver(algo: Algorithm, log) -> dict:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     m = world.num_clients
-    templates = algo.shared_templates()
-    eval_keys = algo.eval_keys(templates)     # (kind, client id) of what the S-server evaluates each round
+    templates = shared_templates(algo)
+    evaluated = eval_keys(algo, templates)     # (kind, client id) of what the S-server evaluates each round
+    s_report = sserver_round_report(m, algo.server_report_fields())
+    sequential = algo.schedule == "sequential"
     # the current global modules: the common initial weights until the first round is done
     current = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -55,25 +55,27 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
         # 1. every client's shared modules and local figures, in client id order (deterministic sums);
         #    a sequential method hands each client the modules the previous one trained instead
         packed = {kind: [] for kind in templates}
-        client_stats = np.zeros((m, CLIENT_STATS))
+        client_rounds = []
         for cid in range(m):
             src = world.rank_of(cid)
-            if algo.sequential:
+            if sequential:
                 for kind in templates:
                     t.send(src, kind, current[kind], round=round, client=cid)
             for kind, module in templates.items():
-                packed[kind].append(t.recv(algo.carrier(kind), src, round=round, client=cid,
+                packed[kind].append(t.recv(carrier(algo, kind), src, round=round, client=cid,
                                            nbytes=state_nbytes(module.state_dict())).tensor)
-                if algo.sequential:
+                if sequential:
                     current[kind] = packed[kind][-1]
-            client_stats[cid] = t.recv(Kind.CONTROL, src, round=round, client=cid, shape=(CLIENT_STATS,)).tensor.numpy()
-        rank_extra = {}
-        for r in world.client_ranks:
-            last_counters[r], rank_extra[r] = t.recv_counters(r, round=round, n_extra=3)
-        last_counters[S_SERVER], s_extra = t.recv_counters(S_SERVER, round=round, n_extra=sserver_extra_len(m))
+            client_rounds.append(recv_report(t, src, CLIENT_ROUND, round=round, client=cid))
+        client_stats = {name: np.array([c[name] for c in client_rounds]) for name, _ in CLIENT_ROUND.fields}
+        rank_reports = {r: recv_report(t, r, RANK_REPORT, round=round) for r in world.client_ranks}
+        s_rep = recv_report(t, S_SERVER, s_report, round=round)
+        last_counters[S_SERVER] = s_rep["counters"]
+        for r, rep in rank_reports.items():
+            last_counters[r] = rep["counters"]
 
         # 2. average and send back; decide whether this was the last round
-        if algo.averaged and not algo.sequential:
+        if algo.averages_shared and not sequential:
             current = {kind: algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
             for cid in range(m):
                 for kind in templates:
@@ -84,37 +86,38 @@ def run_fserver(algo: Algorithm, log=print) -> dict:
         flag = torch.tensor([int(stop)], dtype=torch.int64)
         for r in range(1, t.size):
             t.send(r, Kind.CONTROL, flag, round=round)
-        for kind, cid in eval_keys:
+        for kind, cid in evaluated:
             t.send(S_SERVER, Kind.EVAL, current[kind] if cid < 0 else packed[kind][cid], round=round, client=cid,
-                   seq=int(kind))
+                   part=int(kind))
         # The round's clock stops when its global model exists; its evaluation runs while the next round trains.
         round_s, ready = time.perf_counter() - start - ready, time.perf_counter() - start
 
         # 3. the S-server's evaluation of the new global model
-        test_loss, test_acc, eval_s = t.recv(Kind.EVAL, S_SERVER, round=round, shape=(3,),
-                                             dtype=torch.float64).tensor.tolist()
+        result = recv_report(t, S_SERVER, EVAL_RESULT, round=round, kind=Kind.EVAL)
+        test_loss, test_acc = result["loss"], result["accuracy"]
         totals = sum(last_counters.values()) + t.counters()
-        waits = np.array([t.wait_seconds, s_extra[0]] + [rank_extra[r][0] for r in world.client_ranks])
+        waits = np.array([t.wait_seconds, s_rep["wait_seconds"]] +
+                         [rank_reports[r]["wait_seconds"] for r in world.client_ranks])
         round_wait, prev_wait = waits - prev_wait, waits
-        s_train = s_extra[3:3 + 3 * m].reshape(m, 3)
+        s_train = s_rep["train_stats"]
         with np.errstate(invalid="ignore", divide="ignore"):
             row = {
                 "round": round, "test_acc": test_acc, "test_loss": test_loss,
                 "comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()), "wall_time": ready,
-                "round_seconds": round_s, "eval_seconds": eval_s,
+                "round_seconds": round_s, "eval_seconds": result["seconds"],
                 "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
                 "messages_by_kind": totals[2].sum(axis=1),
                 "wire_bytes_by_link": _by_link(last_counters, t.counters()),
-                "client_local_loss": client_stats[:, 0] / client_stats[:, 2],
-                "client_local_acc": client_stats[:, 1] / client_stats[:, 2],
-                "client_train_seconds": client_stats[:, 3],
+                "client_local_loss": client_stats["loss_sum"] / client_stats["samples"],
+                "client_local_acc": client_stats["correct"] / client_stats["samples"],
+                "client_train_seconds": client_stats["seconds"],
                 "server_train_loss": s_train[:, 0] / s_train[:, 2],
                 "server_train_acc": s_train[:, 1] / s_train[:, 2],
-                "align_loss": s_extra[3 + 3 * m:3 + 5 * m].reshape(m, 2),
-                "resident_bytes_by_rank": np.array([resident_bytes(), s_extra[-1]] +
-                                                   [rank_extra[r][2] for r in world.client_ranks]),
-                "sserver_busy_seconds": s_extra[1], "sserver_round_seconds": s_extra[2],
+                "resident_bytes_by_rank": np.array([resident_bytes(), s_rep["resident_bytes"]] +
+                                                   [rank_reports[r]["resident_bytes"] for r in world.client_ranks]),
+                "sserver_busy_seconds": s_rep["busy_seconds"], "sserver_round_seconds": s_rep["round_seconds"],
                 "wait_seconds_by_rank": round_wait,
+                **{name: s_rep[name] for name in algo.server_report_fields()},   # the algorithm's own figures
             }
         metrics.append(row)
         if round % cfg.log_interval == 0 or stop:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
 from mpisage.algorithms import Algorithm
-from mpisage.algorithms.base import IGNORE_INDEX
+from mpisage.algorithms.training import IGNORE_INDEX
+from mpisage.roles.shared import eval_templates
 from mpisage.runtime.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.runtime.environment import resident_bytes
+from mpisage.runtime.protocol import EVAL_RESULT, send_report, sserver_round_report
 from mpisage.runtime.state import load_packed, state_nbytes
 from mpisage.runtime.transport import F_SERVER, Kind, ProtocolError
 
@@ -21,7 +22,7 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
     must send: its id is hosted by the sending rank, uploads arrive in sequence, nobody sends too many."""
     world, t = algo.world, algo.world.transport
     per_sample = algo.activation_shape
-    if algo.cfg.deterministic and algo.lockstep:    # iteration k of every client before iteration k + 1 of any
+    if algo.cfg.deterministic and algo.schedule == "lockstep":    # iteration k of every client before iteration k + 1 of any
         order = [(cid, seq) for seq in range(max(expected.values())) for cid in range(world.num_clients)
                  if seq < expected[cid]]
     elif algo.cfg.deterministic:
@@ -57,7 +58,8 @@ def recv_labels(world, act) -> torch.Tensor:
 def run_sserver(algo: Algorithm) -> None:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
-    eval_modules = algo.eval_templates()     # receive each round's global modules, for evaluation
+    report = sserver_round_report(world.num_clients, algo.server_report_fields())
+    eval_modules = eval_templates(algo)     # receive each round's global modules, for evaluation
     evaluation, eval_round = None, -1      # the previous round's evaluation, run in idle moments
 
     def evaluate_in_background() -> bool:
@@ -71,16 +73,16 @@ def run_sserver(algo: Algorithm) -> None:
     def finish_evaluation() -> None:
         nonlocal evaluation
         if evaluation is not None:
-            loss, acc, seconds = evaluation.result()
-            t.send(F_SERVER, Kind.EVAL, torch.tensor([loss, acc, seconds], dtype=torch.float64), round=eval_round)
+            loss, accuracy, seconds = evaluation.result()
+            send_report(t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
+                        round=eval_round, kind=Kind.EVAL)
             evaluation = None
 
     if world.resume_from:
-        algo.restore_server(s, restore_rank_state(world, "rank1"), "server")
+        s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
     for round in range(world.start_round, cfg.rounds):
         start, busy = time.perf_counter(), 0.0
         s.train_stats[:] = 0
-        s.extra.pop("align_loss", None)
         expected = {cid: algo.expected_uploads(cid) for cid in range(world.num_clients)}
         for act, labels in _uploads(algo, round, expected, idle=evaluate_in_background):
             t0 = time.perf_counter()
@@ -90,26 +92,20 @@ def run_sserver(algo: Algorithm) -> None:
             busy += time.perf_counter() - t0
         finish_evaluation()
         algo.end_server_round(s, round)
-        align = s.extra.get("align_loss", {})
-        align_loss = np.array([align.get(cid, (np.nan, np.nan)) for cid in range(world.num_clients)]).ravel()
-        extra = np.concatenate([[t.wait_seconds, busy, time.perf_counter() - start], s.train_stats.ravel(), align_loss,
-                                [resident_bytes()]])
-        t.send_counters(F_SERVER, round=round, extra=extra)
+        send_report(t, F_SERVER, report, {
+            "wait_seconds": t.wait_seconds, "busy_seconds": busy, "round_seconds": time.perf_counter() - start,
+            "train_stats": s.train_stats, **algo.server_report(s), "resident_bytes": resident_bytes()}, round=round)
 
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
         for (kind, cid), module in eval_modules.items():   # the previous evaluation has finished with them
-            msg = t.recv(Kind.EVAL, F_SERVER, round=round, client=cid, seq=int(kind),
+            msg = t.recv(Kind.EVAL, F_SERVER, round=round, client=cid, part=int(kind),
                          nbytes=state_nbytes(module.state_dict()))
             load_packed(module, msg.tensor)
         evaluation, eval_round = algo.evaluation(s, eval_modules), round
         if checkpoint_due(cfg, round, stop):
-            send_rank_state(t, {"server": algo.server_checkpoint(s)}, round)
+            send_rank_state(t, {"server": s.state_dict()}, round)
         if stop:
             finish_evaluation()
             break
     t.flush()
 
-
-def sserver_extra_len(num_clients: int) -> int:
-    """Length of the float figures the S-server appends to its round report (see run_sserver)."""
-    return 3 + 3 * num_clients + 2 * num_clients + 1

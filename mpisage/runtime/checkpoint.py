@@ -4,6 +4,7 @@ keeps the last `keep_checkpoints`."""
 from __future__ import annotations
 
 import glob
+import logging
 import json
 import os
 import zlib
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from mpisage.runtime.state import flatten_state, named_manifest, numpy_of, pack_state, state_nbytes, unpack_named
+from mpisage.runtime.stateful import CheckpointError
 from mpisage.runtime.transport import F_SERVER, Kind, Transport
 
 FORMAT_VERSION = 1
@@ -62,10 +64,6 @@ def write_checkpoint(run_dir: str, round: int, ranks: dict[str, tuple[dict[str, 
     return final
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
 def list_checkpoints(run_dir: str) -> list[str]:
     """Checkpoint files in run_dir, oldest first."""
     return sorted(glob.glob(os.path.join(run_dir, "checkpoint_round*.h5")))
@@ -103,43 +101,6 @@ def read_checkpoint(path: str, groups: list[str] | None = None) -> tuple[dict, d
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e}); "
                               f"delete it or resume from an earlier one") from None
     return attrs, out
-
-
-# ---------------------------------------------------------------- restoring
-def restore_module(module, flat: dict[str, torch.Tensor], prefix: str) -> None:
-    """Copies `prefix/<state_dict key>` entries into the module, in place."""
-    target = module.state_dict()
-    missing = [k for k in target if f"{prefix}/{k}" not in flat]
-    if missing:
-        raise CheckpointError(f"checkpoint has no {prefix}/{missing[0]} (a different model or algorithm?)")
-    with torch.no_grad():
-        for k, t in target.items():
-            src = flat[f"{prefix}/{k}"]
-            if src.shape != t.shape:
-                raise CheckpointError(f"checkpoint {prefix}/{k} has shape {tuple(src.shape)}, the model {tuple(t.shape)}")
-            t.copy_(src)
-
-
-def restore_optimizer(optimizer, flat: dict[str, torch.Tensor], prefix: str) -> None:
-    """Rebuilds the per-parameter state from `prefix/state/<index>/<name>`; the hyper-parameters come from the
-    current config (a resumed run must use the same, which the config check enforces)."""
-    state: dict[int, dict] = {}
-    head = f"{prefix}/state/"
-    for key, t in flat.items():
-        if key.startswith(head):
-            index, name = key[len(head):].split("/", 1)
-            state.setdefault(int(index), {})[name] = t.clone()
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def unflatten_indexed(flat: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:
-    """`prefix/<int>/<rest>` entries -> {int: {rest: tensor}} (per-client sub-states)."""
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in flat.items():
-        if key.startswith(prefix + "/"):
-            index, _, rest = key[len(prefix) + 1:].partition("/")
-            out.setdefault(int(index), {})[rest] = t
-    return out
 
 
 # Keys that may change between a checkpoint and its resumption without changing the computation.
@@ -183,7 +144,7 @@ def choose_checkpoint(cfg) -> tuple[str, int] | None:
         except CheckpointError as e:
             if cfg.resume != "auto":
                 raise
-            print(f"[mpisage] skipping {path}: {e}", flush=True)
+            logging.getLogger("mpisage").warning(f"[mpisage] skipping {path}: {e}")
             continue
         differences = config_differences(str(attrs.get("config", "")), cfg)
         if differences:

@@ -65,4 +65,5 @@ def job_command(ranks: int, overrides) -> tuple[list[str], dict]:
     local = os.path.join(os.path.dirname(sys.executable), "mpirun")
     argv = [local if os.path.exists(local) else "mpirun", "-n", str(ranks), sys.executable, "-m", "mpisage.run",
             *overrides]
-    return argv, {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1"}
+    from mpisage.runtime.process import prepare_rank_environment
+    return argv, prepare_rank_environment(dict(os.environ))

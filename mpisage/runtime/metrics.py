@@ -9,6 +9,8 @@ import os
 import h5py
 import numpy as np
 
+GIB = 1024 ** 3     # the unit every byte figure is shown in
+
 
 class MetricsFile:
     def __init__(self, path: str, attrs: dict, history: dict[str, np.ndarray] | None = None):

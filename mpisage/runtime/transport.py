@@ -1,6 +1,7 @@
 """The only module that talks MPI point-to-point.
 
-A message is a typed header (a fixed-size int64 vector: kind, round, client, seq, dtype, shape, payload bytes)
+A message is a typed header (a fixed-size int64 vector: kind, round, client, seq, part, dtype, shape, payload
+bytes)
 followed by one contiguous payload, both sent with Isend. Each kind has its own pair of tags, so a receiver
 asks for "the next ACTIVATION from anyone" or "the next CLIENT_MODEL from rank 3" and MPI's non-overtaking rule
 keeps each stream in order. Every header is validated on receipt; a bad one raises `ProtocolError` naming the
@@ -29,13 +30,13 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-F_SERVER, S_SERVER = 0, 1
+F_SERVER, S_SERVER, FIRST_CLIENT_RANK = 0, 1, 2
 ROLE_NAMES = ("fserver", "sserver", "client")
 
 
 def role_of(rank: int) -> int:
     """0 = F-server, 1 = S-server, 2 = client (all ranks >= 2)."""
-    return min(rank, 2)
+    return min(rank, FIRST_CLIENT_RANK)
 
 
 class Kind(enum.IntEnum):
@@ -60,9 +61,11 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
 
 MAGIC = 0x6D706973616765   # "mpisage"
-MAX_NDIM = 6
-# header: magic, kind, round, client, seq, dtype, ndim, shape[MAX_NDIM], nbytes
-HEADER_LEN = 7 + MAX_NDIM + 1
+MAX_NDIM = 5
+NO_PART = -1
+# header: magic, kind, round, client, seq, part, dtype, ndim, shape[MAX_NDIM], nbytes. `seq` numbers a client's
+# uploads within a round; `part` says which model part (a model Kind) an EVAL message carries.
+HEADER_LEN = 8 + MAX_NDIM + 1
 HEADER_BYTES = HEADER_LEN * 8
 MAX_PAYLOAD_BYTES = 1 << 34
 
@@ -82,6 +85,7 @@ class Message:
     round: int
     client: int
     seq: int
+    part: int
     tensor: torch.Tensor
 
     @property
@@ -196,7 +200,7 @@ class Transport:
 
     # ------------------------------------------------------------------ sending
     def send(self, dest: int, kind: Kind, tensor: torch.Tensor, *, round: int, client: int = -1, seq: int = 0,
-             count: bool = True) -> None:
+             part: int = NO_PART, count: bool = True) -> None:
         """Nonblocking send of header + payload. The tensor must not be modified until `flush()`;
         the transport keeps a reference so it stays alive."""
         if tensor.dtype not in DTYPE_CODE:
@@ -206,8 +210,8 @@ class Transport:
         payload = tensor.detach().contiguous()
         nbytes = payload.numel() * payload.element_size()
         header = np.zeros(HEADER_LEN, dtype=np.int64)
-        header[:7] = (MAGIC, int(kind), round, client, seq, DTYPE_CODE[payload.dtype], payload.dim())
-        header[7:7 + payload.dim()] = payload.shape
+        header[:8] = (MAGIC, int(kind), round, client, seq, int(part), DTYPE_CODE[payload.dtype], payload.dim())
+        header[8:8 + payload.dim()] = payload.shape
         header[-1] = nbytes
         tag = 2 * int(kind)
         self._pending.append((self.comm.Isend(header, dest=dest, tag=tag), header, False))
@@ -252,7 +256,7 @@ class Transport:
 
     # ------------------------------------------------------------------ receiving
     def recv(self, kind: Kind, source: int = MPI.ANY_SOURCE, *, round: int | None = None,
-             client: int | None = None, seq: int | None = None, clients_of=None, dtype=None,
+             client: int | None = None, seq: int | None = None, part: int | None = None, clients_of=None, dtype=None,
              shape: tuple[int, ...] | None = None, trailing_shape: tuple[int, ...] | None = None,
              nbytes: int | None = None, max_nbytes: int = MAX_PAYLOAD_BYTES, device=None, idle=None) -> Message:
         """Receives the next message of `kind` (from `source`, or anyone) and validates its header against
@@ -272,17 +276,17 @@ class Transport:
 
         if status.Get_count(MPI.BYTE) != HEADER_BYTES or header[0] != MAGIC:
             raise bad("not an mpisage header (wrong size or magic)")
-        _, h_kind, h_round, h_client, h_seq, h_dtype, h_ndim = (int(v) for v in header[:7])
+        _, h_kind, h_round, h_client, h_seq, h_part, h_dtype, h_ndim = (int(v) for v in header[:8])
         h_nbytes = int(header[-1])
         if h_kind != int(kind):
             raise bad(f"header says kind {h_kind}")
         if not 0 <= h_dtype < len(DTYPES) or not 0 <= h_ndim <= MAX_NDIM:
             raise bad(f"dtype code {h_dtype} / ndim {h_ndim} out of range")
-        h_shape = tuple(int(s) for s in header[7:7 + h_ndim])
+        h_shape = tuple(int(s) for s in header[8:8 + h_ndim])
         t_dtype = DTYPES[h_dtype]
         if any(s < 0 for s in h_shape) or int(np.prod(h_shape, dtype=np.int64)) * _elsize(t_dtype) != h_nbytes:
             raise bad(f"shape {h_shape} x {t_dtype} does not match {h_nbytes} payload bytes")
-        checks = [("round", round, h_round), ("client", client, h_client), ("seq", seq, h_seq),
+        checks = [("round", round, h_round), ("client", client, h_client), ("seq", seq, h_seq), ("part", part, h_part),
                   ("dtype", dtype, t_dtype), ("shape", shape, h_shape), ("payload bytes", nbytes, h_nbytes)]
         for name, want, got in checks:
             if want is not None and want != got:
@@ -303,7 +307,7 @@ class Transport:
             self.staging.release(staged)
         if status.Get_count(MPI.BYTE) != h_nbytes:
             raise bad(f"payload has {status.Get_count(MPI.BYTE)} bytes, header announced {h_nbytes}")
-        return Message(Kind(h_kind), src, h_round, h_client, h_seq, tensor)
+        return Message(Kind(h_kind), src, h_round, h_client, h_seq, h_part, tensor)
 
     def probe(self, kinds, source: int = MPI.ANY_SOURCE) -> tuple[Kind, int] | None:
         """(kind, sender) of a message of one of `kinds` ready to be received now, or None."""
@@ -360,19 +364,6 @@ class Transport:
         """[3, NUM_KINDS, 3] int64: wire bytes, paper bytes, messages per (kind, destination role)."""
         return np.stack([self.wire_bytes, self.paper_bytes, self.messages])
 
-    def send_counters(self, dest: int, *, round: int, extra: np.ndarray | None = None) -> None:
-        """Reports this rank's counters (plus `extra` float64 figures) to `dest`, counting this very message
-        first, so the figure it carries is exact."""
-        n_extra = 0 if extra is None else len(extra)
-        self.count(Kind.CONTROL, dest, 8 * (N_COUNTERS + n_extra))
-        payload = np.concatenate([self.counters().ravel().astype(np.float64),
-                                  np.zeros(0) if extra is None else np.asarray(extra, dtype=np.float64)])
-        self.send(dest, Kind.CONTROL, torch.from_numpy(payload), round=round, count=False)
-
-    def recv_counters(self, source: int, *, round: int, n_extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        msg = self.recv(Kind.CONTROL, source, round=round, dtype=torch.float64, shape=(N_COUNTERS + n_extra,))
-        return split_counters(msg.tensor.numpy())
-
     def check_payload_path(self, device, path: str | None = None) -> bool:
         """Start-up self-check, collective: every rank sends a tiny tensor made in its `device`'s memory to the next
         rank (a ring) over `path` (default: the payload path set now), and compares what it gets from the previous rank with what that
@@ -410,14 +401,6 @@ def abort_job(message: str) -> None:
     # pause a loaded machine loses the message that says why the job died.
     time.sleep(1.0)
     MPI.COMM_WORLD.Abort(1)
-
-
-N_COUNTERS = 3 * NUM_KINDS * 3     # the counters at the head of a send_counters report
-
-
-def split_counters(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A send_counters report -> ([3, NUM_KINDS, 3] int64 counters, the extra figures that follow)."""
-    return values[:N_COUNTERS].astype(np.int64).reshape(3, NUM_KINDS, 3), values[N_COUNTERS:]
 
 
 def _elsize(dtype: torch.dtype) -> int:

@@ -12,7 +12,7 @@ import torch
 from mpisage.config import Config, ConfigError
 from mpisage.data import ImageDataset, convert_dataset, label_histograms, load_dataset, partition
 from mpisage.models import SplitModel, build_split
-from mpisage.runtime.transport import F_SERVER, S_SERVER, Transport
+from mpisage.runtime.transport import F_SERVER, FIRST_CLIENT_RANK, S_SERVER, Transport
 
 STREAMS = {"init": 0, "client": 1, "server": 2, "fserver": 3}
 
@@ -53,16 +53,20 @@ class World:
 
     @property
     def client_ranks(self) -> list[int]:
-        return list(range(2, self.transport.size))
+        return list(range(FIRST_CLIENT_RANK, self.transport.size))
 
     def rank_of(self, cid: int) -> int:
         """Virtual clients are dealt round-robin over the client ranks; a rank runs its clients in id order."""
-        return 2 + cid % (self.transport.size - 2)
+        return FIRST_CLIENT_RANK + cid % self.num_client_ranks
 
     def clients_of(self, rank: int) -> list[int]:
-        if rank < 2:
+        if rank < FIRST_CLIENT_RANK:
             return []
-        return list(range(rank - 2, self.num_clients, self.transport.size - 2))
+        return list(range(rank - FIRST_CLIENT_RANK, self.num_clients, self.num_client_ranks))
+
+    @property
+    def num_client_ranks(self) -> int:
+        return self.transport.size - FIRST_CLIENT_RANK
 
     def num_samples(self, cid: int) -> int:
         return len(self.parts[cid])
@@ -119,14 +123,15 @@ class World:
 def make_world(cfg: Config, transport: Transport) -> World:
     """Loads the data, checks the rank count and partition, and keeps on this rank only what its role needs."""
     size = transport.size
-    if size < 3:
+    if size < FIRST_CLIENT_RANK + 1:
         raise ConfigError(f"mpisage needs at least 3 MPI ranks (F-server, S-server, one client rank); got {size}. "
                           f"Run e.g. `mpirun -n 11 python -m mpisage.run`.")
-    num_clients = cfg.num_clients if cfg.num_clients is not None else size - 2
-    if num_clients < size - 2:
-        raise ConfigError(f"num_clients={num_clients} is fewer than the {size - 2} client ranks of `mpirun -n {size}`: "
-                          f"every client rank must host a client. Use num_clients>={size - 2} or "
-                          f"`mpirun -n {num_clients + 2}`.")
+    client_ranks = size - FIRST_CLIENT_RANK
+    num_clients = cfg.num_clients if cfg.num_clients is not None else client_ranks
+    if num_clients < client_ranks:
+        raise ConfigError(f"num_clients={num_clients} is fewer than the {client_ranks} client ranks of `mpirun -n "
+                          f"{size}`: every client rank must host a client. Use num_clients>={client_ranks} or "
+                          f"`mpirun -n {num_clients + FIRST_CLIENT_RANK}`.")
     data = load_dataset(cfg.dataset.name, cfg.dataset.root, seq_len=cfg.dataset.seq_len)   # converted below
     labels = data.train_y.numpy()
     if labels.ndim > 1:       # token targets: clients are dealt whole samples, label skew has no meaning here

@@ -1,0 +1,117 @@
+"""The base of asynchronous methods (GAS; FedBuff and CA2FL to come): no rounds, C of the K clients active at a
+time, each running E local iterations from the newest global client model and sending its model back; every Q_c
+returned models make one global update. The role loops are mpisage/roles/asynchronous.py; an asynchronous method
+fills in the hooks below.
+
+The straggler clock of gas_sglr.md lives here too: every client has a compute speed and an uplink rate, which give
+the simulated seconds of an iteration and of a participation (the time axis of the GAS paper's figures).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.config import ConfigError
+from mpisage.runtime.protocol import ClientLink
+from mpisage.runtime.state import fedavg, state_nbytes
+from mpisage.runtime.world import derive_seed
+
+
+@dataclass
+class ClientProfile:
+    """The straggler model of gas_sglr.md: compute speed c (FLOP/s) and uplink rate R (bit/s) of one client."""
+    flops: float
+    uplink: float
+
+    def iteration_seconds(self, client_macs: float, batch_size: int, activation_bits: float) -> float:
+        return 2 * client_macs * batch_size / self.flops + activation_bits / self.uplink
+
+    def model_seconds(self, model_bits: float) -> float:
+        return model_bits / self.uplink
+
+
+def client_profiles(num_clients: int, seed: int) -> list[ClientProfile]:
+    """c ~ U(1e9, 1e10) FLOP/s; r ~ U(0.1, 1) km; R = W log2(1 + P h / (W N0)), W = 10 MHz, P = 0.2 W,
+    N0 = -174 dBm/Hz, h = 10^(-PL/10), PL = 128.1 + 37.6 log10(r) dB."""
+    rng = np.random.default_rng(seed)
+    W, P = 10e6, 0.2
+    n0 = 10 ** (-174 / 10) / 1000         # W/Hz
+    out = []
+    for _ in range(num_clients):
+        flops, r = rng.uniform(1e9, 1e10), rng.uniform(0.1, 1.0)
+        h = 10 ** (-(128.1 + 37.6 * math.log10(r)) / 10)
+        out.append(ClientProfile(flops, W * math.log2(1 + P * h / (W * n0))))
+    return out
+
+
+def count_macs(module: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-accumulates per sample of the convolutions and linear layers of one forward pass."""
+    total = [0.0]
+
+    def hook(m, inputs, output):
+        if isinstance(m, nn.Conv2d):
+            total[0] += output.numel() / output.shape[0] * m.in_channels // m.groups * math.prod(m.kernel_size)
+        elif isinstance(m, nn.Linear):
+            total[0] += output.numel() / output.shape[0] * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+class AsyncAlgorithm(Algorithm):
+    """Hooks: client_iteration (client), on_activation (S-server), average_models (F-server)."""
+    schedule = "async"
+
+    def __init__(self, world):
+        super().__init__(world)
+        if world.is_token_task:
+            raise ConfigError(f"{self.name} is defined for image classification; {world.data.name} is a "
+                              f"language-modelling dataset (use fsl_sage or a baseline)")
+        cfg, m = self.cfg, world.num_clients
+        self.active = min(cfg.active_clients or m, m)           # C
+        self.model_buffer = cfg.model_buffer or self.active     # Q_c
+        # the simulated clock
+        client = world.initial_part("client")
+        self.client_macs = count_macs(client, world.example_input(1))
+        self.activation_bits = 32.0 * cfg.batch_size * math.prod(self.activation_shape)
+        self.model_bits = 8.0 * state_nbytes(client.state_dict())
+        self.profiles = client_profiles(m, derive_seed(cfg.seed, "init", 2))
+        per_iter = [p.iteration_seconds(self.client_macs, cfg.batch_size, self.activation_bits) for p in self.profiles]
+        self.iteration_seconds = per_iter
+        self.slowness = [s / max(per_iter) for s in per_iter]     # 1 = the slowest client
+
+    def participation_seconds(self, cid: int) -> float:
+        """Simulated time of one participation: E iterations plus the model upload."""
+        return self.cfg.local_iters * self.iteration_seconds[cid] + self.profiles[cid].model_seconds(self.model_bits)
+
+    # ================================================================== hooks
+    def client_iteration(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One local iteration of an active client (default: a step on the gradient the S-server returns)."""
+        self.returned_gradient_step(c, link, k, x, y)
+
+    def on_activation(self, s: ServerState, cid: int, progress: int, z: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+        """The S-server's answer to one activation: the cut-layer gradient for the client. `progress` = n = tE + e,
+        the client's local iterations so far."""
+        raise NotImplementedError(f"{self.name}: an asynchronous split method implements on_activation")
+
+    def average_models(self, packed: list[torch.Tensor], cids: list[int], template: nn.Module) -> torch.Tensor:
+        """The new global client model from the Q_c returned ones (paper: weighted by |D_k|; `model_weighting=equal`:
+        the authors' code)."""
+        weights = [self.world.num_samples(c) if self.cfg.model_weighting == "samples" else 1.0 for c in cids]
+        return fedavg(packed, weights, template.state_dict())
+
+    def describe(self) -> dict:
+        return {**super().describe(), "active_clients": self.active, "model_buffer": self.model_buffer,
+                "client_macs_per_sample": self.client_macs}

@@ -1,0 +1,127 @@
+"""What the roles say to each other, by name.
+
+Tensors (activations, gradients, labels, models) travel as themselves, described by the transport's header. The
+small figures a rank reports (its byte counters, its seconds, per-client training statistics, an evaluation
+result) travel as one float64 vector laid out by a `Schema`: an ordered list of named fields, each of a fixed
+shape that both sides know from the config. A sender fills the fields by name and a receiver reads them by name;
+nobody slices by position. Algorithms add fields of their own to the S-server's round report
+(`Algorithm.server_report_fields`). Nothing is pickled: the layout is code, the payload is raw float64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpisage.runtime.transport import NUM_KINDS, S_SERVER, Kind, ProtocolError, Transport
+
+COUNTERS_SHAPE = (3, NUM_KINDS, 3)     # wire bytes, paper bytes, messages per (kind, destination role)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """An ordered set of named float64 fields of fixed shapes (a scalar field has shape ())."""
+    name: str
+    fields: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, name: str, **fields) -> "Schema":
+        return cls(name, tuple((k, tuple(v) if isinstance(v, (tuple, list)) else (() if v == 1 else (v,)))
+                               for k, v in fields.items()))
+
+    def extended(self, **fields) -> "Schema":
+        return Schema(self.name, self.fields + Schema.of(self.name, **fields).fields)
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.fields)
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * self.size
+
+    def pack(self, values: dict) -> torch.Tensor:
+        """The float64 payload of `values` (every field, no other key)."""
+        unknown = set(values) - {name for name, _ in self.fields}
+        missing = [name for name, _ in self.fields if name not in values]
+        if unknown or missing:
+            raise KeyError(f"{self.name} report: unknown fields {sorted(unknown)}, missing fields {missing}")
+        parts = []
+        for name, shape in self.fields:
+            value = np.asarray(values[name], dtype=np.float64)
+            if value.shape != shape:
+                raise ValueError(f"{self.name} report: field {name} has shape {value.shape}, the schema {shape}")
+            parts.append(value.ravel())
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0))
+
+    def unpack(self, payload: torch.Tensor | np.ndarray) -> dict[str, np.ndarray | float]:
+        """Fields by name: scalars as float, others as arrays (the counters as int64)."""
+        flat = payload.numpy() if isinstance(payload, torch.Tensor) else np.asarray(payload)
+        if flat.shape != (self.size,):
+            raise ProtocolError(f"{self.name} report has {flat.size} values, the schema {self.size}")
+        out, offset = {}, 0
+        for name, shape in self.fields:
+            n = math.prod(shape)
+            part = flat[offset:offset + n]
+            offset += n
+            if name == "counters":
+                out[name] = part.astype(np.int64).reshape(shape)
+            else:
+                out[name] = float(part[0]) if shape == () else part.reshape(shape).copy()
+        return out
+
+
+# ------------------------------------------------------------------------------------------- the schemas
+EVAL_RESULT = Schema.of("evaluation", loss=1, accuracy=1, seconds=1)
+CLIENT_ROUND = Schema.of("client round", loss_sum=1, correct=1, samples=1, seconds=1)
+RANK_REPORT = Schema.of("rank", counters=COUNTERS_SHAPE, wait_seconds=1, busy_seconds=1, resident_bytes=1)
+FINAL_CLIENT_REPORT = Schema.of("final client rank", counters=COUNTERS_SHAPE, uploads=1, wait_seconds=1,
+                                busy_seconds=1, resident_bytes=1)
+
+
+def sserver_round_report(num_clients: int, algorithm_fields: dict) -> Schema:
+    """The S-server's report of a synchronous round: its counters and seconds, per-client training statistics of
+    its server steps (loss sum, correct, samples), the algorithm's own fields, its memory."""
+    return Schema.of("S-server round", counters=COUNTERS_SHAPE, wait_seconds=1, busy_seconds=1, round_seconds=1,
+                     train_stats=(num_clients, 3), **algorithm_fields, resident_bytes=1)
+
+
+ASYNC_SSERVER_REPORT = Schema.of("asynchronous S-server", counters=COUNTERS_SHAPE, wait_seconds=1, busy_seconds=1,
+                                 elapsed_seconds=1, server_steps=1, generated_samples=1, resident_bytes=1)
+
+
+# ------------------------------------------------------------------------------------------- sending reports
+def send_report(t: Transport, dest: int, schema: Schema, values: dict, *, round: int, client: int = -1,
+                kind: Kind = Kind.CONTROL) -> None:
+    """Sends `values` laid out by `schema`. When the schema has `counters`, they are this rank's counters taken
+    after counting this very message, so the figure it carries is exact."""
+    if any(name == "counters" for name, _ in schema.fields):
+        t.count(kind, dest, schema.nbytes)
+        payload = schema.pack({**values, "counters": t.counters().astype(np.float64)})
+        t.send(dest, kind, payload, round=round, client=client, count=False)
+    else:
+        t.send(dest, kind, schema.pack(values), round=round, client=client)
+
+
+def recv_report(t: Transport, source: int, schema: Schema, *, round: int | None = None,
+                client: int | None = None, kind: Kind = Kind.CONTROL) -> dict:
+    msg = t.recv(kind, source, round=round, client=client, dtype=torch.float64, shape=(schema.size,))
+    return schema.unpack(msg.tensor)
+
+
+# ------------------------------------------------------------------------------------------- a client's link
+class ClientLink:
+    """A client's view of its S-server for one round (or, asynchronously, one participation): uploads, and the
+    replies addressed to it."""
+
+    def __init__(self, transport: Transport, cid: int, round: int):
+        self.transport, self.cid, self.round = transport, cid, round
+
+    def upload(self, z: torch.Tensor, y: torch.Tensor, seq: int) -> None:
+        self.transport.send(S_SERVER, Kind.ACTIVATION, z, round=self.round, client=self.cid, seq=seq)
+        self.transport.send(S_SERVER, Kind.LABELS, y, round=self.round, client=self.cid, seq=seq)
+
+    def receive(self, kind: Kind, seq: int | None = None, **expect) -> torch.Tensor:
+        return self.transport.recv(kind, S_SERVER, round=self.round, client=self.cid, seq=seq, **expect).tensor
