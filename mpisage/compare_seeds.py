@@ -280,9 +280,11 @@ def write_summary(summary: Summary, out: str, command: str, notes: list[str] = (
 
 # ------------------------------------------------------------------ figure
 def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], points: int = GRID_POINTS):
-    """Seeds' (x, accuracy) curves on one common x grid: linear interpolation between evaluations, over the x range
-    every seed covers (so each point is the mean of all seeds, none extrapolated). Returns grid, mean, half-width."""
-    lo, hi = max(float(x[0]) for x, _ in curves), min(float(x[-1]) for x, _ in curves)
+    """Seeds' (x, accuracy) curves on one common x grid, so every point is the mean of all seeds: linear
+    interpolation between evaluations; the grid starts at the latest first evaluation (no seed's accuracy is
+    invented before it was measured) and ends at the last one, a seed that ended earlier holding its final
+    accuracy (its final model keeps it at any larger budget). Returns grid, mean, half-width."""
+    lo, hi = max(float(x[0]) for x, _ in curves), max(float(x[-1]) for x, _ in curves)
     grid = np.linspace(lo, hi, points) if hi > lo else np.array([lo])
     ys = np.stack([np.interp(grid, x, y) for x, y in curves])
     mean, half = t_band(ys)
@@ -310,7 +312,9 @@ def plot_seeds(runs: dict[str, dict[int, str]], targets: list[float], out: str) 
             color = f"C{i}"
             ax.plot(grid, mean, color=color, label=f"{m} (n={len(curves)})")
             if len(curves) > 1:
-                ax.fill_between(grid, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
+                # drawn within [0, 1], where an accuracy lies (a t-interval of few seeds may reach past it)
+                ax.fill_between(grid, np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1), color=color,
+                                alpha=0.2, linewidth=0)
         for target in targets:
             ax.axhline(target, color="gray", linestyle="--", linewidth=1)
         ax.set_xlabel(xlabel)

@@ -223,13 +223,16 @@ def test_test_images_fall_back_on_eval_samples(tmp_path):
     assert "| none | 1 (0) | 1 | whole test set (size not recorded) | - | 0.5000 (n=1, no interval) |" in format_summary(s)
 
 
-def test_mean_curve_interpolates_on_the_common_range():
-    # seed 0 evaluated at x = 0, 2, 4; seed 1 at x = 1, 3 (accuracies on the lines y = x/10 and y = x/10 + 0.1)
+def test_mean_curve_interpolates_on_a_common_grid():
+    # seed 0 evaluated at x = 0, 2, 4 on y = x/10; seed 1 at x = 1, 3 on y = x/10 + 0.1, then it ended
     curves = [(np.array([0.0, 2.0, 4.0]), np.array([0.0, 0.2, 0.4])), (np.array([1.0, 3.0]), np.array([0.2, 0.4]))]
-    grid, mean, half = mean_curve(curves, points=5)
-    assert grid == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0])        # only where both seeds have data
-    assert mean == pytest.approx(grid / 10 + 0.05)
-    assert half == pytest.approx(np.full(5, 12.7062 * 0.05), abs=1e-3)   # s = 0.1/sqrt(2), n = 2
+    grid, mean, half = mean_curve(curves, points=7)
+    assert grid == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])    # from seed 1's first evaluation on
+    # both on their lines up to x = 3, then seed 1 holds its final 0.4
+    assert mean == pytest.approx([0.15, 0.2, 0.25, 0.3, 0.35, (0.35 + 0.4) / 2, 0.4])
+    # two seeds 0.1 apart: s = 0.1/sqrt(2), half-width t_{0.975,1} * s / sqrt(2) = 12.7062 * 0.05
+    assert half[:5] == pytest.approx(np.full(5, 12.7062 * 0.05), abs=1e-3)
+    assert half[-1] == pytest.approx(0.0)
 
 
 def test_plot_seeds_writes_a_png(seed_runs, tmp_path):
