@@ -295,3 +295,33 @@ def test_compare_seeds_refuses_a_seed_override(tmp_path, capsys):
     assert "seed=3 cannot be combined with --seeds" in capsys.readouterr().err
     assert compare_main(["--methods", "fed_avg", "--seeds", "2", "--reference", "gas", "--out", str(tmp_path)]) == 2
     assert "--reference gas is not one of --methods" in capsys.readouterr().err
+
+
+def test_compare_seeds_relaunches_unfinished_runs_and_reports_failures(tmp_path, capsys, monkeypatch):
+    """Seed 0 finished, seed 1 interrupted after 1 of 2 rounds, seed 2 fails: only seeds 1 and 2 are launched,
+    each with its seed and resume=auto; the failure is reported (exit 1) and the others are summarised."""
+    from mpisage.compare_seeds import requested_config, seed_run_dir
+    from mpisage.config import to_yaml
+    out = str(tmp_path / "cmp")
+    configs = {s: to_yaml(requested_config(["rounds=2"], "fed_avg", s, seed_run_dir(out, "fed_avg", s))) for s in range(3)}
+    seeded_run(seed_run_dir(out, "fed_avg", 0), [0.5, 0.6], [1, 2], [1, 1], config=configs[0])
+    seeded_run(seed_run_dir(out, "fed_avg", 1), [0.5], [1], [1], config=configs[1])
+    launched = []
+
+    def fake_run_method(method, ranks, overrides, run_dir):
+        launched.append((method, ranks, overrides, run_dir))
+        seed = int(run_dir[-1])
+        if seed == 2:
+            return 3
+        seeded_run(run_dir, [0.5, 0.7], [1, 2], [1, 1], config=configs[seed])    # the resumed run finishes
+        return 0
+    monkeypatch.setattr("mpisage.compare.run_method", fake_run_method)
+    rc = compare_main(["--methods", "fed_avg", "--seeds", "3", "--ranks", "5", "--out", out, "rounds=2"])
+    assert rc == 1
+    assert [(m, r, o, d) for m, r, o, d in launched] == [
+        ("fed_avg", 5, ["rounds=2", "seed=1", "resume=auto"], seed_run_dir(out, "fed_avg", 1)),
+        ("fed_avg", 5, ["rounds=2", "seed=2", "resume=auto"], seed_run_dir(out, "fed_avg", 2))]
+    captured = capsys.readouterr()
+    assert "fed_avg seed 2 did not finish (exit code 3)" in captured.err
+    assert "| fed_avg | 2 (0, 1) | 2 |" in captured.out and "0.6500 [" in captured.out
+    assert "fed_avg seed 2 did not finish" in open(os.path.join(out, "summary.md")).read()
