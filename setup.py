@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # torch is pinned by scripts/setup.sh (a CPU build on machines without a GPU); it is not listed here so that
     # pip never replaces an installed build with a multi-GB CUDA one.
-    install_requires=["numpy", "h5py>=3.8", "mpi4py>=4.0", "omegaconf>=2.4", "matplotlib"],
+    install_requires=["numpy", "scipy", "h5py>=3.8", "mpi4py>=4.0", "omegaconf>=2.4", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-mpi", "pytest-timeout"],
         # GPT-2 + LoRA on E2E (model=gpt2_tiny|gpt2_medium, dataset=e2e). Lower bounds: the versions tested with

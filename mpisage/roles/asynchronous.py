@@ -229,6 +229,7 @@ def run_async_fserver(algo, log) -> dict:
         "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]}, history=history)
     metrics.set("label_histograms", world.histograms)
     metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
+    metrics.set("test_samples", world.test_samples)     # how many test images each accuracy is measured on
     metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
 
     def draw() -> int:

@@ -47,6 +47,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
         "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]}, history=history)
     metrics.set("label_histograms", world.histograms)
     metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
+    metrics.set("test_samples", world.test_samples)     # how many test images each accuracy is measured on
     threshold = cfg.comm_threshold_mb * 1024 ** 2
     last_counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
     start = time.perf_counter() - ready

@@ -64,3 +64,9 @@ def read_rounds(path: str) -> dict[str, np.ndarray]:
 def read_attrs(path: str) -> dict:
     with h5py.File(path, "r", swmr=True) as f:
         return dict(f.attrs)
+
+
+def read_dataset(path: str, name: str, default=None):
+    """A per-run dataset written with `MetricsFile.set` (e.g. "test_samples"); `default` when the file predates it."""
+    with h5py.File(path, "r", swmr=True) as f:
+        return f[name][()] if name in f else default

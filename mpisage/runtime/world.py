@@ -32,6 +32,7 @@ class World:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_index: dict[int, np.ndarray] = field(default_factory=dict)   # client id -> rows of this rank's train_x
     resume_from: tuple[str, int] | None = None    # (checkpoint path, its round) when resuming
+    test_samples: int = 0                 # test samples every evaluation scores (the first eval_samples, or all)
     _initial: SplitModel | None = field(default=None, repr=False)
 
     @property
@@ -151,6 +152,8 @@ def make_world(cfg: Config, transport: Transport) -> World:
                           f"clients, distribution={cfg.dataset.distribution}); use fewer clients")
     hist = label_histograms(labels, parts, data.num_classes if data.train_y.dim() == 1 else 1)
     world = World(cfg, transport, data, parts, hist)
+    # counted here: the F-server, which records it in the metrics file, drops its test set below
+    world.test_samples = len(data.test_y) if cfg.eval_samples is None else min(cfg.eval_samples, len(data.test_y))
     # Keep what this rank's role needs (11 ranks share one machine's memory).
     if transport.rank == F_SERVER:
         data.train_x = data.train_x[:0]

@@ -15,6 +15,11 @@ OUT/gas:generative=false). Then:
 
 `--skip-existing` reuses a method whose run_dir already holds a complete metrics.h5, so an interrupted comparison
 resumes where it stopped. A failed run is reported and the others still run; the exit code is then 1.
+
+With `--seeds N` (seeds 0..N-1) or `--seed-list 3,5,8` every method runs once per seed, paired (seed s: the same
+partition and initial weights for every method), in OUT/M/seed<s> with resume=auto, and the summary gives means
+with 95% t-intervals over the seeds, times to each `--target` (comma-separated) with how many seeds reached it,
+and paired differences against `--reference` (default: the first method); see mpisage.tools.compare_seeds.
 As a library: `summarize(run_dirs, target)`, `write_table(rows, path_md, path_csv, command)` and
 `plot_comparison(run_dirs, target, out)` need no MPI.
 """
@@ -153,14 +158,31 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", required=True, help="comma-separated algorithm names")
     p.add_argument("--ranks", type=int, default=11, help="MPI ranks per run (default 11)")
-    p.add_argument("--target", type=float, default=0.85, help="target test accuracy (default 0.85)")
+    p.add_argument("--target", default="0.85",
+                   help="target test accuracy (default 0.85); with --seeds several, comma-separated")
     p.add_argument("--out", default="runs/compare", help="output folder; run M goes to OUT/M")
     p.add_argument("--skip-existing", action="store_true", help="reuse runs whose metrics.h5 is complete")
+    p.add_argument("--seeds", type=int, help="run every method on seeds 0..N-1 (OUT/M/seed<s>, resume=auto)")
+    p.add_argument("--seed-list", help="run every method on these comma-separated seeds instead")
+    p.add_argument("--reference", help="with --seeds: the method the paired differences are taken against "
+                                       "(default: the first of --methods)")
     # Everything else (key=value, or -c FILE) is passed unchanged to every run.
     args, overrides = p.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         p.error("--methods needs at least one algorithm name")
+    try:
+        targets = [float(t) for t in args.target.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--target {args.target!r} must be a number, or with --seeds comma-separated numbers (0.8,0.85)")
+    if not targets:
+        p.error("--target needs a number (example: --target 0.85)")
+    if args.seeds is not None or args.seed_list is not None:
+        from mpisage.tools.compare_seeds import main_seeds
+        return main_seeds(args, overrides, argv, methods, targets)
+    if len(targets) > 1 or args.reference is not None:
+        p.error("several --target values and --reference need --seeds N or --seed-list")
+    args.target = targets[0]
 
     done, failed = {}, []
     for method in methods:
