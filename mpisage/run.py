@@ -28,7 +28,8 @@ def run_job(cfg, comm, log=None) -> dict:
     from mpisage import preemption
     from mpisage.checkpoint import agree_on_checkpoint
     from mpisage.devices import configure_devices
-    from mpisage.transport import Heartbeat, Transport
+    from mpisage.heartbeat import Heartbeat
+    from mpisage.transport import Transport
     from mpisage.world import make_world
 
     preemption.install()
