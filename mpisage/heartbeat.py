@@ -75,6 +75,7 @@ class Heartbeat:
         # A pass later than this after the previous one is the watcher's own stall, not its peers' silence.
         self.slack = max(1.0, 2 * interval)
         self._stop = threading.Event()
+        self._dumped = False
         self._thread = threading.Thread(target=self._run, name="mpisage-heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
@@ -99,9 +100,9 @@ class Heartbeat:
                 for p in self.peers:
                     self._send(p, 0)
                 next_beat = now + self.interval
-            if alarm.Test():
+            if alarm is not None and alarm.Test():
                 self._dump_stacks(f"rank {int(alarm_box[0])} raised a heartbeat alarm")
-                alarm = self.comm.Irecv(alarm_box, source=MPI.ANY_SOURCE, tag=ALARM_TAG)
+                alarm = None
             # Drain every beat that has arrived (after a stall of this watcher many are queued) before judging.
             for p in list(pending):
                 while p in pending and pending[p].Test():
@@ -119,7 +120,7 @@ class Heartbeat:
             self._send(p, BYE)
         # The communicator is left allocated: freeing it could let a later one reuse its context while a
         # goodbye is still in flight.
-        for req in [*pending.values(), alarm]:
+        for req in [*pending.values(), *([alarm] if alarm is not None else [])]:
             req.Cancel()
             req.Free()
 
@@ -136,6 +137,9 @@ class Heartbeat:
                   f"stacks above; aborting all ranks\n")
 
     def _dump_stacks(self, why: str) -> None:
+        if self._dumped:      # once per rank: when rank 0 is the silent one, every other rank raises an alarm
+            return
+        self._dumped = True
         sys.stderr.write(f"[mpisage] rank {self.rank} ({ROLE_NAMES[role_of(self.rank)]}) Python stacks ({why}):\n")
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
