@@ -103,12 +103,12 @@ class Config:
     # evaluation, output, runtime
     eval_batch_size: int = 1000
     eval_samples: Optional[int] = None   # evaluate on the first N test samples (None: the whole test set)
-    checkpoint_interval: int = 10        # rounds between checkpoints (the last round is always checkpointed)
+    checkpoint_interval: int = 10        # rounds between checkpoints, the last round included (0: none, but an early stop)
     keep_checkpoints: int = 2
     torch_threads: int = 1               # per rank; ranks usually outnumber cores
     comm_timeout_s: float = 1800.0       # a wait for a peer longer than this is an error naming the peer
     heartbeat_s: float = 5.0             # every rank signals it is alive this often ...
-    heartbeat_timeout_s: float = 60.0    # ... and one silent this long aborts the job, named (0: no heartbeat)
+    heartbeat_timeout_s: float = 300.0   # ... and one silent this long (while its watcher runs) aborts the job, named (0: off)
     log_interval: int = 1                # rounds between progress lines
 
 
@@ -191,10 +191,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.num_clients is None or cfg.num_clients >= 1, "num_clients", cfg.num_clients,
              "must be >= 1, or null for one client per client rank")
     for key in ("rounds", "batch_size", "local_epochs", "server_update_interval", "align_interval",
-                "align_buffer_size", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
+                "align_buffer_size", "eval_batch_size", "keep_checkpoints",
                 "torch_threads", "log_interval"):
         _require(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
     _require(cfg.align_steps >= 0, "align_steps", cfg.align_steps, "must be >= 0")
+    _require(cfg.checkpoint_interval >= 0, "checkpoint_interval", cfg.checkpoint_interval,
+             "must be >= 0 (0: no checkpoints, except when a run stops early: SIGTERM/SIGUSR1)")
     for key in ("lr", "align_lr", "comm_threshold_mb", "comm_timeout_s"):
         _require(getattr(cfg, key) > 0, key, getattr(cfg, key), "must be > 0")
     _require(cfg.heartbeat_s > 0, "heartbeat_s", cfg.heartbeat_s, "must be > 0")

@@ -30,7 +30,8 @@ def run_job(cfg, comm, log=None) -> dict:
     from mpisage.runtime import preemption
     from mpisage.runtime.checkpoint import agree_on_checkpoint
     from mpisage.runtime.devices import configure_devices
-    from mpisage.runtime.transport import Heartbeat, Transport
+    from mpisage.runtime.heartbeat import Heartbeat
+    from mpisage.runtime.transport import Transport
     from mpisage.runtime.world import make_world
 
     preemption.install()

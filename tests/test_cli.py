@@ -99,7 +99,9 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
     import signal
 
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
-    job = _tiny_job(tmp_path, 10_000)
+    from mpisage.runtime.metrics import read_rounds
+    # checkpoint_interval=0: no checkpoint but the one a stop signal asks for
+    job = [a if a != "checkpoint_interval=1" else "checkpoint_interval=0" for a in _tiny_job(tmp_path, 10_000)]
     proc = _start(job)
     _wait_for_line(proc, "round    2/")
     start = time.monotonic()
@@ -108,9 +110,13 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
     assert proc.returncode == 0, err
     assert time.monotonic() - start < 60
     assert "SIGTERM: stopped after round" in out and "resume=auto" in out
+    assert len(list_checkpoints(str(tmp_path / "run"))) == 1
     attrs, _ = read_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])
     stopped_at = int(attrs["round"])
     assert 1 <= stopped_at < 10_000
+    rows = read_rounds(str(tmp_path / "run" / "metrics.h5"))     # what the checkpoint cost, per rank
+    assert (rows["checkpoint_bytes_by_rank"][-1] > 0).all() and rows["checkpoint_seconds"][-1] > 0
+    assert (rows["checkpoint_bytes_by_rank"][:-1] == 0).all() and (rows["checkpoint_seconds"][:-1] == 0).all()
     proc = _start(job[:2] + [f"rounds={stopped_at + 3}"] + job[3:] + ["resume=auto"])
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -166,4 +172,5 @@ def test_frozen_rank_is_named_and_ends_the_job(tmp_path):
     out, err = proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert "rank 3 (client) stopped answering" in err
+    assert "rank 0 (fserver) Python stacks (it found rank 3 (client) silent)" in err   # the watcher's own stacks
     assert time.monotonic() - start < 30

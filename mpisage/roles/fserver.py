@@ -119,18 +119,27 @@ def run_fserver(algo: Algorithm, log) -> dict:
                 "sserver_busy_seconds": s_rep["busy_seconds"], "sserver_round_seconds": s_rep["round_seconds"],
                 "wait_seconds_by_rank": round_wait,
                 **{name: s_rep[name] for name in algo.server_report_fields()},   # the algorithm's own figures
+                # filled in below once this round's checkpoint (if any) is written: bytes of each rank's state
+                "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0,
             }
         metrics.append(row)
         if round % cfg.log_interval == 0 or stop:
             log(f"round {round + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
                 f"{row['comm_bytes'] / GIB:8.3f} GiB | {round_s:6.2f} s/round")
         if checkpoint_due(cfg, round, stop):
+            began = time.perf_counter()
             ranks = {f"rank{r}": recv_checkpoint(t, r, round) for r in range(1, t.size)}
             ranks["fserver"] = flatten_state({
                 **{kind.name.lower(): {"packed": current[kind]} for kind in templates}, "transport": transport_state(t),
                 "clock": {"ready": torch.tensor([ready]), "prev_wait": torch.from_numpy(prev_wait.copy())},
                 "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
             write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+            sizes = np.array([state_nbytes(ranks[f"rank{r}" if r else "fserver"][0]) for r in range(t.size)])
+            row["checkpoint_bytes_by_rank"], row["checkpoint_seconds"] = sizes, time.perf_counter() - began
+            metrics.update_last({k: row[k] for k in ("checkpoint_bytes_by_rank", "checkpoint_seconds")})
+            log(f"[mpisage] checkpoint after round {round + 1}: {sizes.sum() / 1024 ** 2:.1f} MiB "
+                f"(largest rank {int(sizes.argmax())}: {sizes.max() / 1024 ** 2:.1f} MiB), gathered and written in "
+                f"{row['checkpoint_seconds']:.1f} s")
         summary = row
         if stop:
             if preemption.requested() and round < cfg.rounds - 1:

@@ -21,6 +21,11 @@ FORMAT_VERSION = 1
 
 
 def checkpoint_due(cfg, round: int, stop: bool) -> bool:
+    """Every rank decides alike, from the config and the F-server's stop flag. checkpoint_interval=0: none, except
+    when the run stops before its last round (SIGTERM/SIGUSR1, or the communication budget), so a pre-empted run
+    can still be resumed; the ranks cannot tell those two causes apart from the flag."""
+    if cfg.checkpoint_interval == 0:
+        return stop and round < cfg.rounds - 1
     return stop or round == cfg.rounds - 1 or (round + 1) % cfg.checkpoint_interval == 0
 
 

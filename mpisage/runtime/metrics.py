@@ -52,6 +52,13 @@ class MetricsFile:
             self.file.swmr_mode = True
         self.file.flush()
 
+    def update_last(self, values: dict) -> None:
+        """Overwrites figures of the last round appended (known only after it was recorded, e.g. the cost of the
+        checkpoint that saves it)."""
+        for name, value in values.items():
+            self.rounds[name][-1] = np.asarray(value)
+        self.file.flush()
+
     def close(self) -> None:
         self.file.close()
 
