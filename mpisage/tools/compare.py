@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--target needs a number (example: --target 0.85)")
     if args.seeds is not None or args.seed_list is not None:
         from mpisage.tools.compare_seeds import main_seeds
-        return main_seeds(args, overrides, argv, methods, targets)
+        return main_seeds(args, overrides, argv, methods, targets, run_method)
     if len(targets) > 1 or args.reference is not None:
         p.error("several --target values and --reference need --seeds N or --seed-list")
     args.target = targets[0]

@@ -378,8 +378,9 @@ def run_state(run_dir: str, cfg) -> tuple[str, str]:
     return "partial", f"{done} rounds of {cfg.rounds}"
 
 
-def main_seeds(args, overrides: list[str], argv: list[str], methods: list[str], targets: list[float]) -> int:
-    from mpisage.tools.compare import run_method
+def main_seeds(args, overrides: list[str], argv: list[str], methods: list[str], targets: list[float],
+               run_method) -> int:
+    """`run_method(method, ranks, overrides, run_dir) -> exit code` launches one run (mpisage.tools.compare's)."""
     from mpisage.config import ConfigError
     try:
         seeds = parse_seeds(args.seeds, args.seed_list)
