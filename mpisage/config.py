@@ -93,7 +93,10 @@ class Config:
     generative: bool = True                  # false: the ablation without generated activations
     covariance: Literal["full", "diag"] = "full"             # per-label activation covariance
     model_weighting: Literal["samples", "equal"] = "samples"  # the paper (|D_k|) | the authors' code
-    straggler_delay_s: float = 0.0           # real heterogeneity: client k sleeps U(0, this) x its slowness per step
+    straggler_delay_s: float = 0.0           # arrival only: client k sleeps this x its slowness per iteration
+    # simulated: the straggler clock orders every iteration and returned model (the paper's schedule, deterministic);
+    # arrival: MPI arrival order at the ranks' real speeds (real deployments)
+    async_schedule: Literal["simulated", "arrival"] = "simulated"
 
     # SGLR (parallel split learning, client models never averaged)
     split_lr_alpha: float = 0.5              # SplitLr: server lr = lr x C^alpha
@@ -211,6 +214,9 @@ def validate(cfg: Config) -> None:
              "must be >= 1, or null for the whole test set")
     _require(cfg.local_iters >= 1, "local_iters", cfg.local_iters, "must be >= 1")
     _require(cfg.straggler_delay_s >= 0, "straggler_delay_s", cfg.straggler_delay_s, "must be >= 0")
+    _require(cfg.straggler_delay_s == 0 or cfg.async_schedule == "arrival", "straggler_delay_s", cfg.straggler_delay_s,
+             "only applies with async_schedule=arrival (the simulated schedule already orders clients by their "
+             "simulated speed); set async_schedule=arrival or straggler_delay_s=0")
     _require(0 <= cfg.split_avg_fraction <= 1, "split_avg_fraction", cfg.split_avg_fraction, "must be in [0, 1]")
     _require(cfg.dataset.image_size is None or cfg.dataset.image_size >= 8, "dataset.image_size",
              cfg.dataset.image_size, "must be >= 8, or null to keep the stored size")

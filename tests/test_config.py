@@ -56,3 +56,10 @@ def test_schema_round_trips_to_yaml():
     from mpisage.config import to_yaml
     text = to_yaml(load_config(None, ["rounds=3"]))
     assert "rounds: 3" in text and "align_interval: 10" in text and isinstance(Config(), Config)
+
+
+def test_straggler_delay_is_refused_with_the_simulated_schedule():
+    from mpisage.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="async_schedule=arrival"):
+        load_config(None, ["algorithm=gas", "straggler_delay_s=0.1"])
+    assert load_config(None, ["algorithm=gas", "straggler_delay_s=0.1", "async_schedule=arrival"]).straggler_delay_s

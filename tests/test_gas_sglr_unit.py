@@ -116,3 +116,56 @@ def test_straggler_profiles_and_macs():
     assert all(1e6 < p.uplink < 1e9 for p in profiles)
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
     assert count_macs(conv, torch.zeros(1, 3, 4, 4)) == 8 * 4 * 4 * 3 * 9 + 8 * 4 * 4 * 5
+
+
+def _reference_clock(pass_s, act_s, model_s, first, replacements, local_iters, n_steps):
+    """The straggler clock written out as the spec words it, one client iteration at a time: the active client
+    whose clock is earliest acts; its clock advances by backward + forward + upload, or, after its last iteration,
+    by backward + model upload, and its replacement inherits that clock. Returns [(time, client)]."""
+    clock = {c: pass_s[c] + act_s[c] for c in first}
+    done = dict.fromkeys(first, 0)
+    out, drawn = [], iter(replacements)
+    while len(out) < n_steps:
+        cid = min(clock, key=lambda c: clock[c])
+        out.append((clock[cid], cid))
+        done[cid] += 1
+        if done[cid] < local_iters:
+            clock[cid] += 2 * pass_s[cid] + act_s[cid]
+            continue
+        back = clock.pop(cid) + pass_s[cid] + model_s[cid]
+        del done[cid]
+        nxt = next(drawn, None)             # None: the last update, the run ends
+        if nxt is not None:
+            clock[nxt], done[nxt] = back + pass_s[nxt] + act_s[nxt], 0
+    return out
+
+
+def test_the_simulated_schedule_is_the_earliest_clock_first_and_fast_clients_go_more_often():
+    from mpisage.algorithms.asynchronous import simulate_schedule
+    rng = np.random.default_rng(0)
+    k, c, e = 8, 3, 4
+    pass_s, act_s, model_s = rng.uniform(0.1, 1, k), rng.uniform(0.1, 1, k), rng.uniform(0.5, 2, k)
+    pass_s[0], act_s[0] = 0.01, 0.01                       # one client far faster than the rest
+    s = simulate_schedule(pass_s, act_s, model_s, c, c, e, 30, torch.Generator().manual_seed(0))
+    times = [st.time for st in s.steps]
+    assert times == sorted(times)                          # served in simulated-time order
+    assert len(s.update_times) == 30 and np.all(np.diff(s.update_times) >= 0)
+    replacements = [st.replacement for st in s.steps if st.replacement >= 0]
+    ref = _reference_clock(pass_s, act_s, model_s, s.first_clients, replacements, e, len(s.steps))
+    assert [st.client for st in s.steps] == [r[1] for r in ref]
+    assert [st.time for st in s.steps] == pytest.approx([r[0] for r in ref], rel=1e-12)
+    # the Q_c-th returned model makes an update, at the latest return so far
+    returns = [st for st in s.steps if not np.isnan(st.returned)]
+    assert [st.update for st in returns[c - 1::c]] == list(range(30))
+    assert s.update_times[0] == max(st.returned for st in returns[:c])
+    counts = s.participations(k)
+    assert counts.sum() == 30 * c and counts[0] == counts.max() > np.median(counts)
+    again = simulate_schedule(pass_s, act_s, model_s, c, c, e, 30, torch.Generator().manual_seed(0))
+    assert again == s                                      # a pure function of speeds and seed
+
+
+def test_compute_time_is_per_sample_without_the_batch_factor():
+    from mpisage.algorithms.asynchronous import ClientProfile
+    p = ClientProfile(flops=1e9, uplink=1e8)
+    # the authors' AlexNet figures: 5,603,328 MACs per image, 131,072 activation bits per image, batch 32
+    assert p.iteration_seconds(5_603_328, 32 * 131_072) == pytest.approx(2 * 5_603_328 / 1e9 + 32 * 131_072 / 1e8)

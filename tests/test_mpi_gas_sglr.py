@@ -257,3 +257,68 @@ def _gas_progress(run_dir: str) -> list:
     rounds = list(r["round"]) + [-1] * (6 - len(r["round"]))
     return [*rounds[:6], monotone, bool(np.all(np.diff(r["server_steps"]) >= 0)), r["comm_bytes"][-1],
             r["participations"][-1].sum()]
+
+
+def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist, shared_tmp, monkeypatch):
+    """Injected speeds (client 0 far faster than the rest): the S-server answers activations in the order of the
+    straggler clock (the schedule, recomputed from the speeds), the fast client participates most, every
+    participation starts from a fresh optimiser, and a second run with the same seed is the same run."""
+    from mpi4py import MPI
+
+    import mpisage.algorithms.asynchronous as asynchronous
+    from mpisage.algorithms.gas import Gas
+    rank = MPI.COMM_WORLD.Get_rank()
+    speeds = [(1e10, 5e8), (1.2e9, 2e7), (2e9, 1e7), (1.5e9, 3e7)]
+    monkeypatch.setattr(asynchronous, "client_profiles",
+                        lambda m, seed: [asynchronous.ClientProfile(*speeds[c % 4]) for c in range(m)])
+    served, optimiser_states, schedules = [], [], []
+    on_activation, client_iteration = Gas.on_activation, asynchronous.AsyncAlgorithm.client_iteration
+    simulated_schedule = asynchronous.AsyncAlgorithm.simulated_schedule
+
+    def recording_activation(self, s, cid, progress, z, y):
+        served[-1].append((cid, progress))
+        return on_activation(self, s, cid, progress, z, y)
+
+    def recording_iteration(self, c, link, k, x, y):
+        optimiser_states.append((k, len(c.optimizer.state)))
+        return client_iteration(self, c, link, k, x, y)
+
+    def recording_schedule(self, updates, start_round=0):
+        schedules.append(simulated_schedule(self, updates, start_round))
+        return schedules[-1]
+
+    monkeypatch.setattr(Gas, "on_activation", recording_activation)
+    monkeypatch.setattr(asynchronous.AsyncAlgorithm, "client_iteration", recording_iteration)
+    monkeypatch.setattr(asynchronous.AsyncAlgorithm, "simulated_schedule", recording_schedule)
+    runs = [os.path.join(shared_tmp, f"gas_simulated{i}") for i in range(2)]
+    for run_dir in runs:
+        served.append([])
+        run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=2",
+                 "local_iters=2", "rounds=3", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
+                 "eval_samples=20", f"run_dir={run_dir}"])
+
+    # every participation's first iteration starts with no optimiser state; its second has momentum
+    if rank > S_SERVER:
+        assert optimiser_states and {n for k, n in optimiser_states if k == 0} == {0}
+        assert all(n > 0 for k, n in optimiser_states if k == 1)
+
+    def check_order():
+        schedule = schedules[0]
+        expected = [(st.client, st.version * 2 + st.seq + 1) for st in schedule.steps]   # n = tE + e
+        return [served[0] == expected, served[1] == served[0], len(served[0]),
+                all(len(s.steps) == len(schedule.steps) for s in schedules)]
+
+    in_order, repeated, n_served, same_schedule = on_root(check_order, root=S_SERVER)
+    assert in_order and repeated and same_schedule and n_served >= 3 * 2 * 2
+
+    def check_metrics():
+        from mpisage.runtime.metrics import read_rounds
+        a, b = (read_rounds(os.path.join(d, "metrics.h5")) for d in runs)
+        same = all(np.array_equal(a[k], b[k]) for k in ("test_acc", "test_loss", "simulated_time", "participations",
+                                                          "server_steps", "generated_samples", "comm_bytes"))
+        schedule = schedules[0]
+        counts = a["participations"][-1]
+        return [same, np.allclose(a["simulated_time"], schedule.update_times, rtol=1e-12),
+                np.array_equal(counts, schedule.participations(4)), counts[0] == counts.max() > np.median(counts)]
+
+    assert all(on_root(check_metrics))

@@ -8,8 +8,9 @@ the simulated seconds of an iteration and of a participation (the time axis of t
 """
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,8 +29,14 @@ class ClientProfile:
     flops: float
     uplink: float
 
-    def iteration_seconds(self, client_macs: float, batch_size: int, activation_bits: float) -> float:
-        return 2 * client_macs * batch_size / self.flops + activation_bits / self.uplink
+    def pass_seconds(self, client_macs: float) -> float:
+        """One forward (or backward) pass of ONE sample: the paper's and the authors' compute term has no batch
+        factor (the authors comment it out)."""
+        return client_macs / self.flops
+
+    def iteration_seconds(self, client_macs: float, activation_bits: float) -> float:
+        """Forward + backward of a sample, plus the upload of the activation batch."""
+        return 2 * self.pass_seconds(client_macs) + activation_bits / self.uplink
 
     def model_seconds(self, model_bits: float) -> float:
         return model_bits / self.uplink
@@ -46,6 +53,85 @@ def client_profiles(num_clients: int, seed: int) -> list[ClientProfile]:
         flops, r = rng.uniform(1e9, 1e10), rng.uniform(0.1, 1.0)
         h = 10 ** (-(128.1 + 37.6 * math.log10(r)) / 10)
         out.append(ClientProfile(flops, W * math.log2(1 + P * h / (W * n0))))
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """One local iteration of the simulated schedule."""
+    time: float       # when its activation reaches the S-server (the authors' clock of the client at that moment)
+    client: int
+    version: int      # the global model its participation started from
+    seq: int          # 0 .. E-1; at 0 the client first takes its start model
+    returned: float   # last iteration: when its model is back at the F-server (backward + model upload); else nan
+    update: int       # the global version this step's returned model completes (the Q_c-th model), else -1
+    replacement: int  # last iteration: the client that starts when this model is back (-1: none, the run ends)
+
+
+@dataclass
+class Schedule:
+    """Every local iteration of a run in simulated-time order, and the time of every global update."""
+    steps: list[Step] = field(default_factory=list)
+    update_times: list[float] = field(default_factory=list)
+    first_clients: list[int] = field(default_factory=list)     # the C clients that start the run
+
+    def participations(self, num_clients: int) -> np.ndarray:
+        """Completed participations per client (the returned models)."""
+        return np.bincount([s.client for s in self.steps if not math.isnan(s.returned)], minlength=num_clients)
+
+
+def simulate_schedule(pass_s, activation_s, model_s, active: int, model_buffer: int, local_iters: int, updates: int,
+                      generator: torch.Generator, start_time: float = 0.0) -> Schedule:
+    """The straggler schedule of gas_sglr.md (and of the authors' code): the active client whose clock is earliest
+    acts next, one iteration at a time. A client's clock is the moment its activation reaches the S-server: forward
+    (pass_s[k]) + upload (activation_s[k]) after it starts, then backward + forward + upload per further iteration;
+    after its last one, backward + model upload (model_s[k]) bring its model to the F-server, and the client drawn
+    uniformly from the inactive ones to replace it starts at that moment (the finished client's clock). Every
+    Q_c returned models make a global update, at the latest return time so far. The schedule depends only on the
+    clients' speeds and the draws, never on training, so every rank computes the same one; it ends with the
+    update number `updates`."""
+    num_clients = len(pass_s)
+    inactive = list(range(num_clients))
+    heap: list[tuple[float, int, int, int, int]] = []     # (time, insertion order, client, version, seq)
+    order = 0
+
+    def draw() -> int:
+        return inactive.pop(int(torch.randint(len(inactive), (1,), generator=generator)))
+
+    def begin(cid: int, at: float, version: int) -> None:
+        nonlocal order
+        heapq.heappush(heap, (at + pass_s[cid] + activation_s[cid], order, cid, version, 0))
+        order += 1
+
+    out = Schedule()
+    for _ in range(min(active, num_clients)):
+        out.first_clients.append(draw())
+        begin(out.first_clients[-1], start_time, 0)
+    version, buffered, latest = 0, 0, start_time
+    while version < updates:
+        at, _, cid, started, seq = heapq.heappop(heap)
+        if seq + 1 < local_iters:
+            out.steps.append(Step(at, cid, started, seq, math.nan, -1, -1))
+            heapq.heappush(heap, (at + 2 * pass_s[cid] + activation_s[cid], order, cid, started, seq + 1))
+            order += 1
+            continue
+        back = at + pass_s[cid] + model_s[cid]
+        latest = max(latest, back)
+        buffered += 1
+        update = -1
+        if buffered == model_buffer:
+            update, buffered = version, 0
+            out.update_times.append(latest)
+            version += 1
+        if version == updates:
+            out.steps.append(Step(at, cid, started, seq, back, update, -1))
+            break
+        # the replacement starts from the newest global model; with C = K the finished client goes again itself
+        replacement = draw() if inactive else cid
+        out.steps.append(Step(at, cid, started, seq, back, update, replacement))
+        begin(replacement, back, version)
+        if replacement != cid:
+            inactive.append(cid)
     return out
 
 
@@ -87,13 +173,22 @@ class AsyncAlgorithm(Algorithm):
         self.activation_bits = 32.0 * cfg.batch_size * math.prod(self.activation_shape)
         self.model_bits = 8.0 * state_nbytes(client.state_dict())
         self.profiles = client_profiles(m, derive_seed(cfg.seed, "init", 2))
-        per_iter = [p.iteration_seconds(self.client_macs, cfg.batch_size, self.activation_bits) for p in self.profiles]
+        per_iter = [p.iteration_seconds(self.client_macs, self.activation_bits) for p in self.profiles]
         self.iteration_seconds = per_iter
         self.slowness = [s / max(per_iter) for s in per_iter]     # 1 = the slowest client
 
     def participation_seconds(self, cid: int) -> float:
         """Simulated time of one participation: E iterations plus the model upload."""
         return self.cfg.local_iters * self.iteration_seconds[cid] + self.profiles[cid].model_seconds(self.model_bits)
+
+    def simulated_schedule(self, updates: int, start_round: int = 0) -> Schedule:
+        """The simulated schedule of `updates` global updates from update `start_round` on (a resumed run starts
+        every client afresh, with draws of its own). Every rank computes the same one."""
+        return simulate_schedule([p.pass_seconds(self.client_macs) for p in self.profiles],
+                                 [p.model_seconds(self.activation_bits) for p in self.profiles],
+                                 [p.model_seconds(self.model_bits) for p in self.profiles], self.active,
+                                 self.model_buffer, self.cfg.local_iters, updates,
+                                 self.world.generator("fserver", start_round))   # the schedule is the F-server's
 
     # ================================================================== hooks
     def client_iteration(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor, y: torch.Tensor) -> None:

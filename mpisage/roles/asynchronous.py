@@ -42,6 +42,8 @@ FINAL = -1
 
 # ---------------------------------------------------------------------------------------------------- client
 def run_async_client(algo) -> None:
+    if algo.cfg.async_schedule == "simulated":
+        return _run_simulated_client(algo)
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     hosted = {cid: algo.make_client(cid) for cid in world.clients_of(world.rank)}
     transform = train_transform(world.data, cfg.dataset.augment)
@@ -63,6 +65,7 @@ def run_async_client(algo) -> None:
         if starts_announced is None:
             c = hosted[msg.client]
             load_packed(c.model, msg.tensor)
+            c.optimizer.state.clear()       # paper eq. 8: plain local steps from a fresh optimiser each participation
             active.append([msg.client, msg.round, 0, dict.fromkeys(("loss_sum", "correct", "samples", "seconds"), 0.0)])
 
     while starts_announced is None or starts < starts_announced:
@@ -107,8 +110,88 @@ def run_async_client(algo) -> None:
     t.flush()
 
 
+def _run_simulated_client(algo) -> None:
+    """The simulated schedule: this rank runs its clients' iterations in simulated-time order (its part of the
+    schedule every rank computes), so the S-server, which serves the whole schedule in that order, always waits
+    for the message this rank sends next. A stop from the F-server ends it before the next iteration."""
+    world, t, cfg = algo.world, algo.world.transport, algo.cfg
+    hosted = {cid: algo.make_client(cid) for cid in world.clients_of(world.rank)}
+    transform = train_transform(world.data, cfg.dataset.augment)
+    nbytes = state_nbytes(next(iter(hosted.values())).model.state_dict())
+    if world.resume_from:
+        flat = restore_rank_state(world, f"rank{world.rank}")
+        for cid, c in hosted.items():
+            c.load_state_dict(flat, f"client{cid}", world.device)
+    schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
+    stats: dict[int, dict] = {}
+    early: dict = {}                    # client id -> its start message, taken before its turn
+    starts = uploads = sent = 0
+    announced = None
+    busy = 0.0
+
+    def take_stop() -> None:
+        nonlocal announced
+        announced = int(t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64).tensor.item())
+
+    for step in (s for s in schedule.steps if s.client in hosted):
+        cid, version, c = step.client, world.start_round + step.version, hosted[step.client]
+        if step.seq == 0:
+            # starts come in the order the F-server drew them; two of this rank's clients may begin their first
+            # iterations in the other order, so a start that comes early waits here
+            while cid not in early:
+                kind, _ = t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
+                if kind == Kind.CONTROL:
+                    break
+                msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes)
+                early[msg.client] = msg
+                starts += 1
+            if cid not in early:
+                take_stop()
+                break
+            msg = early.pop(cid)
+            if msg.round != version:
+                raise ProtocolError(f"client {cid} was started from global model {msg.round}; the schedule says "
+                                    f"{version}")
+            load_packed(c.model, msg.tensor)
+            c.optimizer.state.clear()       # paper eq. 8: plain local steps from a fresh optimiser each participation
+            stats[cid] = dict.fromkeys(("loss_sum", "correct", "samples", "seconds"), 0.0)
+        elif t.probe([Kind.CONTROL], F_SERVER):
+            take_stop()                     # participations in flight are abandoned: the run is over
+            break
+        start = time.perf_counter()
+        idx = torch.randint(len(c.y), (min(cfg.batch_size, len(c.y)),), generator=c.generator)
+        x = transform(c.x[idx].to(world.device), c.generator)
+        y = c.y[idx].to(world.device)
+        algo.client_iteration(c, ClientLink(t, cid, version), step.seq, x, y)
+        sent += 1
+        elapsed = time.perf_counter() - start
+        busy += elapsed
+        stats[cid]["samples"] += len(y)
+        stats[cid]["seconds"] += elapsed
+        if step.seq + 1 == cfg.local_iters:
+            t.send(F_SERVER, Kind.CLIENT_MODEL, pack_state(c.model.state_dict()), round=version, client=cid)
+            send_report(t, F_SERVER, CLIENT_ROUND, stats.pop(cid), round=version, client=cid)
+            send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
+                                                   "resident_bytes": resident_bytes()}, round=version)
+            uploads += 1
+    if announced is None:
+        t.wait_any([Kind.CONTROL], F_SERVER)
+        take_stop()
+    for _ in range(announced - starts):      # starts sent before the stop reached this rank: taken, not run
+        t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes)
+    # the S-server answers exactly this many activations from this rank and skips the rest of its schedule
+    t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
+    send_rank_state(t, {f"client{cid}": c.state_dict() for cid, c in hosted.items()}, FINAL)
+    send_report(t, F_SERVER, FINAL_CLIENT_REPORT, {"uploads": uploads, "wait_seconds": t.wait_seconds,
+                                                   "busy_seconds": busy, "resident_bytes": resident_bytes()},
+                round=FINAL)
+    t.flush()
+
+
 # ---------------------------------------------------------------------------------------------------- S-server
 def run_async_sserver(algo) -> None:
+    if algo.cfg.async_schedule == "simulated":
+        return _run_simulated_sserver(algo)
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
     if world.resume_from:
@@ -180,6 +263,104 @@ def run_async_sserver(algo) -> None:
     t.flush()
 
 
+def _run_simulated_sserver(algo) -> None:
+    """The simulated schedule: activations are answered in simulated-time order, whatever order they arrive in
+    (each client rank sends its own in that order, so the next one is always on its way). A global model is
+    evaluated with the server model as it was at its update's simulated time (a snapshot), not whenever its
+    request arrives: same seed, same run."""
+    world, t, cfg = algo.world, algo.world.transport, algo.cfg
+    s = algo.make_server()
+    if world.resume_from:
+        s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
+    nbytes = state_nbytes(world.initial_part("client").state_dict())
+    schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
+    queue: list[tuple[int, torch.Tensor]] = []      # (version, global client model) waiting for evaluation
+    snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
+    evaluation: list = [None, -1]
+    evaluations_done, expected_evaluations = 0, None
+    sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
+    served = dict.fromkeys(world.client_ranks, 0)
+    busy, start = 0.0, time.perf_counter()
+
+    def report_counters(round: int) -> None:
+        send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
+            "wait_seconds": t.wait_seconds, "busy_seconds": busy, "elapsed_seconds": time.perf_counter() - start,
+            "server_steps": getattr(s, "steps", 0), "generated_samples": getattr(s, "generated", 0),
+            "resident_bytes": resident_bytes()}, round=round)
+
+    def evaluate_step() -> bool:
+        nonlocal evaluations_done
+        if evaluation[0] is None:
+            if not queue:
+                return False
+            version, packed = queue.pop(0)
+            client = world.initial_part("client")
+            load_packed(client, packed)
+            evaluation[:] = [algo.make_evaluation(snapshots.pop(version), client), version]
+        evaluation[0].step()
+        if evaluation[0].done:
+            loss, accuracy, seconds = evaluation[0].result()
+            send_report(t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
+                        round=evaluation[1], kind=Kind.EVAL)
+            report_counters(evaluation[1])
+            evaluation[:] = [None, -1]
+            evaluations_done += 1
+        return True
+
+    def take(kind: Kind, src: int) -> None:
+        """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
+        nonlocal expected_evaluations
+        if kind == Kind.EVAL:
+            _take_eval(t, queue, nbytes)
+        elif src == F_SERVER:
+            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
+            expected_evaluations = int(msg.tensor.item())
+        else:
+            sent_by[src] = int(t.recv(Kind.CONTROL, src, round=FINAL, shape=(1,), dtype=torch.int64).tensor.item())
+            if sent_by[src] < served[src]:
+                raise ProtocolError(f"client rank {src} says it sent {sent_by[src]} activations; "
+                                    f"{served[src]} were answered")
+
+    from_fserver = [(Kind.EVAL, F_SERVER), (Kind.CONTROL, F_SERVER)]
+    for step in schedule.steps:
+        r = world.rank_of(step.client)
+        while sent_by[r] is None or served[r] < sent_by[r]:     # else: r stopped before this step
+            kind, src = t.wait_first([(Kind.ACTIVATION, r), *from_fserver,
+                                      *([(Kind.CONTROL, r)] if sent_by[r] is None else [])], idle=evaluate_step)
+            if kind != Kind.ACTIVATION:
+                take(kind, src)
+                continue
+            t0 = time.perf_counter()
+            version = world.start_round + step.version
+            act = t.recv(Kind.ACTIVATION, r, round=version, client=step.client, seq=step.seq,
+                         trailing_shape=algo.activation_shape, device=world.device)
+            labels = recv_labels(world, act)
+            progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
+            grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
+            t.send(r, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
+            served[r] += 1
+            if step.update >= 0 and world.start_round + step.update < cfg.rounds:
+                snapshots[world.start_round + step.update] = copy.deepcopy(s.model)
+            busy += time.perf_counter() - t0
+            evaluate_step()     # a busy S-server is never idle: evaluate one batch per activation served
+            break
+    # the schedule is done (or cut short by a stop): every client rank's total, then the F-server's stop
+    for r in world.client_ranks:
+        while sent_by[r] is None:
+            take(*t.wait_first([(Kind.CONTROL, r), *from_fserver], idle=evaluate_step))
+        if served[r] != sent_by[r]:
+            raise ProtocolError(f"client rank {r} sent {sent_by[r]} activations; {served[r]} were answered")
+    while expected_evaluations is None:
+        take(*t.wait_first(from_fserver, idle=evaluate_step))
+    send_rank_state(t, {"server": s.state_dict()}, FINAL)      # for the stop checkpoint
+    while evaluations_done < expected_evaluations:
+        if not evaluate_step():
+            t.wait_any([Kind.EVAL], F_SERVER)
+            _take_eval(t, queue, nbytes)
+    report_counters(FINAL)
+    t.flush()
+
+
 def _take_eval(t, queue: list, nbytes: int) -> None:
     msg = t.recv(Kind.EVAL, F_SERVER, part=int(Kind.CLIENT_MODEL), nbytes=nbytes)
     queue.append((msg.round, msg.tensor))
@@ -231,6 +412,15 @@ def run_async_fserver(algo, log) -> dict:
     metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
     metrics.set("test_samples", world.test_samples)     # how many test images each accuracy is measured on
     metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
+    # the straggler clock's inputs, so anyone can check the participation skew against the speeds
+    metrics.set("client_flops", [p.flops for p in algo.profiles])
+    metrics.set("client_uplink_bps", [p.uplink for p in algo.profiles])
+    simulated = cfg.async_schedule == "simulated"
+    if simulated:   # the F-server takes the returned models in simulated-time order, and starts the drawn clients
+        schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
+        returns = iter([step for step in schedule.steps if not np.isnan(step.returned)])
+        next_return = next(returns, None)
+        sim_offset = sim_now
 
     def draw() -> int:
         return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
@@ -240,19 +430,32 @@ def run_async_fserver(algo, log) -> dict:
         starts[world.rank_of(cid)] += 1
         sim_start[cid] = sim_now
 
-    for _ in range(algo.active):
-        start_client(draw())
+    for cid in (schedule.first_clients if simulated else (draw() for _ in range(algo.active))):
+        start_client(cid)
     stop = False
     while not stop:
-        kind, src = t.wait_any([Kind.EVAL, Kind.CLIENT_MODEL])      # results first: models must not starve them
+        if simulated:
+            kind, src = t.wait_first([(Kind.EVAL, S_SERVER)] + ([] if next_return is None else
+                                     [(Kind.CLIENT_MODEL, world.rank_of(next_return.client))]))
+        else:
+            kind, src = t.wait_any([Kind.EVAL, Kind.CLIENT_MODEL])      # results first: models must not starve them
         if kind == Kind.CLIENT_MODEL:
-            msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
+            if simulated:
+                step, next_return = next_return, next(returns, None)
+                msg = t.recv(Kind.CLIENT_MODEL, src, client=step.client, round=world.start_round + step.version,
+                             nbytes=nbytes)
+            else:
+                msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
             cid = msg.client
             local = recv_report(t, src, CLIENT_ROUND, client=cid)
             local_stats[cid] += [local[name] for name, _ in CLIENT_ROUND.fields]
             counters[src] = recv_report(t, src, RANK_REPORT, round=msg.round)["counters"]
             participations[cid] += 1
-            sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
+            if simulated:
+                if step.update >= 0:
+                    sim_now = sim_offset + schedule.update_times[step.update]
+            else:
+                sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
             buffer.append((msg.tensor, cid))
             if len(buffer) == algo.model_buffer:
                 global_model = algo.average_models([b[0] for b in buffer], [b[1] for b in buffer], template)
@@ -264,6 +467,10 @@ def run_async_fserver(algo, log) -> dict:
                 version += 1
             # The replacement starts from the newest global model; the finished client may be drawn again later
             # (at once when every client is active, C = K: then it is the only one to draw).
+            if simulated:
+                if step.replacement >= 0:
+                    start_client(step.replacement)
+                continue
             replacement = draw() if inactive else cid
             start_client(replacement)
             if replacement != cid:

@@ -327,6 +327,23 @@ class Transport:
 
         return self._poll(lambda: self.probe(kinds, source), idle, timed_out)
 
+    def wait_first(self, wanted, idle=None) -> tuple[Kind, int]:
+        """Like wait_any, for (kind, sender) pairs: a rank that follows a fixed order waits for the one peer whose
+        message comes next without taking what another peer sent early."""
+        def ready():
+            status = MPI.Status()
+            for kind, source in wanted:
+                if self.comm.Iprobe(source=source, tag=2 * int(kind), status=status):
+                    return Kind(kind), status.Get_source()
+            return None
+
+        def timed_out(waited: float) -> CommTimeout:
+            names = ", ".join(f"{Kind(k).name} from rank {r}" for k, r in wanted)
+            return CommTimeout(f"rank {self.rank} waited {waited:.0f} s for one of: {names}; a peer is dead or "
+                               f"stuck (raise comm_timeout_s if it is only slow)")
+
+        return self._poll(ready, idle, timed_out)
+
     # ------------------------------------------------------------------ waiting
     def _wait(self, req: MPI.Request, *, what: str, peer, kind, status: MPI.Status | None = None,
               idle=None) -> None:
