@@ -9,7 +9,7 @@ CE, and empties the buffer. The F-server averages every Q_c client models that c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -16,7 +16,6 @@ counters, metrics), and `resume=` continues from it: asynchrony makes the contin
 from __future__ import annotations
 
 import copy
-import os
 import time
 
 import numpy as np
@@ -24,12 +23,13 @@ import torch
 
 from mpisage.config import to_yaml
 from mpisage.data import train_transform
+from mpisage.roles.shared import open_metrics
 from mpisage.roles.sserver import recv_labels
 from mpisage.runtime import preemption
 from mpisage.runtime.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state,
                                         transport_state, write_checkpoint)
-from mpisage.runtime.environment import environment, resident_bytes
-from mpisage.runtime.metrics import GIB, MetricsFile
+from mpisage.runtime.environment import resident_bytes
+from mpisage.runtime.metrics import GIB
 from mpisage.runtime.protocol import (ASYNC_SSERVER_REPORT, CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT,
                                       RANK_REPORT, ClientLink, recv_report, send_report)
 from mpisage.runtime.state import flatten_state, load_packed, pack_state, state_nbytes
@@ -404,13 +404,7 @@ def run_async_fserver(algo, log) -> dict:
         start -= wall
         history = {k.removeprefix("metrics/"): v.numpy() for k, v in flat.items() if k.startswith("metrics/")}
         log(f"[mpisage] resuming after update {version} from {world.resume_from[0]}")
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
-        "config": to_yaml(cfg), "environment": environment(t.comm, transport=t), "algorithm": algo.describe(),
-        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]}, history=history)
-    metrics.set("label_histograms", world.histograms)
-    metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
-    metrics.set("test_samples", world.test_samples)     # how many test images each accuracy is measured on
+    metrics = open_metrics(algo, history)
     metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
     # the straggler clock's inputs, so anyone can check the participation skew against the speeds
     metrics.set("client_flops", [p.flops for p in algo.profiles])

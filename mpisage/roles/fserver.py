@@ -3,7 +3,6 @@ the continue/stop decision, have the S-server evaluate the new global model, and
 only rank that prints or writes files."""
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -11,11 +10,11 @@ import torch
 
 from mpisage.algorithms import Algorithm
 from mpisage.config import to_yaml
-from mpisage.roles.shared import carrier, eval_keys, shared_templates
+from mpisage.roles.shared import carrier, eval_keys, open_metrics, shared_templates
 from mpisage.runtime import preemption
 from mpisage.runtime.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
-from mpisage.runtime.environment import environment, resident_bytes
-from mpisage.runtime.metrics import GIB, MetricsFile
+from mpisage.runtime.environment import resident_bytes
+from mpisage.runtime.metrics import GIB
 from mpisage.runtime.protocol import CLIENT_ROUND, EVAL_RESULT, RANK_REPORT, recv_report, sserver_round_report
 from mpisage.runtime.state import flatten_state, pack_state, state_nbytes
 from mpisage.runtime.transport import NUM_KINDS, S_SERVER, Kind, role_of
@@ -30,7 +29,6 @@ def run_fserver(algo: Algorithm, log) -> dict:
     sequential = algo.schedule == "sequential"
     # the current global modules: the common initial weights until the first round is done
     current = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
-    os.makedirs(cfg.run_dir, exist_ok=True)
     ready = 0.0    # when the previous round's averaged model was ready (seconds since start)
     prev_wait = np.zeros(t.size)
     history = None
@@ -41,13 +39,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
         ready, prev_wait = float(flat["clock/ready"][0]), flat["clock/prev_wait"].numpy().copy()
         history = {k.removeprefix("metrics/"): v.numpy() for k, v in flat.items() if k.startswith("metrics/")}
         log(f"[mpisage] resuming after round {world.start_round} from {world.resume_from[0]}")
-    # a resumed run's metrics start from the rounds saved in its checkpoint: no gap, no repeat
-    metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
-        "config": to_yaml(cfg), "environment": environment(t.comm, transport=t), "algorithm": algo.describe(),
-        "kinds": [k.name.lower() for k in Kind], "roles": ["fserver", "sserver", "client"]}, history=history)
-    metrics.set("label_histograms", world.histograms)
-    metrics.set("client_samples", [world.num_samples(c) for c in range(m)])
-    metrics.set("test_samples", world.test_samples)     # how many test images each accuracy is measured on
+    metrics = open_metrics(algo, history)
     threshold = cfg.comm_threshold_mb * 1024 ** 2
     last_counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
     start = time.perf_counter() - ready

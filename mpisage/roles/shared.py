@@ -3,10 +3,14 @@ templates the F-server unpacks and averages into, and what the S-server receives
 from __future__ import annotations
 
 import copy
+import os
 
 import torch.nn as nn
 
 from mpisage.algorithms.base import PART_KINDS, Algorithm, ClientState
+from mpisage.config import to_yaml
+from mpisage.runtime.environment import environment
+from mpisage.runtime.metrics import MetricsFile
 from mpisage.runtime.transport import Kind
 
 
@@ -41,3 +45,19 @@ def eval_templates(algo: Algorithm) -> dict[tuple[Kind, int], nn.Module]:
     templates = shared_templates(algo)
     return {(kind, cid): templates[kind] if cid < 0 else copy.deepcopy(templates[kind])
             for kind, cid in eval_keys(algo, templates)}
+
+
+def open_metrics(algo: Algorithm, history: dict | None) -> MetricsFile:
+    """Rank 0's metrics file for this run: the config, environment and algorithm as attributes, the partition and
+    the test-set size as datasets; a resumed run starts from the rounds saved in its checkpoint (`history`), so it
+    has no gap and no repeat."""
+    world, cfg = algo.world, algo.cfg
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    metrics = MetricsFile(os.path.join(cfg.run_dir, "metrics.h5"), {
+        "config": to_yaml(cfg), "environment": environment(world.transport.comm, transport=world.transport),
+        "algorithm": algo.describe(), "kinds": [k.name.lower() for k in Kind],
+        "roles": ["fserver", "sserver", "client"]}, history=history)
+    metrics.set("label_histograms", world.histograms)
+    metrics.set("client_samples", [world.num_samples(c) for c in range(world.num_clients)])
+    metrics.set("test_samples", world.test_samples)     # how many test images each accuracy is measured on
+    return metrics
