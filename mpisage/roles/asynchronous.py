@@ -41,21 +41,70 @@ FINAL = -1
 
 
 # ---------------------------------------------------------------------------------------------------- client
+class _ClientRank:
+    """What both client loops share: the hosted clients (restored on resume), one local iteration, the return of a
+    participation's model and figures, and the rank's last report."""
+
+    def __init__(self, algo):
+        self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
+        self.hosted = {cid: algo.make_client(cid) for cid in self.world.clients_of(self.world.rank)}
+        self.transform = train_transform(self.world.data, self.cfg.dataset.augment)
+        self.nbytes = state_nbytes(next(iter(self.hosted.values())).model.state_dict())
+        self.uploads, self.busy = 0, 0.0
+        if self.world.resume_from:
+            flat = restore_rank_state(self.world, f"rank{self.world.rank}")
+            for cid, c in self.hosted.items():
+                c.load_state_dict(flat, f"client{cid}", self.world.device)
+
+    def begin(self, c, packed: torch.Tensor) -> dict:
+        """A participation starts from the global model it was sent, with a fresh optimiser (paper eq. 8: plain local
+        steps; no momentum carried over from the client's previous participation); returns its figures."""
+        load_packed(c.model, packed)
+        c.optimizer.state.clear()
+        return dict.fromkeys((name for name, _ in CLIENT_ROUND.fields), 0.0)
+
+    def iterate(self, cid: int, version: int, k: int, stats: dict) -> None:
+        """Local iteration k of client `cid`'s participation from global model `version`."""
+        c, cfg = self.hosted[cid], self.cfg
+        start = time.perf_counter()
+        idx = torch.randint(len(c.y), (min(cfg.batch_size, len(c.y)),), generator=c.generator)
+        x = self.transform(c.x[idx].to(self.world.device), c.generator)
+        y = c.y[idx].to(self.world.device)
+        self.algo.client_iteration(c, ClientLink(self.t, cid, version), k, x, y)
+        if cfg.straggler_delay_s > 0:     # real heterogeneity, proportional to the client's simulated slowness
+            time.sleep(cfg.straggler_delay_s * self.algo.slowness[cid])
+        elapsed = time.perf_counter() - start
+        self.busy += elapsed
+        stats["samples"] += len(y)
+        stats["seconds"] += elapsed
+
+    def give_back(self, cid: int, version: int, stats: dict) -> None:
+        """The end of a participation: the model and its figures to the F-server, with this rank's counters."""
+        t = self.t
+        t.send(F_SERVER, Kind.CLIENT_MODEL, pack_state(self.hosted[cid].model.state_dict()), round=version, client=cid)
+        send_report(t, F_SERVER, CLIENT_ROUND, stats, round=version, client=cid)
+        send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": self.busy,
+                                               "resident_bytes": resident_bytes()}, round=version)
+        self.uploads += 1
+
+    def finish(self) -> None:
+        """Every hosted client's state for the stop checkpoint, then the rank's last report."""
+        t = self.t
+        send_rank_state(t, {f"client{cid}": c.state_dict() for cid, c in self.hosted.items()}, FINAL)
+        send_report(t, F_SERVER, FINAL_CLIENT_REPORT, {"uploads": self.uploads, "wait_seconds": t.wait_seconds,
+                                                       "busy_seconds": self.busy, "resident_bytes": resident_bytes()},
+                    round=FINAL)
+        t.flush()
+
+
 def run_async_client(algo) -> None:
     if algo.cfg.async_schedule == "simulated":
         return _run_simulated_client(algo)
-    world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    hosted = {cid: algo.make_client(cid) for cid in world.clients_of(world.rank)}
-    transform = train_transform(world.data, cfg.dataset.augment)
+    rank = _ClientRank(algo)
+    t, hosted, nbytes = rank.t, rank.hosted, rank.nbytes
     active: list[list] = []             # [client id, global version it started from, iterations done, stats]
-    starts = uploads = 0
+    starts = 0
     starts_announced = None             # set by the F-server's stop message
-    busy = 0.0
-    nbytes = state_nbytes(next(iter(hosted.values())).model.state_dict())
-    if world.resume_from:
-        flat = restore_rank_state(world, f"rank{world.rank}")
-        for cid, c in hosted.items():
-            c.load_state_dict(flat, f"client{cid}", world.device)
 
     def take_start() -> None:
         nonlocal starts
@@ -63,10 +112,7 @@ def run_async_client(algo) -> None:
                      nbytes=nbytes)
         starts += 1
         if starts_announced is None:
-            c = hosted[msg.client]
-            load_packed(c.model, msg.tensor)
-            c.optimizer.state.clear()       # paper eq. 8: plain local steps from a fresh optimiser each participation
-            active.append([msg.client, msg.round, 0, dict.fromkeys(("loss_sum", "correct", "samples", "seconds"), 0.0)])
+            active.append([msg.client, msg.round, 0, rank.begin(hosted[msg.client], msg.tensor)])
 
     while starts_announced is None or starts < starts_announced:
         ready = t.probe([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
@@ -80,54 +126,26 @@ def run_async_client(algo) -> None:
                 starts_announced = int(msg.tensor.item())
                 active.clear()          # participations in flight are abandoned: the run is over
             continue
-        # one local iteration of the next active client
-        entry = active.pop(0)
-        cid, version, k, stats = entry
-        c = hosted[cid]
-        start = time.perf_counter()
-        idx = torch.randint(len(c.y), (min(cfg.batch_size, len(c.y)),), generator=c.generator)
-        x = transform(c.x[idx].to(world.device), c.generator)
-        y = c.y[idx].to(world.device)
-        algo.client_iteration(c, ClientLink(t, cid, version), k, x, y)
-        if cfg.straggler_delay_s > 0:     # real heterogeneity, proportional to the client's simulated slowness
-            time.sleep(cfg.straggler_delay_s * algo.slowness[cid])
-        elapsed = time.perf_counter() - start
-        busy += elapsed
-        stats["samples"] += len(y)
-        stats["seconds"] += elapsed
-        if k + 1 < cfg.local_iters:
+        cid, version, k, stats = active.pop(0)       # one local iteration of the next active client
+        rank.iterate(cid, version, k, stats)
+        if k + 1 < rank.cfg.local_iters:
             active.append([cid, version, k + 1, stats])
-            continue
-        t.send(F_SERVER, Kind.CLIENT_MODEL, pack_state(c.model.state_dict()), round=version, client=cid)
-        send_report(t, F_SERVER, CLIENT_ROUND, stats, round=version, client=cid)
-        send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
-                                               "resident_bytes": resident_bytes()}, round=version)
-        uploads += 1
-    send_rank_state(t, {f"client{cid}": c.state_dict() for cid, c in hosted.items()}, FINAL)
-    send_report(t, F_SERVER, FINAL_CLIENT_REPORT, {"uploads": uploads, "wait_seconds": t.wait_seconds,
-                                                   "busy_seconds": busy, "resident_bytes": resident_bytes()},
-                round=FINAL)
-    t.flush()
+        else:
+            rank.give_back(cid, version, stats)
+    rank.finish()
 
 
 def _run_simulated_client(algo) -> None:
     """The simulated schedule: this rank runs its clients' iterations in simulated-time order (its part of the
     schedule every rank computes), so the S-server, which serves the whole schedule in that order, always waits
     for the message this rank sends next. A stop from the F-server ends it before the next iteration."""
-    world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    hosted = {cid: algo.make_client(cid) for cid in world.clients_of(world.rank)}
-    transform = train_transform(world.data, cfg.dataset.augment)
-    nbytes = state_nbytes(next(iter(hosted.values())).model.state_dict())
-    if world.resume_from:
-        flat = restore_rank_state(world, f"rank{world.rank}")
-        for cid, c in hosted.items():
-            c.load_state_dict(flat, f"client{cid}", world.device)
+    rank = _ClientRank(algo)
+    world, t, cfg, hosted, nbytes = rank.world, rank.t, rank.cfg, rank.hosted, rank.nbytes
     schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
     stats: dict[int, dict] = {}
     early: dict = {}                    # client id -> its start message, taken before its turn
-    starts = uploads = sent = 0
+    starts = sent = 0
     announced = None
-    busy = 0.0
 
     def take_stop() -> None:
         nonlocal announced
@@ -152,28 +170,14 @@ def _run_simulated_client(algo) -> None:
             if msg.round != version:
                 raise ProtocolError(f"client {cid} was started from global model {msg.round}; the schedule says "
                                     f"{version}")
-            load_packed(c.model, msg.tensor)
-            c.optimizer.state.clear()       # paper eq. 8: plain local steps from a fresh optimiser each participation
-            stats[cid] = dict.fromkeys(("loss_sum", "correct", "samples", "seconds"), 0.0)
+            stats[cid] = rank.begin(c, msg.tensor)
         elif t.probe([Kind.CONTROL], F_SERVER):
             take_stop()                     # participations in flight are abandoned: the run is over
             break
-        start = time.perf_counter()
-        idx = torch.randint(len(c.y), (min(cfg.batch_size, len(c.y)),), generator=c.generator)
-        x = transform(c.x[idx].to(world.device), c.generator)
-        y = c.y[idx].to(world.device)
-        algo.client_iteration(c, ClientLink(t, cid, version), step.seq, x, y)
+        rank.iterate(cid, version, step.seq, stats[cid])
         sent += 1
-        elapsed = time.perf_counter() - start
-        busy += elapsed
-        stats[cid]["samples"] += len(y)
-        stats[cid]["seconds"] += elapsed
         if step.seq + 1 == cfg.local_iters:
-            t.send(F_SERVER, Kind.CLIENT_MODEL, pack_state(c.model.state_dict()), round=version, client=cid)
-            send_report(t, F_SERVER, CLIENT_ROUND, stats.pop(cid), round=version, client=cid)
-            send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
-                                                   "resident_bytes": resident_bytes()}, round=version)
-            uploads += 1
+            rank.give_back(cid, version, stats.pop(cid))
     if announced is None:
         t.wait_any([Kind.CONTROL], F_SERVER)
         take_stop()
@@ -181,14 +185,53 @@ def _run_simulated_client(algo) -> None:
         t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes)
     # the S-server answers exactly this many activations from this rank and skips the rest of its schedule
     t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
-    send_rank_state(t, {f"client{cid}": c.state_dict() for cid, c in hosted.items()}, FINAL)
-    send_report(t, F_SERVER, FINAL_CLIENT_REPORT, {"uploads": uploads, "wait_seconds": t.wait_seconds,
-                                                   "busy_seconds": busy, "resident_bytes": resident_bytes()},
-                round=FINAL)
-    t.flush()
+    rank.finish()
 
 
 # ---------------------------------------------------------------------------------------------------- S-server
+class _Evaluations:
+    """The S-server's queue of global models to evaluate, one test batch at a time in its idle moments, and its
+    reports: each result goes to the F-server with the S-server's counters."""
+
+    def __init__(self, algo, s, server_for):
+        """`server_for(version)` -> the server model to evaluate global model `version` with."""
+        self.algo, self.world, self.t, self.s, self.server_for = algo, algo.world, algo.world.transport, s, server_for
+        self.nbytes = state_nbytes(self.world.initial_part("client").state_dict())
+        self.queue: list[tuple[int, torch.Tensor]] = []     # (version, global client model) waiting
+        self.running, self.version, self.done = None, -1, 0
+        self.busy, self.start = 0.0, time.perf_counter()
+
+    def take_request(self) -> None:
+        msg = self.t.recv(Kind.EVAL, F_SERVER, part=int(Kind.CLIENT_MODEL), nbytes=self.nbytes)
+        self.queue.append((msg.round, msg.tensor))
+
+    def step(self) -> bool:
+        """One test batch of the running evaluation (starting the next queued one); False when there is none."""
+        if self.running is None:
+            if not self.queue:
+                return False
+            self.version, packed = self.queue.pop(0)
+            client = self.world.initial_part("client")
+            load_packed(client, packed)
+            self.running = self.algo.make_evaluation(self.server_for(self.version), client)
+        self.running.step()
+        if self.running.done:
+            loss, accuracy, seconds = self.running.result()
+            send_report(self.t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
+                        round=self.version, kind=Kind.EVAL)
+            self.report_counters(self.version)
+            self.running, self.done = None, self.done + 1
+        return True
+
+    def report_counters(self, round: int) -> None:
+        t, s = self.t, self.s
+        send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
+            "wait_seconds": t.wait_seconds, "busy_seconds": self.busy,
+            "elapsed_seconds": time.perf_counter() - self.start,
+            "server_steps": getattr(s, "steps", 0), "generated_samples": getattr(s, "generated", 0),
+            "resident_bytes": resident_bytes()}, round=round)
+
+
 def run_async_sserver(algo) -> None:
     if algo.cfg.async_schedule == "simulated":
         return _run_simulated_sserver(algo)
@@ -196,51 +239,17 @@ def run_async_sserver(algo) -> None:
     s = algo.make_server()
     if world.resume_from:
         s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
-    template = world.initial_part("client")
-    nbytes = state_nbytes(template.state_dict())
-    queue: list[tuple[int, torch.Tensor]] = []      # (version, global client model) waiting for evaluation
-    evaluation: list = [None, -1]                   # the running Evaluation and its version
-    evaluations_done = 0
-    busy, start = 0.0, time.perf_counter()
-
-    def report_counters(round: int) -> None:
-        send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
-            "wait_seconds": t.wait_seconds, "busy_seconds": busy, "elapsed_seconds": time.perf_counter() - start,
-            "server_steps": getattr(s, "steps", 0), "generated_samples": getattr(s, "generated", 0),
-            "resident_bytes": resident_bytes()}, round=round)
-
-    def report(version: int, result) -> None:
-        loss, accuracy, seconds = result
-        send_report(t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
-                    round=version, kind=Kind.EVAL)
-        report_counters(version)
-
-    def evaluate_step() -> bool:
-        nonlocal evaluations_done
-        if evaluation[0] is None:
-            if not queue:
-                return False
-            version, packed = queue.pop(0)
-            client = world.initial_part("client")
-            load_packed(client, packed)
-            evaluation[:] = [algo.make_evaluation(copy.deepcopy(s.model), client), version]
-        evaluation[0].step()
-        if evaluation[0].done:
-            report(evaluation[1], evaluation[0].result())
-            evaluation[:] = [None, -1]
-            evaluations_done += 1
-        return True
-
+    evals = _Evaluations(algo, s, lambda version: copy.deepcopy(s.model))    # the server model as it is now
     expected_evaluations = None
-    while expected_evaluations is None or evaluations_done < expected_evaluations:
+    while expected_evaluations is None or evals.done < expected_evaluations:
         if expected_evaluations is not None:         # stopping: finish what was asked, nothing else comes
-            if not evaluate_step():
-                kind, src = t.wait_any([Kind.EVAL], F_SERVER)
-                _take_eval(t, queue, nbytes)
+            if not evals.step():
+                t.wait_any([Kind.EVAL], F_SERVER)
+                evals.take_request()
             continue
         # The F-server's rare messages first: with C clients there is nearly always an activation waiting, and
         # probing activations first would leave evaluation requests and the stop unread for the whole run.
-        kind, src = t.wait_any([Kind.EVAL, Kind.CONTROL, Kind.ACTIVATION], idle=evaluate_step)
+        kind, src = t.wait_any([Kind.EVAL, Kind.CONTROL, Kind.ACTIVATION], idle=evals.step)
         if kind == Kind.ACTIVATION:
             t0 = time.perf_counter()
             act = t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of, trailing_shape=algo.activation_shape,
@@ -249,17 +258,17 @@ def run_async_sserver(algo) -> None:
             progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
             grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
             t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
-            busy += time.perf_counter() - t0
-            evaluate_step()     # a busy S-server is never idle: evaluate one batch per activation served
+            evals.busy += time.perf_counter() - t0
+            evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
         elif src != F_SERVER:
             raise ProtocolError(f"{kind.name} message from rank {src}: only the F-server (rank 0) sends these")
         elif kind == Kind.EVAL:
-            _take_eval(t, queue, nbytes)
+            evals.take_request()
         else:
             msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
             expected_evaluations = int(msg.tensor.item())
             send_rank_state(t, {"server": s.state_dict()}, FINAL)      # for the stop checkpoint
-    report_counters(FINAL)
+    evals.report_counters(FINAL)
     t.flush()
 
 
@@ -272,46 +281,18 @@ def _run_simulated_sserver(algo) -> None:
     s = algo.make_server()
     if world.resume_from:
         s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
-    nbytes = state_nbytes(world.initial_part("client").state_dict())
     schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
-    queue: list[tuple[int, torch.Tensor]] = []      # (version, global client model) waiting for evaluation
     snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
-    evaluation: list = [None, -1]
-    evaluations_done, expected_evaluations = 0, None
+    evals = _Evaluations(algo, s, snapshots.pop)
+    expected_evaluations = None
     sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
     served = dict.fromkeys(world.client_ranks, 0)
-    busy, start = 0.0, time.perf_counter()
-
-    def report_counters(round: int) -> None:
-        send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
-            "wait_seconds": t.wait_seconds, "busy_seconds": busy, "elapsed_seconds": time.perf_counter() - start,
-            "server_steps": getattr(s, "steps", 0), "generated_samples": getattr(s, "generated", 0),
-            "resident_bytes": resident_bytes()}, round=round)
-
-    def evaluate_step() -> bool:
-        nonlocal evaluations_done
-        if evaluation[0] is None:
-            if not queue:
-                return False
-            version, packed = queue.pop(0)
-            client = world.initial_part("client")
-            load_packed(client, packed)
-            evaluation[:] = [algo.make_evaluation(snapshots.pop(version), client), version]
-        evaluation[0].step()
-        if evaluation[0].done:
-            loss, accuracy, seconds = evaluation[0].result()
-            send_report(t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
-                        round=evaluation[1], kind=Kind.EVAL)
-            report_counters(evaluation[1])
-            evaluation[:] = [None, -1]
-            evaluations_done += 1
-        return True
 
     def take(kind: Kind, src: int) -> None:
         """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
         nonlocal expected_evaluations
         if kind == Kind.EVAL:
-            _take_eval(t, queue, nbytes)
+            evals.take_request()
         elif src == F_SERVER:
             msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
             expected_evaluations = int(msg.tensor.item())
@@ -326,7 +307,7 @@ def _run_simulated_sserver(algo) -> None:
         r = world.rank_of(step.client)
         while sent_by[r] is None or served[r] < sent_by[r]:     # else: r stopped before this step
             kind, src = t.wait_first([(Kind.ACTIVATION, r), *from_fserver,
-                                      *([(Kind.CONTROL, r)] if sent_by[r] is None else [])], idle=evaluate_step)
+                                      *([(Kind.CONTROL, r)] if sent_by[r] is None else [])], idle=evals.step)
             if kind != Kind.ACTIVATION:
                 take(kind, src)
                 continue
@@ -341,29 +322,24 @@ def _run_simulated_sserver(algo) -> None:
             served[r] += 1
             if step.update >= 0 and world.start_round + step.update < cfg.rounds:
                 snapshots[world.start_round + step.update] = copy.deepcopy(s.model)
-            busy += time.perf_counter() - t0
-            evaluate_step()     # a busy S-server is never idle: evaluate one batch per activation served
+            evals.busy += time.perf_counter() - t0
+            evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
             break
     # the schedule is done (or cut short by a stop): every client rank's total, then the F-server's stop
     for r in world.client_ranks:
         while sent_by[r] is None:
-            take(*t.wait_first([(Kind.CONTROL, r), *from_fserver], idle=evaluate_step))
+            take(*t.wait_first([(Kind.CONTROL, r), *from_fserver], idle=evals.step))
         if served[r] != sent_by[r]:
             raise ProtocolError(f"client rank {r} sent {sent_by[r]} activations; {served[r]} were answered")
     while expected_evaluations is None:
-        take(*t.wait_first(from_fserver, idle=evaluate_step))
+        take(*t.wait_first(from_fserver, idle=evals.step))
     send_rank_state(t, {"server": s.state_dict()}, FINAL)      # for the stop checkpoint
-    while evaluations_done < expected_evaluations:
-        if not evaluate_step():
+    while evals.done < expected_evaluations:
+        if not evals.step():
             t.wait_any([Kind.EVAL], F_SERVER)
-            _take_eval(t, queue, nbytes)
-    report_counters(FINAL)
+            evals.take_request()
+    evals.report_counters(FINAL)
     t.flush()
-
-
-def _take_eval(t, queue: list, nbytes: int) -> None:
-    msg = t.recv(Kind.EVAL, F_SERVER, part=int(Kind.CLIENT_MODEL), nbytes=nbytes)
-    queue.append((msg.round, msg.tensor))
 
 
 # ---------------------------------------------------------------------------------------------------- F-server
