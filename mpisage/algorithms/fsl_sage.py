@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from mpisage.algorithms.alignment import align_clients, align_one, true_gradients
 from mpisage.algorithms.base import (Algorithm, ClientLink, ClientState, ServerState, count_correct,
                                      count_scored, make_optimizer, optimizer_step)
 from mpisage.checkpoint import restore_module, restore_optimizer
@@ -95,24 +96,29 @@ class FslSage(Algorithm):
         (server in train mode: BN statistics update, weights do not), then `align_steps` Adam steps of the
         client's auxiliary copy on sum((g_aux(z) - G)^2), g_aux by double back-propagation (align batch = the
         whole buffer, so estimate and target share the 1/N scale). Returns the last loss."""
-        z, y = self.buffered(s, cid)
-        aux, opt = s.extra["aux"][cid], s.extra["aux_optimizer"][cid]
-        s.model.train()
-        z_leaf = z.detach().clone().requires_grad_(True)
-        (target,) = torch.autograd.grad(self.train_loss(s.model(z_leaf), y), z_leaf)   # scale 1/N
-        aux.train()
-        losses = []
-        for _ in range(self.cfg.align_steps):
-            z_leaf = z.detach().clone().requires_grad_(True)
-            (g_aux,) = torch.autograd.grad(self.train_loss(aux(z_leaf), y), z_leaf, create_graph=True)
-            loss = ((g_aux - target) ** 2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        if losses:   # first and last alignment loss of this client's latest alignment, for the metrics
-            s.extra.setdefault("align_loss", {})[cid] = (losses[0], losses[-1])
-        return losses[-1] if losses else float("nan")
+        return self.align_many(s, [cid], batched=False)[cid]
+
+    def align_many(self, s: ServerState, cids, batched: bool = True) -> dict[int, float]:
+        """`align` for several clients: their targets one after another on the current server model (exactly as
+        that many `align` calls with no upload between them), then all their auxiliary steps as one batched
+        computation (mpisage.algorithms.alignment). Returns each client's last loss."""
+        cids = list(cids)
+        buffers = [self.buffered(s, cid) for cid in cids]
+        targets = [true_gradients(s.model, z, y, self.train_loss) for z, y in buffers]   # scale 1/N
+        auxes = [s.extra["aux"][cid] for cid in cids]
+        optimizers = [s.extra["aux_optimizer"][cid] for cid in cids]
+        if batched:
+            losses = align_clients(auxes, optimizers, [z for z, _ in buffers], [y for _, y in buffers], targets,
+                                   self.cfg.align_steps, self.train_loss)
+        else:
+            losses = [align_one(aux, opt, z, y, g, self.cfg.align_steps, self.train_loss)
+                      for aux, opt, (z, y), g in zip(auxes, optimizers, buffers, targets)]
+        last = {}
+        for cid, row in zip(cids, losses):
+            if row:   # first and last alignment loss of this client's latest alignment, for the metrics
+                s.extra.setdefault("align_loss", {})[cid] = (row[0], row[-1])
+            last[cid] = row[-1] if row else float("nan")
+        return last
 
     def server_checkpoint(self, s: ServerState) -> dict:
         x = s.extra
