@@ -187,3 +187,39 @@ def test_align_many_equals_align_client_by_client(float64):
                      ([many.extra["aux"][cid]], [many.extra["aux_optimizer"][cid]], []), **TIGHT)
     for k, t in one.model.state_dict().items():
         torch.testing.assert_close(many.model.state_dict()[k], t, **TIGHT)
+
+
+def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64):
+    """The S-server's intended use: the target of each client at its first upload (the server moves between
+    uploads), the aux steps of all of them later, batched; equal to aligning each client at its upload."""
+    torch.manual_seed(6)
+    split = _resnet16()
+    algo = _algo(buffer_size=6, steps=2)
+    states = []
+    for _ in range(2):
+        s = ServerState(copy.deepcopy(split.server), None, None)
+        s.extra.update(buffer_z={}, buffer_y={}, buffer_fill={}, aux={}, aux_optimizer={})
+        states.append(s)
+    uploads = [(torch.randn(6, 32, 8, 8), torch.randint(0, 10, (6,))) for _ in range(3)]
+    for s in states:
+        for cid, (z, y) in enumerate(uploads):
+            s.extra["aux"][cid] = copy.deepcopy(split.aux)
+            s.extra["aux_optimizer"][cid] = torch.optim.Adam(s.extra["aux"][cid].parameters(), lr=1e-3)
+    now, deferred = states
+    for cid, (z, y) in enumerate(uploads):
+        for s in states:
+            with torch.no_grad():      # stands in for the server step on this upload
+                for p in s.model.parameters():
+                    p.mul_(1.05)
+            algo._buffer(s, cid, z, y)
+        algo.align(now, cid)
+        algo.align_target(deferred, cid)
+    kept_first = deferred.extra["align_target"][0].clone()
+    algo.align_many(deferred, range(3))
+    assert not deferred.extra["align_target"]            # every kept target was used once
+    for cid in range(3):
+        assert deferred.extra["align_loss"][cid] == pytest.approx(now.extra["align_loss"][cid], rel=1e-9)
+        _assert_same(([now.extra["aux"][cid]], [now.extra["aux_optimizer"][cid]], []),
+                     ([deferred.extra["aux"][cid]], [deferred.extra["aux_optimizer"][cid]], []), **TIGHT)
+    # the kept targets matter: client 0's target on the server as it is after the last upload differs
+    assert not torch.allclose(kept_first, true_gradients(deferred.model, *algo.buffered(deferred, 0), F.cross_entropy))

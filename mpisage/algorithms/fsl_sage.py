@@ -98,13 +98,24 @@ class FslSage(Algorithm):
         whole buffer, so estimate and target share the 1/N scale). Returns the last loss."""
         return self.align_many(s, [cid], batched=False)[cid]
 
+    def align_target(self, s: ServerState, cid: int) -> None:
+        """The first half of an alignment, kept until `align_many` runs the second: client `cid`'s true cut-layer
+        gradients on the current server model (train mode; scale 1/N). Called at the client's first upload of an
+        alignment round, it gives `align_many` exactly the targets of a per-client `align` at that moment, however
+        long the aux steps are deferred (the client's buffer cannot change before it has its aligned aux)."""
+        z, y = self.buffered(s, cid)
+        s.extra.setdefault("align_target", {})[cid] = true_gradients(s.model, z, y, self.train_loss)
+
     def align_many(self, s: ServerState, cids, batched: bool = True) -> dict[int, float]:
-        """`align` for several clients: their targets one after another on the current server model (exactly as
-        that many `align` calls with no upload between them), then all their auxiliary steps as one batched
-        computation (mpisage.algorithms.alignment). Returns each client's last loss."""
+        """`align` for several clients: the targets `align_target` kept for them (or, for clients without one,
+        computed now, one after another on the current server model: exactly as that many `align` calls with no
+        upload between them), then all their auxiliary steps as one batched computation
+        (mpisage.algorithms.alignment). Returns each client's last loss."""
         cids = list(cids)
         buffers = [self.buffered(s, cid) for cid in cids]
-        targets = [true_gradients(s.model, z, y, self.train_loss) for z, y in buffers]   # scale 1/N
+        kept = s.extra.get("align_target", {})
+        targets = [kept.pop(cid) if cid in kept else true_gradients(s.model, z, y, self.train_loss)
+                   for cid, (z, y) in zip(cids, buffers)]
         auxes = [s.extra["aux"][cid] for cid in cids]
         optimizers = [s.extra["aux_optimizer"][cid] for cid in cids]
         if batched:
