@@ -149,6 +149,21 @@ def test_randomised_or_non_adam_aux_keeps_the_loop():
     assert "SGD" in batch_obstacle(split.aux, torch.optim.SGD(split.aux.parameters(), lr=0.1))
     dropped = nn.Sequential(nn.Dropout(0.1), split.aux)
     assert "Dropout" in batch_obstacle(dropped, torch.optim.Adam(dropped.parameters()))
+    opt = torch.optim.Adam(split.aux.parameters())
+    first = next(split.aux.parameters())
+    opt.state[first] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros_like(first),
+                        "exp_avg_sq": torch.zeros_like(first)}     # a parameter Adam once stepped alone
+    assert "different Adam step counts" in batch_obstacle(split.aux, opt)
+
+
+def test_zero_steps_leave_everything_untouched():
+    torch.manual_seed(7)
+    auxes, opts, zs, ys, targets = _clients(_resnet16(), [4, 4])
+    before = [copy.deepcopy(a.state_dict()) for a in auxes]
+    assert align_clients(auxes, opts, zs, ys, targets, 0, F.cross_entropy) == [[], []]
+    assert all(not o.state for o in opts)
+    for a, b in zip(auxes, before):
+        assert all(torch.equal(t, b[k]) for k, t in a.state_dict().items())
 
 
 def _algo(buffer_size, steps):
@@ -158,7 +173,7 @@ def _algo(buffer_size, steps):
     return algo
 
 
-def test_align_many_equals_align_client_by_client(float64):
+def test_align_many_equals_align_client_by_client(float64, monkeypatch):
     """FslSage.align_many (targets one after another, aux steps batched) against FslSage.align per client: the
     same alignment losses, aux models, aux optimisers and server (its BatchNorm statistics included)."""
     torch.manual_seed(5)
@@ -178,7 +193,9 @@ def test_align_many_equals_align_client_by_client(float64):
             s.extra["aux_optimizer"][cid] = torch.optim.Adam(s.extra["aux"][cid].parameters(), lr=1e-3)
     one, many = states
     last_one = {cid: algo.align(one, cid) for cid in range(3)}
-    last_many = algo.align_many(many, range(3))
+    sizes = _spy_groups(monkeypatch)
+    last_many = algo.align_many(many, range(3), batched=True)
+    assert sizes == [2]                  # clients 1 and 2 (6 samples) batched, client 0 (4 samples) on the loop
     assert last_many == pytest.approx(last_one, rel=1e-9)
     assert one.extra["align_loss"].keys() == many.extra["align_loss"].keys() == {0, 1, 2}
     for cid in range(3):
@@ -215,7 +232,7 @@ def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64
         algo.align(now, cid)
         algo.align_target(deferred, cid)
     kept_first = deferred.extra["align_target"][0].clone()
-    algo.align_many(deferred, range(3))
+    algo.align_many(deferred, range(3), batched=True)
     assert not deferred.extra["align_target"]            # every kept target was used once
     for cid in range(3):
         assert deferred.extra["align_loss"][cid] == pytest.approx(now.extra["align_loss"][cid], rel=1e-9)

@@ -70,6 +70,10 @@ def batch_obstacle(aux: nn.Module, optimizer: torch.optim.Optimizer) -> str | No
             return f"Adam option {flag}=True"
     if any(torch.is_tensor(group[k]) for k in ("lr", "weight_decay")) or torch.is_tensor(group["betas"][0]):
         return "tensor-valued Adam hyper-parameters"
+    counts = {int(optimizer.state[p]["step"]) if "step" in optimizer.state.get(p, {}) else 0 for p in group["params"]}
+    if len(counts) > 1:
+        # a parameter that once had no gradient (Adam skipped it); the stacked update keeps one count per client
+        return f"parameters at different Adam step counts {sorted(counts)}"
     for m in aux.modules():
         # vmap cannot replay the per-client loop's random stream, so a randomised module (dropout in train mode,
         # e.g. the GPT-2 aux) stays on the loop
@@ -94,6 +98,8 @@ def align_clients(auxes: Sequence[nn.Module], optimizers: Sequence[torch.optim.O
                   steps: int, loss_fn: LossFn) -> list[list[float]]:
     """Aligns every client i (aux i, its optimiser, buffer (z_i, y_i), target G_i) for `steps` steps, batching
     clients with the same buffer fill and architecture; returns each client's per-step losses."""
+    if steps == 0:       # the loop leaves modules and optimisers untouched (no Adam state is created)
+        return [[] for _ in auxes]
     out: list[list[float] | None] = [None] * len(auxes)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (aux, opt, z, y) in enumerate(zip(auxes, optimizers, zs, ys)):
@@ -199,15 +205,10 @@ class _StackedAdam:
         self.lr, (self.beta1, self.beta2) = group["lr"], group["betas"]
         self.eps, self.weight_decay = group["eps"], group["weight_decay"]
         self.decoupled = group.get("decoupled_weight_decay", isinstance(optimizers[0], torch.optim.AdamW))
-        # Each client's step count, taken from its first parameter's state. Adam keeps one count per parameter;
-        # in alignment every parameter steps together, so they agree (checked).
-        self.counts = []
-        for opt, plist in zip(optimizers, client_params):
-            counts = {int(opt.state[p]["step"].item()) if p in opt.state and "step" in opt.state[p] else 0
-                      for p in plist}
-            if len(counts) != 1:
-                raise ValueError(f"auxiliary optimiser parameters have different step counts {sorted(counts)}")
-            self.counts.append(counts.pop())
+        # Each client's step count. Adam keeps one per parameter; batch_obstacle admits only clients whose
+        # parameters all agree.
+        self.counts = [int(opt.state[plist[0]]["step"]) if "step" in opt.state.get(plist[0], {}) else 0
+                       for opt, plist in zip(optimizers, client_params)]
         self.exp_avg, self.exp_avg_sq = [], []
         for j, p in enumerate(stacked):
             states = [opt.state.get(plist[j], {}) for opt, plist in zip(optimizers, client_params)]
