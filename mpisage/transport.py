@@ -4,8 +4,8 @@ A message is a typed header (a fixed-size int64 vector: kind, round, client, seq
 followed by one contiguous payload, both sent with Isend. Each kind has its own pair of tags, so a receiver
 asks for "the next ACTIVATION from anyone" or "the next CLIENT_MODEL from rank 3" and MPI's non-overtaking rule
 keeps each stream in order. Activations and gradients may travel in a narrower wire format (`mpisage.wire`,
-config wire.*): the header's dtype then names that format, and the receiver gets float32 back. Every header is validated on receipt; a bad one raises `ProtocolError` naming the
-sender and the kind. Nothing is pickled: payloads are raw bytes described by the header.
+config wire.*): the header's dtype then names that format, and the receiver gets float32 back. Every header is
+validated on receipt; a bad one raises `ProtocolError` naming the sender and the kind. Nothing is pickled: payloads are raw bytes described by the header.
 
 Bytes are counted at the send, per kind and destination role: the wire figure (header + payload, every message)
 and the paper figure (payload only, for the kinds the FSL-SAGE reference counts; labels, control, evaluation and

@@ -62,6 +62,12 @@ def _rows(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) else 1
 
 
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    """[samples, elements per sample] view (an empty batch too, where reshape(0, -1) is ambiguous)."""
+    rows = _rows(tuple(x.shape))
+    return x.reshape(rows, x.numel() // rows if rows else 0)
+
+
 def check_finite(t: torch.Tensor, fmt: WireFormat, what: str) -> None:
     """Refuses a tensor the format cannot carry faithfully: non-finite values (any format) and, for float16,
     magnitudes beyond its range. `what` names the message (kind, client, round)."""
@@ -77,7 +83,7 @@ def encode(t: torch.Tensor, fmt: WireFormat) -> torch.Tensor:
     x = t.detach().contiguous()
     if fmt.name != "int8":
         return x.view(-1).to(fmt.element_dtype)
-    rows = x.reshape(_rows(tuple(x.shape)), -1)
+    rows = _per_sample(x)
     scale = rows.abs().amax(dim=1) / INT8_LEVELS if rows.shape[1] else rows.new_zeros(rows.shape[0])
     # an all-zero sample has scale 0: divide by 1 instead (its values are 0 either way)
     q = torch.round(rows / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1))
@@ -89,10 +95,10 @@ def decode(payload: torch.Tensor, fmt: WireFormat, shape: tuple[int, ...]) -> to
     """A payload of `fmt` -> the float32 tensor of `shape` (on the payload's device)."""
     if fmt.name != "int8":
         return payload.view(-1).to(torch.float32).view(shape)
-    numel, rows = math.prod(shape), _rows(shape)
+    numel = math.prod(shape)
     flat = payload.view(-1)
-    q = flat[:numel].view(torch.int8).to(torch.float32).view(rows, -1)
-    scale = flat[numel:].view(torch.float32)
+    q = _per_sample(flat[:numel].view(torch.int8).to(torch.float32).view(shape))
+    scale = flat[numel:].clone().view(torch.float32)   # a copy: the scales start at any byte offset
     return (q * scale.unsqueeze(1)).view(shape)
 
 
@@ -103,7 +109,7 @@ def error_bound(x: torch.Tensor, fmt: WireFormat) -> torch.Tensor:
         return a * 2.0 ** -8
     if fmt.name == "float16":   # relative 2^-11 for normal values, half the subnormal step (2^-25) below 2^-14
         return torch.maximum(a * 2.0 ** -11, torch.full_like(a, 2.0 ** -25))
-    rows = a.reshape(_rows(tuple(x.shape)), -1)
+    rows = _per_sample(a)
     half_step = rows.amax(dim=1, keepdim=True) / INT8_LEVELS / 2 if rows.shape[1] else rows[:, :1]
     # plus float32 rounding of the scale, the division and the product (a few ulps of |x|)
     return (half_step * (1 + 2.0 ** -20) + rows * 2.0 ** -22).reshape(x.shape)

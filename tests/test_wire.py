@@ -53,7 +53,7 @@ def test_the_bounds_are_the_documented_ones():
     assert (back[0] != 0).any() and torch.allclose(back[0], x[0], rtol=0, atol=x[0].abs().max().item() / 127)
 
 
-@pytest.mark.parametrize("shape", [(64, 128, 4, 4), (16, 10), (7,), ()])
+@pytest.mark.parametrize("shape", [(64, 128, 4, 4), (16, 10), (7,), (), (0, 3), (3, 0)])
 def test_closed_form_bytes_per_format(shape):
     numel = math.prod(shape)
     rows = shape[0] if shape else 1
@@ -61,7 +61,9 @@ def test_closed_form_bytes_per_format(shape):
     for name, fmt in wire.WIRE_FORMATS.items():
         x = torch.randn(shape)
         assert fmt.payload_nbytes(shape) == expected[name]
-        assert wire.encode(x, fmt).numel() * wire.encode(x, fmt).element_size() == expected[name]
+        payload = wire.encode(x, fmt)
+        assert payload.numel() * payload.element_size() == expected[name]
+        assert wire.decode(payload, fmt, shape).shape == x.shape
     # a ResNet-18 activation batch: bf16 halves it, int8 quarters it plus one scale per sample
     assert wire.WIRE_FORMATS["bfloat16"].payload_nbytes((16, 128, 4, 4)) * 2 == 16 * 2048 * 4
     assert wire.WIRE_FORMATS["int8"].payload_nbytes((16, 128, 4, 4)) == 16 * 2048 + 16 * 4
