@@ -63,7 +63,7 @@ def main() -> None:
                 base_acc, base_ag = acc, np.mean(ag)
             # paired by seed: the same data order and initialisation, only the wire differs
             delta = [acc[s] - base_acc[s] for s in seeds if base_acc and s in base_acc]
-            ratio = f"{np.mean(ag) / base_ag:.3f}" if base_ag else "–"
+            ratio = f"{np.mean(ag) / base_ag:.4f}" if base_ag else "–"
             print(f"| {algo} | {fmt} | {','.join(seeds)} | {interval(list(acc.values()))} | "
                   f"{interval(delta) if fmt != 'float32' else '–'} | "
                   f"{interval([r['comm_bytes'][-1] / GIB for r in rs])} | {interval(ag)} | {ratio} | "
