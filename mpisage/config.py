@@ -53,6 +53,13 @@ class LMConfig:
 
 
 @dataclass
+class WireConfig:
+    """How activations and gradients travel (mpisage.runtime.wire): float32 | bfloat16 | float16 | int8."""
+    activations: str = "float32"
+    gradients: str = "float32"
+
+
+@dataclass
 class Config:
     algorithm: str = "fsl_sage"
     model: str = "cnn"
@@ -60,6 +67,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
     num_clients: Optional[int] = None    # None: one client per client rank (mpirun -n 11 -> 9 clients)
     rounds: int = 12
     batch_size: int = 64
@@ -234,6 +242,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.lm.label_smoothing < 1, "lm.label_smoothing", cfg.lm.label_smoothing, "must be in [0, 1)")
     _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
     _require(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
+    from mpisage.runtime.wire import FORMATS
+    for key in ("activations", "gradients"):
+        _require(getattr(cfg.wire, key) in FORMATS, f"wire.{key}", getattr(cfg.wire, key),
+                 f"one of {', '.join(FORMATS)}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -39,6 +39,7 @@ def run_job(cfg, comm, log=None) -> dict:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     transport = Transport(comm, timeout_s=cfg.comm_timeout_s)
+    transport.set_wire_formats(cfg.wire.activations, cfg.wire.gradients)
     world = make_world(cfg, transport)
     world.device = configure_devices(cfg, transport)   # collective: every rank, before any model is built
     world.resume_from = agree_on_checkpoint(world.transport, cfg)

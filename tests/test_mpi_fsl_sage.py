@@ -52,15 +52,18 @@ def test_deterministic_runs_are_identical(shared_tmp):
     assert identical_weights, "two deterministic runs with the same seed ended with different weights"
 
 
-def test_resnet18_round_bytes_match_closed_form(shared_tmp):
+@pytest.mark.parametrize("wire", ["float32", "bfloat16", "int8"])
+def test_resnet18_round_bytes_match_closed_form(wire, shared_tmp):
     """fsl_sage.md: per round, every uploaded smashed batch (numel x 4 B, ragged last batch at its size) +
     2 x client model per client; plus one aux model per client in alignment rounds. Labels and headers are
-    wire-only. Checked to the byte on the ResNet-18 split with a CIFAR-10 fixture."""
+    wire-only. Checked to the byte on the ResNet-18 split with a CIFAR-10 fixture. With wire.activations a batch
+    costs 2 B per element (bfloat16) or 1 B per element + a 4 B scale per sample (int8)."""
     from mpisage.data import write_cifar10_fixture
     data = os.path.join(shared_tmp, "cifar")
     write_on_root(write_cifar10_fixture, data, 120, 20, n_batches=3)
-    run_dir = os.path.join(shared_tmp, "resnet")
-    client_b, aux_b, act_per_sample = 2_740_048, 8_419_408, 128 * 4 * 4 * 4
+    run_dir = os.path.join(shared_tmp, f"resnet-{wire}")
+    client_b, aux_b = 2_740_048, 8_419_408
+    act_per_sample = {"float32": 128 * 4 * 4 * 4, "bfloat16": 128 * 4 * 4 * 2, "int8": 128 * 4 * 4 + 4}[wire]
     uploaded_samples = 3 * (16 + 8)
     base = uploaded_samples * act_per_sample + 3 * 2 * client_b
     expected = [base + 3 * aux_b, base, base + 3 * aux_b]          # rounds 0 and 2 align (l = 2)
@@ -70,7 +73,7 @@ def test_resnet18_round_bytes_match_closed_form(shared_tmp):
     run_job([f"dataset.root={data}", "dataset=cifar10", "model=resnet18", "num_clients=3", "rounds=4",
              "batch_size=16", "server_update_interval=2", "align_interval=2", "align_steps=1",
              f"comm_threshold_mb={budget_mib}", f"run_dir={run_dir}", "eval_batch_size=20",
-             "checkpoint_interval=100"])
+             "checkpoint_interval=100", f"wire.activations={wire}"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds

@@ -4,8 +4,9 @@ A message is a typed header (a fixed-size int64 vector: kind, round, client, seq
 bytes)
 followed by one contiguous payload, both sent with Isend. Each kind has its own pair of tags, so a receiver
 asks for "the next ACTIVATION from anyone" or "the next CLIENT_MODEL from rank 3" and MPI's non-overtaking rule
-keeps each stream in order. Every header is validated on receipt; a bad one raises `ProtocolError` naming the
-sender and the kind. Nothing is pickled: payloads are raw bytes described by the header.
+keeps each stream in order. Activations and gradients may travel in a narrower wire format (`mpisage.runtime.wire`,
+config wire.*): the header's dtype then names that format, and the receiver gets float32 back. Every header is
+validated on receipt; a bad one raises `ProtocolError` naming the sender and the kind. Nothing is pickled: payloads are raw bytes described by the header.
 
 Bytes are counted at the send, per kind and destination role: the wire figure (header + payload, every message)
 and the paper figure (payload only, for the kinds the FSL-SAGE reference counts; labels, control, evaluation and
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from mpi4py import MPI
+
+from mpisage.runtime import wire
 
 F_SERVER, S_SERVER, FIRST_CLIENT_RANK = 0, 1, 2
 ROLE_NAMES = ("fserver", "sserver", "client")
@@ -59,6 +62,10 @@ NUM_KINDS = len(Kind)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
           torch.bool)
 DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
+# A float32 activation or gradient sent in a wire format (mpisage.runtime.wire) carries WIRE_CODE_BASE + the format's code
+# as its dtype: the header records the wire format, and the receiver hands back float32.
+WIRE_CODE_BASE = 64
+WIRE_FORMAT_OF_CODE = {WIRE_CODE_BASE + f.code: f for f in wire.WIRE_FORMATS.values()}
 
 MAGIC = 0x6D706973616765   # "mpisage"
 MAX_NDIM = 5
@@ -181,6 +188,14 @@ class Transport:
         # set by mpisage.runtime.devices.configure_devices: what it detected about CUDA-aware MPI and why, every rank's device
         self.cuda_awareness = None
         self.devices: list[str] | None = None
+        # kind -> its wire format (mpisage.runtime.wire), the same on every rank; kinds not here go as they are
+        self.wire_formats: dict[Kind, wire.WireFormat] = {}
+
+    def set_wire_formats(self, activations: str = "float32", gradients: str = "float32") -> None:
+        """The job's wire formats (config wire.activations / wire.gradients); every rank sets the same."""
+        formats = {Kind.ACTIVATION: wire.parse("wire.activations", activations),
+                   Kind.GRADIENT: wire.parse("wire.gradients", gradients)}
+        self.wire_formats = {k: f for k, f in formats.items() if f is not None}
 
     @property
     def payload_path(self) -> str:
@@ -207,11 +222,17 @@ class Transport:
             raise TypeError(f"cannot send dtype {tensor.dtype} (supported: {DTYPES})")
         if tensor.dim() > MAX_NDIM:
             raise ValueError(f"cannot send a {tensor.dim()}-d tensor (at most {MAX_NDIM} dims)")
-        payload = tensor.detach().contiguous()
+        fmt = self.wire_formats.get(kind) if tensor.dtype == torch.float32 else None
+        if fmt is None:
+            payload = tensor.detach().contiguous()
+            code = DTYPE_CODE[payload.dtype]
+        else:   # checked before encoding: int8 would turn a NaN into a number
+            wire.check_finite(tensor, fmt, f"the {kind.name} of client {client} in round {round} (rank {self.rank})")
+            payload, code = wire.encode(tensor, fmt), WIRE_CODE_BASE + fmt.code
         nbytes = payload.numel() * payload.element_size()
         header = np.zeros(HEADER_LEN, dtype=np.int64)
-        header[:8] = (MAGIC, int(kind), round, client, seq, int(part), DTYPE_CODE[payload.dtype], payload.dim())
-        header[8:8 + payload.dim()] = payload.shape
+        header[:8] = (MAGIC, int(kind), round, client, seq, int(part), code, tensor.dim())
+        header[8:8 + tensor.dim()] = tensor.shape
         header[-1] = nbytes
         tag = 2 * int(kind)
         self._pending.append((self.comm.Isend(header, dest=dest, tag=tag), header, False))
@@ -280,12 +301,19 @@ class Transport:
         h_nbytes = int(header[-1])
         if h_kind != int(kind):
             raise bad(f"header says kind {h_kind}")
-        if not 0 <= h_dtype < len(DTYPES) or not 0 <= h_ndim <= MAX_NDIM:
+        fmt = WIRE_FORMAT_OF_CODE.get(h_dtype)
+        if (fmt is None and not 0 <= h_dtype < len(DTYPES)) or not 0 <= h_ndim <= MAX_NDIM:
             raise bad(f"dtype code {h_dtype} / ndim {h_ndim} out of range")
         h_shape = tuple(int(s) for s in header[8:8 + h_ndim])
-        t_dtype = DTYPES[h_dtype]
-        if any(s < 0 for s in h_shape) or int(np.prod(h_shape, dtype=np.int64)) * _elsize(t_dtype) != h_nbytes:
-            raise bad(f"shape {h_shape} x {t_dtype} does not match {h_nbytes} payload bytes")
+        t_dtype = torch.float32 if fmt is not None else DTYPES[h_dtype]
+        job_fmt = self.wire_formats.get(kind)
+        if fmt is not job_fmt and (fmt is not None or t_dtype == torch.float32):
+            raise bad(f"sent in wire format {fmt.name if fmt else 'float32'}, this job uses "
+                      f"{job_fmt.name if job_fmt else 'float32'} for {kind.name} (every rank must share the wire.* keys)")
+        if any(s < 0 for s in h_shape) or h_nbytes != (
+                int(np.prod(h_shape, dtype=np.int64)) * _elsize(t_dtype) if fmt is None
+                else fmt.payload_nbytes(h_shape)):
+            raise bad(f"shape {h_shape} x {fmt.name if fmt else t_dtype} does not match {h_nbytes} payload bytes")
         checks = [("round", round, h_round), ("client", client, h_client), ("seq", seq, h_seq), ("part", part, h_part),
                   ("dtype", dtype, t_dtype), ("shape", shape, h_shape), ("payload bytes", nbytes, h_nbytes)]
         for name, want, got in checks:
@@ -297,8 +325,9 @@ class Transport:
             raise bad(f"{h_nbytes} payload bytes exceed the limit {max_nbytes}")
         if clients_of is not None and h_client not in clients_of(src):
             raise bad(f"rank {src} does not host client {h_client}")
-        tensor = torch.empty(h_shape, dtype=t_dtype, device=device or "cpu")
-        staged = self.staging.acquire(tensor.numel(), t_dtype) if self._staged(tensor) else None
+        tensor = (torch.empty(h_shape, dtype=t_dtype, device=device or "cpu") if fmt is None else
+                  torch.empty(fmt.payload_numel(h_shape), dtype=fmt.element_dtype, device=device or "cpu"))
+        staged = self.staging.acquire(tensor.numel(), tensor.dtype) if self._staged(tensor) else None
         req = self.comm.Irecv(_as_buffer(tensor if staged is None else staged), source=src, tag=tag + 1)
         status = MPI.Status()
         self._wait(req, what=f"the {kind.name} payload", peer=src, kind=kind, status=status)
@@ -307,6 +336,8 @@ class Transport:
             self.staging.release(staged)
         if status.Get_count(MPI.BYTE) != h_nbytes:
             raise bad(f"payload has {status.Get_count(MPI.BYTE)} bytes, header announced {h_nbytes}")
+        if fmt is not None:
+            tensor = wire.decode(tensor, fmt, h_shape)
         return Message(Kind(h_kind), src, h_round, h_client, h_seq, h_part, tensor)
 
     def probe(self, kinds, source: int = MPI.ANY_SOURCE) -> tuple[Kind, int] | None:
