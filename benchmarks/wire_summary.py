@@ -13,8 +13,8 @@ import os
 import numpy as np
 from scipy import stats
 
-from mpisage.metrics import read_rounds
-from mpisage.transport import Kind
+from mpisage.runtime.metrics import read_rounds
+from mpisage.runtime.transport import Kind
 
 GIB = 1024 ** 3
 

@@ -34,7 +34,7 @@ def _cnn_activation_shape() -> tuple:
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_runs_a_round_in_every_wire_format(algorithm, fmnist, shared_tmp):
-    from mpisage.transport import Kind
+    from mpisage.runtime.transport import Kind
     from mpisage.runtime.wire import WIRE_FORMATS
     per_sample = _cnn_activation_shape()
     results = []
@@ -46,7 +46,7 @@ def test_every_algorithm_runs_a_round_in_every_wire_format(algorithm, fmnist, sh
                  f"wire.activations={activations}", f"wire.gradients={gradients}"])
 
         def check():
-            from mpisage.metrics import read_rounds
+            from mpisage.runtime.metrics import read_rounds
             r = read_rounds(os.path.join(run_dir, "metrics.h5"))
             wire_b, paper, msgs = r["wire_bytes_by_kind"][-1], r["paper_bytes_by_kind"][-1], r["messages_by_kind"][-1]
             out = [len(r["test_acc"]), np.isfinite(r["test_acc"]).all(), msgs[Kind.ACTIVATION]]
@@ -75,7 +75,7 @@ def test_a_deterministic_run_in_int8_is_bit_identical_run_to_run(fmnist, shared_
         run_job(common + [f"run_dir={d}"])
 
     def compare():
-        from mpisage.metrics import read_rounds
+        from mpisage.runtime.metrics import read_rounds
         a, b = (read_rounds(os.path.join(d, "metrics.h5")) for d in dirs)
         keys = ("test_acc", "test_loss", "comm_bytes", "server_train_loss", "client_local_loss", "align_loss")
         return [all(np.array_equal(a[k], b[k], equal_nan=True) for k in keys), len(a["test_acc"])]

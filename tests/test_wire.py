@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 from mpisage.runtime import wire
 from mpisage.config import ConfigError, load_config
-from mpisage.transport import HEADER_BYTES, WIRE_CODE_BASE, Kind, ProtocolError, Transport
+from mpisage.runtime.transport import HEADER_BYTES, WIRE_CODE_BASE, Kind, ProtocolError, Transport
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FORMATS = ("bfloat16", "float16", "int8")
@@ -142,7 +142,7 @@ def test_the_header_records_the_wire_format():
     sender.send(0, Kind.ACTIVATION, x, round=2)
     header = np.empty(14, dtype=np.int64)
     MPI.COMM_SELF.Recv(header, source=0, tag=2 * int(Kind.ACTIVATION))
-    assert header[5] == WIRE_CODE_BASE + wire.WIRE_FORMATS["int8"].code and header[6] == 4
+    assert header[6] == WIRE_CODE_BASE + wire.WIRE_FORMATS["int8"].code and header[7] == 4
     assert tuple(header[8:12]) == tuple(x.shape) and header[-1] == x.numel() + 4 * 6
     MPI.COMM_SELF.Recv(bytearray(x.numel() * 4), source=0, tag=2 * int(Kind.ACTIVATION) + 1)
     sender.flush()
@@ -180,7 +180,7 @@ def test_float16_refuses_values_beyond_its_range():
 @pytest.mark.parametrize("stage", [True, False])
 @pytest.mark.parametrize("name", FORMATS)
 def test_gpu_payloads_are_encoded_on_the_device(name, stage):
-    from mpisage.transport import query_mpi_cuda_support
+    from mpisage.runtime.transport import query_mpi_cuda_support
     if not stage and query_mpi_cuda_support() != 1:
         pytest.skip("the MPI library is not CUDA-aware")
     fmt = wire.WIRE_FORMATS[name]

@@ -35,7 +35,7 @@ FLOAT16_MAX = 65504.0
 @dataclass(frozen=True)
 class WireFormat:
     name: str
-    code: int                    # header dtype code (see mpisage.transport.WIRE_CODE_BASE)
+    code: int                    # header dtype code (see mpisage.runtime.transport.WIRE_CODE_BASE)
     element_dtype: torch.dtype   # what the payload buffer holds
 
     def payload_nbytes(self, shape: tuple[int, ...]) -> int:
