@@ -21,7 +21,7 @@ def probe(aux_variant: str, samples: int, steps: int) -> tuple[float, float, flo
     torch.manual_seed(0)
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10, aux=aux_variant)
     algo = FslSage.__new__(FslSage)
-    algo.cfg = types.SimpleNamespace(align_buffer_size=samples, align_steps=steps)
+    algo.cfg = types.SimpleNamespace(align_buffer_size=samples, align_steps=steps, align_threads=1)
     s = FslSageServer(split.server, None, None, aux={0: split.aux},
                       aux_optimizer={0: torch.optim.Adam(split.aux.parameters(), lr=1e-3)})
     with torch.no_grad():

@@ -92,6 +92,7 @@ class Config:
     align_buffer_size: int = 1000        # per-client FIFO of uploaded smashed samples on the S-server
     align_steps: int = 100               # Adam steps per alignment
     align_lr: float = 1e-3
+    align_threads: int = 1               # torch threads of the S-server while it aligns (clients wait then)
 
     # GAS (asynchronous; a "round" is one global client-model update of the F-server)
     active_clients: Optional[int] = None     # C: clients training at once (None: all of them)
@@ -203,7 +204,7 @@ def validate(cfg: Config) -> None:
              "must be >= 1, or null for one client per client rank")
     for key in ("rounds", "batch_size", "local_epochs", "server_update_interval", "align_interval",
                 "align_buffer_size", "eval_batch_size", "keep_checkpoints",
-                "torch_threads", "log_interval"):
+                "torch_threads", "log_interval", "align_threads"):
         _require(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
     _require(cfg.align_steps >= 0, "align_steps", cfg.align_steps, "must be >= 0")
     _require(cfg.checkpoint_interval >= 0, "checkpoint_interval", cfg.checkpoint_interval,

@@ -167,7 +167,7 @@ def test_zero_steps_leave_everything_untouched():
 
 def _algo(buffer_size, steps):
     algo = FslSage.__new__(FslSage)    # the hooks under test need only the config
-    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps)
+    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps, align_threads=1)
     algo.label_smoothing = 0.0
     return algo
 

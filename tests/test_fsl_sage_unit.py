@@ -10,7 +10,7 @@ from mpisage.models import build_split
 
 def _algo(buffer_size=10, steps=50):
     algo = FslSage.__new__(FslSage)   # the hooks under test need only the config
-    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps)
+    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps, align_threads=1)
     algo.label_smoothing = 0.0
     return algo
 
@@ -56,3 +56,36 @@ def test_alignment_pulls_the_aux_gradient_towards_the_server_gradient():
     assert last < 0.9 * first and mismatch() < 0.9 * before
     # alignment reads the server's gradients but never changes its weights
     assert all(torch.equal(a, b) for a, b in zip(server_before, split.server.parameters()))
+
+
+def test_an_alignment_round_aligns_every_client_once_all_first_uploads_are_in():
+    """on_upload keeps each first upload's target and answers nobody until the last client's first upload, then
+    sends every client its aux: the same aux as aligning each client at its own upload would give."""
+    torch.manual_seed(0)
+    split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
+    algo = _algo(64, steps=5)
+    algo.cfg.align_interval, algo.cfg.align_lr, algo.cfg.grad_clip = 1, 1e-3, 0.0
+    algo.world = types.SimpleNamespace(num_clients=3)
+    uploads = [(split.client(torch.randn(16, 1, 28, 28)).detach(), torch.randint(0, 10, (16,))) for _ in range(3)]
+
+    def server_state():
+        import copy
+        s = _state(copy.deepcopy(split.server))
+        s.optimizer = torch.optim.Adam(s.model.parameters(), lr=1e-3)
+        s.train_stats = torch.zeros(3, 3).numpy()
+        for cid in range(3):
+            s.aux[cid] = copy.deepcopy(split.aux)
+            s.aux_optimizer[cid] = torch.optim.Adam(s.aux[cid].parameters(), lr=1e-3)
+        return s
+
+    gathered, one_by_one = server_state(), server_state()
+    replies = [algo.on_upload(gathered, 0, cid, 0, z, y) for cid, (z, y) in enumerate(uploads)]
+    assert replies[0] == [] and replies[1] == [] and [r[0] for r in replies[2]] == [0, 1, 2]
+    for cid, (z, y) in enumerate(uploads):          # the per-client way: align each at its own upload
+        algo.server_step(one_by_one, cid, z, y)
+        algo._buffer(one_by_one, cid, z, y)
+        algo.align(one_by_one, cid)
+    for cid in range(3):
+        for a, b in zip(gathered.aux[cid].parameters(), one_by_one.aux[cid].parameters()):
+            assert torch.equal(a, b)
+    assert not gathered.align_target

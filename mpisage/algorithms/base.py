@@ -111,6 +111,13 @@ class Algorithm:
     def end_server_round(self, s: ServerState, round: int) -> None:
         pass
 
+    def gathers_first_uploads(self, round: int) -> bool:
+        """True when this round's first uploads are answered together, once every client's has arrived (each client
+        waits for that answer before it uploads again: FSL-SAGE's alignment rounds). The S-server then serves every
+        client's first upload before any second one (deterministic order), and finishes the previous round's
+        evaluation before the last of them, whose handling is long."""
+        return False
+
     def server_report_fields(self) -> dict[str, tuple[int, ...]]:
         """Named figures of the algorithm's own that the S-server reports every round (name -> shape); each becomes
         a metrics dataset of that name."""

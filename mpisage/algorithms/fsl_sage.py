@@ -4,6 +4,7 @@ l rounds the S-server aligns each client's auxiliary model to its own true cut-l
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,17 @@ from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import load_packed, pack_state, state_nbytes
 from mpisage.runtime.stateful import transient
 from mpisage.runtime.transport import Kind
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op threads set to n for the block (the S-server may use cores the waiting clients leave idle)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -73,12 +85,21 @@ class FslSage(Algorithm):
         steps = self.world.steps_per_round(cid)
         return -(-steps // self.cfg.server_update_interval)
 
+    def gathers_first_uploads(self, round: int) -> bool:
+        return self.is_align_round(round)
+
     def on_upload(self, s, round, cid, seq, z, y):
+        """A server step on every upload. In an alignment round, a client's first upload also fixes its alignment
+        target (the true gradients of the server as it is then); once every client's has come, every aux model is
+        aligned at once (`align_many`) and sent back."""
         self.server_step(s, cid, z, y)
         self._buffer(s, cid, z, y)
         if seq == 0 and self.is_align_round(round):
-            self.align(s, cid)
-            return [(Kind.AUX_MODEL, pack_state(s.aux[cid].state_dict()))]
+            self.align_target(s, cid)
+            if len(s.align_target) == self.world.num_clients:
+                cids = sorted(s.align_target)
+                self.align_many(s, cids)
+                return [(c, Kind.AUX_MODEL, pack_state(s.aux[c].state_dict())) for c in cids]
         return []
 
     def _buffer(self, s: FslSageServer, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -115,7 +136,8 @@ class FslSage(Algorithm):
         alignment round, it gives `align_many` exactly the targets of a per-client `align` at that moment, however
         long the aux steps are deferred (the client's buffer cannot change before it has its aligned aux)."""
         z, y = self.buffered(s, cid)
-        s.align_target[cid] = true_gradients(s.model, z, y, self.train_loss)
+        with threads(self.cfg.align_threads):     # as align_many would compute it: the same sums, bit for bit
+            s.align_target[cid] = true_gradients(s.model, z, y, self.train_loss)
 
     def align_many(self, s: FslSageServer, cids, batched: bool | None = None) -> dict[int, float]:
         """`align` for several clients: the targets `align_target` kept for them (or, for clients without one,
@@ -126,6 +148,10 @@ class FslSage(Algorithm):
         time of the loop (benchmarks/batched_alignment.py); batched=None batches on accelerators only. Returns each
         client's last loss."""
         cids = list(cids)
+        with threads(self.cfg.align_threads):
+            return self._align_many(s, cids, batched)
+
+    def _align_many(self, s: FslSageServer, cids: list[int], batched: bool | None) -> dict[int, float]:
         buffers = [self.buffered(s, cid) for cid in cids]
         kept = s.align_target
         targets = [kept.pop(cid) if cid in kept else true_gradients(s.model, z, y, self.train_loss)

@@ -22,9 +22,11 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
     must send: its id is hosted by the sending rank, uploads arrive in sequence, nobody sends too many."""
     world, t = algo.world, algo.world.transport
     per_sample = algo.activation_shape
-    if algo.cfg.deterministic and algo.schedule == "lockstep":    # iteration k of every client before iteration k + 1 of any
-        order = [(cid, seq) for seq in range(max(expected.values())) for cid in range(world.num_clients)
-                 if seq < expected[cid]]
+    clients = range(world.num_clients)
+    if algo.cfg.deterministic and algo.schedule == "lockstep":    # iteration k of every client before k + 1 of any
+        order = [(cid, seq) for seq in range(max(expected.values())) for cid in clients if seq < expected[cid]]
+    elif algo.cfg.deterministic and algo.gathers_first_uploads(round):    # every first upload, then the rest
+        order = [(cid, 0) for cid in clients] + [(cid, seq) for cid in clients for seq in range(1, expected[cid])]
     elif algo.cfg.deterministic:
         order = [(cid, seq) for cid in range(world.num_clients) for seq in range(expected[cid])]
     else:
@@ -84,8 +86,12 @@ def run_sserver(algo: Algorithm) -> None:
         start, busy = time.perf_counter(), 0.0
         s.train_stats[:] = 0
         expected = {cid: algo.expected_uploads(cid) for cid in range(world.num_clients)}
+        first_uploads = 0
         for act, labels in _uploads(algo, round, expected, idle=evaluate_in_background):
             t0 = time.perf_counter()
+            first_uploads += act.seq == 0
+            if first_uploads == world.num_clients and act.seq == 0 and algo.gathers_first_uploads(round):
+                finish_evaluation()     # the last first upload starts a long computation: report round r-1 now
             for reply in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
                 cid, kind, tensor = reply if len(reply) == 3 else (act.client, *reply)
                 t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq)
