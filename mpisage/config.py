@@ -125,8 +125,8 @@ class Config:
 
 
 ALGORITHMS = ("fsl_sage", "cse_fsl", "local_loss", "fed_avg", "sl_single_server", "sl_multi_server", "sl_vanilla",
-              "gas", "sglr")
-ALGORITHM_ALIASES = {"fedavg": "fed_avg", "split_avg": "sglr", "splitlr": "sglr", "splitfed_v1": "sl_multi_server", "splitfed_v2": "sl_single_server",
+              "gas", "sglr", "fed_buff")
+ALGORITHM_ALIASES = {"fedbuff": "fed_buff", "fedavg": "fed_avg", "split_avg": "sglr", "splitlr": "sglr", "splitfed_v1": "sl_multi_server", "splitfed_v2": "sl_single_server",
                      "sflv1": "sl_multi_server", "sflv2": "sl_single_server", "vanilla_sl": "sl_vanilla",
                      "sl": "sl_vanilla", "cse-fsl": "cse_fsl", "fsl-sage": "fsl_sage"}
 # The FSL-SAGE authors' names for datasets, accepted as aliases.

@@ -322,3 +322,33 @@ def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist
                 np.array_equal(counts, schedule.participations(4)), counts[0] == counts.max() > np.median(counts)]
 
     assert all(on_root(check_metrics))
+
+
+def test_fed_buff_moves_whole_models_only_and_averages_every_qc_returns(fmnist, shared_tmp):
+    """FedBuff on GAS's scheduler: no activation or gradient ever travels; every start and every return carries the
+    client AND the server part (the same number of each); every global update is one metrics row on a simulated
+    clock that never goes back (two updates may share a time: an update is dated by the latest return so far)."""
+    from mpisage.runtime.transport import Kind
+    common = [f"dataset.root={fmnist}", "num_clients=4", "active_clients=2", "model_buffer=2", "local_iters=3",
+              "rounds=3", "batch_size=8", "optimizer=sgd", "lr=0.01", "eval_samples=40", "model=alexnet"]
+    run_dir = os.path.join(shared_tmp, "fed_buff")
+    run_job(["algorithm=fed_buff", f"run_dir={run_dir}", *common])
+
+    def check():
+        from mpisage.models import build_split, state_bytes
+        from mpisage.runtime.metrics import read_rounds
+        split = build_split("alexnet", in_channels=1, image_size=28, num_classes=10)
+        fb = read_rounds(os.path.join(run_dir, "metrics.h5"))
+        paper = fb["paper_bytes_by_kind"][-1]
+        client_msgs = paper[Kind.CLIENT_MODEL] / state_bytes(split.client)
+        server_msgs = paper[Kind.SERVER_MODEL] / state_bytes(split.server)
+        returned = fb["participations"][-1].sum()
+        return [paper[Kind.ACTIVATION], paper[Kind.GRADIENT], client_msgs, server_msgs, returned,
+                len(fb["round"]), np.isfinite(fb["test_acc"]).all(),
+                (np.diff(fb["simulated_time"]) >= 0).all() and fb["simulated_time"][-1] > fb["simulated_time"][0]]
+
+    act, grad, client_msgs, server_msgs, returned, rows, finite, forward = on_root(check)
+    assert act == 0 and grad == 0, "FedBuff sent activations or gradients"
+    assert client_msgs == server_msgs and client_msgs == int(client_msgs), (client_msgs, server_msgs)
+    assert returned >= 3 * 2 and client_msgs >= 2 * returned, "every return and every start carries the model"
+    assert rows == 3 and finite and forward

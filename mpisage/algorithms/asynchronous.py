@@ -156,8 +156,11 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> float:
 
 
 class AsyncAlgorithm(Algorithm):
-    """Hooks: client_iteration (client), on_activation (S-server), average_models (F-server)."""
+    """Hooks: client_iteration (client), on_activation (S-server), average_models (F-server). `shared_parts` are
+    the parts a participation starts from and sends back; `uses_sserver` = False: clients train on their own (no
+    activation goes up; the S-server only evaluates)."""
     schedule = "async"
+    uses_sserver = True
 
     def __init__(self, world):
         super().__init__(world)
@@ -167,11 +170,15 @@ class AsyncAlgorithm(Algorithm):
         cfg, m = self.cfg, world.num_clients
         self.active = min(cfg.active_clients or m, m)           # C
         self.model_buffer = cfg.model_buffer or self.active     # Q_c
-        # the simulated clock
+        # the simulated clock: what a client computes per sample, what it uploads per iteration and per participation
         client = world.initial_part("client")
         self.client_macs = count_macs(client, world.example_input(1))
-        self.activation_bits = 32.0 * cfg.batch_size * math.prod(self.activation_shape)
-        self.model_bits = 8.0 * state_nbytes(client.state_dict())
+        if not self.uses_sserver:     # the whole model on the client, nothing up during a participation
+            with torch.no_grad():
+                cut = client.eval()(world.example_input(1))
+            self.client_macs += count_macs(world.initial_part("server"), cut)
+        self.activation_bits = 32.0 * cfg.batch_size * math.prod(self.activation_shape) if self.uses_sserver else 0.0
+        self.model_bits = 8.0 * sum(state_nbytes(world.initial_part(part).state_dict()) for part in self.shared_parts)
         self.profiles = client_profiles(m, derive_seed(cfg.seed, "init", 2))
         per_iter = [p.iteration_seconds(self.client_macs, self.activation_bits) for p in self.profiles]
         self.iteration_seconds = per_iter

@@ -23,7 +23,8 @@ import torch
 
 from mpisage.config import to_yaml
 from mpisage.data import train_transform
-from mpisage.roles.shared import open_metrics
+from mpisage.algorithms.base import PART_KINDS
+from mpisage.roles.shared import open_metrics, shared_modules, shared_templates
 from mpisage.roles.sserver import recv_labels
 from mpisage.runtime import preemption
 from mpisage.runtime.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state,
@@ -40,6 +41,22 @@ from mpisage.runtime.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, Proto
 FINAL = -1
 
 
+def _models(algo) -> dict[Kind, int]:
+    """The model parts a participation starts from and sends back (GAS: the client part; FedBuff: client and
+    server), by message kind, in the order they travel, with their sizes in bytes."""
+    return {kind: state_nbytes(module.state_dict()) for kind, module in shared_templates(algo).items()}
+
+
+def _recv_models(t, first, parts: dict[Kind, int], **expect) -> dict[Kind, torch.Tensor]:
+    """A model message `first` (the client part) and the other parts that follow it from the same sender."""
+    got = {Kind.CLIENT_MODEL: first.tensor}
+    for kind, nbytes in parts.items():
+        if kind != Kind.CLIENT_MODEL:
+            got[kind] = t.recv(kind, first.source, client=first.client, round=first.round, nbytes=nbytes,
+                               **expect).tensor
+    return got
+
+
 # ---------------------------------------------------------------------------------------------------- client
 class _ClientRank:
     """What both client loops share: the hosted clients (restored on resume), one local iteration, the return of a
@@ -49,17 +66,23 @@ class _ClientRank:
         self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
         self.hosted = {cid: algo.make_client(cid) for cid in self.world.clients_of(self.world.rank)}
         self.transform = train_transform(self.world.data, self.cfg.dataset.augment)
-        self.nbytes = state_nbytes(next(iter(self.hosted.values())).model.state_dict())
+        self.parts = _models(algo)
+        self.nbytes = self.parts[Kind.CLIENT_MODEL]
         self.uploads, self.busy = 0, 0.0
         if self.world.resume_from:
             flat = restore_rank_state(self.world, f"rank{self.world.rank}")
             for cid, c in self.hosted.items():
                 c.load_state_dict(flat, f"client{cid}", self.world.device)
 
-    def begin(self, c, packed: torch.Tensor) -> dict:
+    def take_start(self, first) -> dict[Kind, torch.Tensor]:
+        """The global model a start message `first` begins: its client part and any other shared part."""
+        return _recv_models(self.t, first, self.parts)
+
+    def begin(self, c, packed: dict[Kind, torch.Tensor]) -> dict:
         """A participation starts from the global model it was sent, with a fresh optimiser (paper eq. 8: plain local
         steps; no momentum carried over from the client's previous participation); returns its figures."""
-        load_packed(c.model, packed)
+        for kind, module in shared_modules(self.algo, c).items():
+            load_packed(module, packed[kind])
         c.optimizer.state.clear()
         return dict.fromkeys((name for name, _ in CLIENT_ROUND.fields), 0.0)
 
@@ -81,7 +104,8 @@ class _ClientRank:
     def give_back(self, cid: int, version: int, stats: dict) -> None:
         """The end of a participation: the model and its figures to the F-server, with this rank's counters."""
         t = self.t
-        t.send(F_SERVER, Kind.CLIENT_MODEL, pack_state(self.hosted[cid].model.state_dict()), round=version, client=cid)
+        for kind, module in shared_modules(self.algo, self.hosted[cid]).items():
+            t.send(F_SERVER, kind, pack_state(module.state_dict()), round=version, client=cid)
         send_report(t, F_SERVER, CLIENT_ROUND, stats, round=version, client=cid)
         send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": self.busy,
                                                "resident_bytes": resident_bytes()}, round=version)
@@ -110,9 +134,10 @@ def run_async_client(algo) -> None:
         nonlocal starts
         msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted,   # a client this rank hosts
                      nbytes=nbytes)
+        packed = rank.take_start(msg)
         starts += 1
         if starts_announced is None:
-            active.append([msg.client, msg.round, 0, rank.begin(hosted[msg.client], msg.tensor)])
+            active.append([msg.client, msg.round, 0, rank.begin(hosted[msg.client], packed)])
 
     while starts_announced is None or starts < starts_announced:
         ready = t.probe([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
@@ -161,28 +186,28 @@ def _run_simulated_client(algo) -> None:
                 if kind == Kind.CONTROL:
                     break
                 msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes)
-                early[msg.client] = msg
+                early[msg.client] = (msg.round, rank.take_start(msg))
                 starts += 1
             if cid not in early:
                 take_stop()
                 break
-            msg = early.pop(cid)
-            if msg.round != version:
-                raise ProtocolError(f"client {cid} was started from global model {msg.round}; the schedule says "
+            started_from, packed = early.pop(cid)
+            if started_from != version:
+                raise ProtocolError(f"client {cid} was started from global model {started_from}; the schedule says "
                                     f"{version}")
-            stats[cid] = rank.begin(c, msg.tensor)
+            stats[cid] = rank.begin(c, packed)
         elif t.probe([Kind.CONTROL], F_SERVER):
             take_stop()                     # participations in flight are abandoned: the run is over
             break
         rank.iterate(cid, version, step.seq, stats[cid])
-        sent += 1
+        sent += algo.uses_sserver           # activations sent
         if step.seq + 1 == cfg.local_iters:
             rank.give_back(cid, version, stats.pop(cid))
     if announced is None:
         t.wait_any([Kind.CONTROL], F_SERVER)
         take_stop()
     for _ in range(announced - starts):      # starts sent before the stop reached this rank: taken, not run
-        t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes)
+        rank.take_start(t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes))
     # the S-server answers exactly this many activations from this rank and skips the rest of its schedule
     t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
     rank.finish()
@@ -196,14 +221,17 @@ class _Evaluations:
     def __init__(self, algo, s, server_for):
         """`server_for(version)` -> the server model to evaluate global model `version` with."""
         self.algo, self.world, self.t, self.s, self.server_for = algo, algo.world, algo.world.transport, s, server_for
-        self.nbytes = state_nbytes(self.world.initial_part("client").state_dict())
-        self.queue: list[tuple[int, torch.Tensor]] = []     # (version, global client model) waiting
+        self.parts = _models(algo)
+        self.queue: list[tuple[int, dict]] = []     # (version, global model parts) waiting
         self.running, self.version, self.done = None, -1, 0
         self.busy, self.start = 0.0, time.perf_counter()
 
     def take_request(self) -> None:
-        msg = self.t.recv(Kind.EVAL, F_SERVER, part=int(Kind.CLIENT_MODEL), nbytes=self.nbytes)
-        self.queue.append((msg.round, msg.tensor))
+        version, parts = None, {}
+        for kind, nbytes in self.parts.items():       # sent one after another: EVAL keeps them in order
+            msg = self.t.recv(Kind.EVAL, F_SERVER, part=int(kind), nbytes=nbytes, round=version)
+            version, parts[kind] = msg.round, msg.tensor
+        self.queue.append((version, parts))
 
     def step(self) -> bool:
         """One test batch of the running evaluation (starting the next queued one); False when there is none."""
@@ -212,8 +240,13 @@ class _Evaluations:
                 return False
             self.version, packed = self.queue.pop(0)
             client = self.world.initial_part("client")
-            load_packed(client, packed)
-            self.running = self.algo.make_evaluation(self.server_for(self.version), client)
+            load_packed(client, packed[Kind.CLIENT_MODEL])
+            if Kind.SERVER_MODEL in packed:      # the global model has its own server part (FedBuff)
+                server = self.world.initial_part("server")
+                load_packed(server, packed[Kind.SERVER_MODEL])
+            else:
+                server = self.server_for(self.version)
+            self.running = self.algo.make_evaluation(server, client)
         self.running.step()
         if self.running.done:
             loss, accuracy, seconds = self.running.result()
@@ -303,7 +336,7 @@ def _run_simulated_sserver(algo) -> None:
                                     f"{served[src]} were answered")
 
     from_fserver = [(Kind.EVAL, F_SERVER), (Kind.CONTROL, F_SERVER)]
-    for step in schedule.steps:
+    for step in schedule.steps if algo.uses_sserver else ():
         r = world.rank_of(step.client)
         while sent_by[r] is None or served[r] < sent_by[r]:     # else: r stopped before this step
             kind, src = t.wait_first([(Kind.ACTIVATION, r), *from_fserver,
@@ -346,18 +379,19 @@ def _run_simulated_sserver(algo) -> None:
 def run_async_fserver(algo, log) -> dict:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     m = world.num_clients
-    template = world.initial_part("client")
-    nbytes = state_nbytes(template.state_dict())
+    templates = shared_templates(algo)           # the global model's parts (GAS: the client part)
+    parts = _models(algo)
+    nbytes = parts[Kind.CLIENT_MODEL]
     threshold = cfg.comm_threshold_mb * 1024 ** 2
     counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}   # latest reports
     rng = world.generator("fserver")
-    global_model = pack_state(template.state_dict())
+    global_model = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     version, requested = 0, 0
     starts = dict.fromkeys(world.client_ranks, 0)
     sim_start, sim_now = {}, 0.0
     participations = np.zeros(m, dtype=np.int64)
     inactive = list(range(m))
-    buffer: list[tuple[torch.Tensor, int]] = []
+    buffer: list[tuple[dict, int]] = []           # (returned parts, client id)
     update_clock: dict[int, tuple[float, float]] = {}     # version -> (wall seconds, simulated seconds)
     local_stats = np.zeros((m, 4))
     start = time.perf_counter()
@@ -368,7 +402,7 @@ def run_async_fserver(algo, log) -> dict:
         # continues: the newest global model, the schedule's random stream, both clocks, counters and metrics.
         flat = world.resume_state("fserver")
         restore_transport(t, flat)
-        global_model = flat["client/packed"].clone()
+        global_model = {kind: flat[f"{_part_name(kind)}/packed"].clone() for kind in templates}
         version = requested = world.start_round
         participations = flat["schedule/participations"].numpy().copy()
         local_stats = flat["schedule/local_stats"].numpy().copy()
@@ -396,7 +430,8 @@ def run_async_fserver(algo, log) -> dict:
         return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
 
     def start_client(cid: int) -> None:
-        t.send(world.rank_of(cid), Kind.CLIENT_MODEL, global_model, round=version, client=cid)
+        for kind, packed in global_model.items():
+            t.send(world.rank_of(cid), kind, packed, round=version, client=cid)
         starts[world.rank_of(cid)] += 1
         sim_start[cid] = sim_now
 
@@ -417,6 +452,7 @@ def run_async_fserver(algo, log) -> dict:
             else:
                 msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
             cid = msg.client
+            returned = _recv_models(t, msg, parts)
             local = recv_report(t, src, CLIENT_ROUND, client=cid)
             local_stats[cid] += [local[name] for name, _ in CLIENT_ROUND.fields]
             counters[src] = recv_report(t, src, RANK_REPORT, round=msg.round)["counters"]
@@ -426,13 +462,15 @@ def run_async_fserver(algo, log) -> dict:
                     sim_now = sim_offset + schedule.update_times[step.update]
             else:
                 sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
-            buffer.append((msg.tensor, cid))
+            buffer.append((returned, cid))
             if len(buffer) == algo.model_buffer:
-                global_model = algo.average_models([b[0] for b in buffer], [b[1] for b in buffer], template)
+                global_model = {kind: algo.average_models([b[0][kind] for b in buffer], [b[1] for b in buffer],
+                                                          template) for kind, template in templates.items()}
                 buffer.clear()
                 update_clock[version] = (time.perf_counter() - start, sim_now)
                 if requested < cfg.rounds:
-                    t.send(S_SERVER, Kind.EVAL, global_model, round=version, part=int(Kind.CLIENT_MODEL))
+                    for kind, packed in global_model.items():
+                        t.send(S_SERVER, Kind.EVAL, packed, round=version, part=int(kind))
                     requested += 1
                 version += 1
             # The replacement starts from the newest global model; the finished client may be drawn again later
@@ -464,7 +502,7 @@ def run_async_fserver(algo, log) -> dict:
             msg = t.recv(Kind.CONTROL, r, dtype=torch.float64)
             if msg.client >= 0:          # a model that came back after the stop: received, not used
                 CLIENT_ROUND.unpack(msg.tensor)
-                t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes)
+                _recv_models(t, t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes), parts)
                 continue
             counters[r] = (FINAL_CLIENT_REPORT if msg.round == FINAL else RANK_REPORT).unpack(msg.tensor)["counters"]
             if msg.round == FINAL:
@@ -487,7 +525,8 @@ def run_async_fserver(algo, log) -> dict:
     schedule = {"participations": torch.from_numpy(participations), "local_stats": torch.from_numpy(local_stats),
                 "clock": torch.tensor([sim_now, time.perf_counter() - start], dtype=torch.float64),
                 "rng": rng.get_state(), "reports": torch.from_numpy(np.stack([counters[r] for r in range(1, t.size)]))}
-    ranks["fserver"] = flatten_state({"client": {"packed": global_model}, "transport": transport_state(t),
+    ranks["fserver"] = flatten_state({**{_part_name(kind): {"packed": packed} for kind, packed in global_model.items()},
+                                      "transport": transport_state(t),
                                       "schedule": schedule,
                                       "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
     write_checkpoint(cfg.run_dir, last, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
@@ -496,6 +535,11 @@ def run_async_fserver(algo, log) -> dict:
             f"resume=auto to continue")
     metrics.close()
     return summary
+
+
+def _part_name(kind: Kind) -> str:
+    """client / server / aux: how a global model part is named in the checkpoint."""
+    return next(name for name, k in PART_KINDS.items() if k == kind)
 
 
 def _totals(counters: dict, t) -> dict:
