@@ -314,8 +314,11 @@ def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist
     def check_metrics():
         from mpisage.runtime.metrics import read_rounds
         a, b = (read_rounds(os.path.join(d, "metrics.h5")) for d in runs)
-        same = all(np.array_equal(a[k], b[k]) for k in ("test_acc", "test_loss", "simulated_time", "participations",
-                                                          "server_steps", "generated_samples", "comm_bytes"))
+        differ = [k for k in ("test_acc", "test_loss", "simulated_time", "participations", "server_steps",
+                              "generated_samples", "comm_bytes") if not np.array_equal(a[k], b[k])]
+        same = not differ
+        if differ:
+            print("differ between the two runs:", {k: (a[k].tolist(), b[k].tolist()) for k in differ}, flush=True)
         schedule = schedules[0]
         counts = a["participations"][-1]
         return [same, np.allclose(a["simulated_time"], schedule.update_times, rtol=1e-12),
