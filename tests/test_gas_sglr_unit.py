@@ -75,10 +75,10 @@ def test_a_label_never_seen_gets_no_generated_samples_and_the_ablation_generates
     assert len(y) == 8 and s.generated == 0
 
 
-def _sglr(mode, fraction, m=3, rounds=10):
+def _sglr(mode, fraction, m=3, rounds=10, loss="ce"):
     algo = Sglr.__new__(Sglr)
     algo.cfg = types.SimpleNamespace(split_avg=mode, split_avg_fraction=fraction, rounds=rounds, lr_decay_at=None,
-                                     grad_clip=0.0)
+                                     grad_clip=0.0, loss=loss)
     algo.world = types.SimpleNamespace(num_clients=m)
     algo.server_lr = 0.1
     torch.manual_seed(0)
@@ -88,25 +88,69 @@ def _sglr(mode, fraction, m=3, rounds=10):
     return algo, s
 
 
-@pytest.mark.parametrize("mode,fraction,receivers", [("phased", 0.5, 3), ("sampled", 0.34, 1), ("none", 0.5, 0)])
-def test_sglr_sends_the_mean_of_the_slices_to_its_receivers_and_own_slices_to_the_rest(mode, fraction, receivers):
-    algo, s = _sglr(mode, fraction)
-    before = copy.deepcopy(s.model)
-    zs = [torch.randn(5, 6) for _ in range(3)]
-    ys = [torch.randint(0, 4, (5,)) for _ in range(3)]
-    assert algo.on_upload(s, 0, 2, 0, zs[2], ys[2]) == [] and algo.on_upload(s, 0, 0, 0, zs[0], ys[0]) == []
-    replies = algo.on_upload(s, 0, 1, 0, zs[1], ys[1])        # the last client's batch: one step, every reply
-    # the true per-slice gradients of the concatenated mean loss, through the model before its step
+def _one_iteration(algo, s, round, criterion=None):
+    """Feeds every client's batch (in a scrambled order) and returns the replies and, recomputed independently
+    through the model before its step, every client's slice of the gradient."""
+    m = algo.world.num_clients
+    before, seen = copy.deepcopy(s.model), s.train_stats[:, 2].copy()
+    zs = [torch.randn(5, 6) for _ in range(m)]
+    ys = [torch.randint(0, 4, (5,)) for _ in range(m)]
+    order = list(range(1, m)) + [0]
+    for cid in order[:-1]:
+        assert algo.on_upload(s, round, cid, 0, zs[cid], ys[cid]) == []
+    replies = algo.on_upload(s, round, order[-1], 0, zs[order[-1]], ys[order[-1]])   # the last: one step, all replies
     z_all = torch.cat(zs).requires_grad_(True)
-    F.cross_entropy(before(z_all), torch.cat(ys)).backward()
-    slices = z_all.grad.split(5)
-    mean = torch.stack(slices).mean(0)
-    assert sorted(r[0] for r in replies) == [0, 1, 2]
-    got_mean = [cid for cid, _, g in replies if torch.allclose(g, mean, atol=1e-7)]
-    got_own = [cid for cid, _, g in replies if torch.allclose(g, slices[cid], atol=1e-7)]
-    assert len(got_mean) == receivers and sorted(got_mean + got_own) == [0, 1, 2]
+    logits, y_all = before(z_all), torch.cat(ys)
+    loss = criterion(logits, y_all) if criterion else F.cross_entropy(logits, y_all)
+    loss.backward()
     assert not all(torch.equal(a, b) for a, b in zip(before.parameters(), s.model.parameters()))  # one step taken
-    assert s.train_stats[:, 2].tolist() == [5, 5, 5]
+    assert (s.train_stats[:, 2] - seen).tolist() == [5] * m
+    return replies, z_all.grad.split(5)
+
+
+@pytest.mark.parametrize("mode,fraction,round,receivers", [
+    ("sampled", 0.5, 0, 2), ("sampled", 1.0, 0, 4), ("phased", 0.5, 4, 4), ("phased", 0.5, 5, 0),
+    ("phased_final", 0.3, 6, 0), ("phased_final", 0.3, 7, 4), ("none", 0.5, 0, 0)])
+def test_sglr_sends_the_mean_of_the_receivers_slices_to_the_receivers_and_own_slices_to_the_rest(
+        mode, fraction, round, receivers):
+    algo, s = _sglr(mode, fraction, m=4, rounds=10)
+    replies, slices = _one_iteration(algo, s, round)
+    assert sorted(r[0] for r in replies) == [0, 1, 2, 3] and all(len(r) == 4 for r in replies)
+    own = [cid for cid, _, g, _ in replies if torch.allclose(g, slices[cid], atol=1e-7)]
+    mean_set = sorted(set(range(4)) - set(own))
+    assert len(mean_set) == receivers
+    if receivers:
+        # eq. 15: the mean over the receivers' slices only (not over all C), one tensor for all of them
+        mean = torch.stack([slices[c] for c in mean_set]).mean(0)
+        sent = [g for cid, _, g, _ in replies if cid in mean_set]
+        assert all(torch.allclose(g, mean, atol=1e-7) for g in sent) and all(g is sent[0] for g in sent)
+        if receivers < 4:
+            assert not torch.allclose(mean, torch.stack(slices).mean(0), atol=1e-4)
+    # the paper figure counts the broadcast once and every unicast slice once; the wire counts every message
+    assert sum(paper for *_, paper in replies) == 4 - receivers + (1 if receivers else 0)
+
+
+def test_sglr_samples_a_new_active_set_every_iteration():
+    algo, s = _sglr("sampled", 0.5, m=4)
+    sets = set()
+    for _ in range(6):
+        replies, slices = _one_iteration(algo, s, 0)
+        sets.add(tuple(cid for cid, _, g, _ in replies if not torch.allclose(g, slices[cid], atol=1e-7)))
+    assert len(sets) > 1 and all(len(x) == 2 for x in sets)
+
+
+def test_sglr_softmax_bce_is_the_authors_bce_after_a_softmax():
+    algo, s = _sglr("none", 0.5, m=3, loss="softmax_bce")
+    bce = nn.BCELoss()       # the authors' criterion on probabilities, mean over samples and classes
+
+    def criterion(logits, y):
+        return bce(logits.softmax(1), F.one_hot(y, 4).float())
+    replies, slices = _one_iteration(algo, s, 0, criterion)
+    assert all(torch.allclose(g, slices[cid], atol=1e-8) for cid, _, g, _ in replies)
+    # and it is not cross-entropy's gradient
+    algo_ce, s_ce = _sglr("none", 0.5, m=3)
+    replies_ce, _ = _one_iteration(algo_ce, s_ce, 0)
+    assert not torch.allclose(replies_ce[0][2], replies[0][2], atol=1e-6)
 
 
 def test_straggler_profiles_and_macs():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import on_root, run_job, write_on_root
 
-from mpisage.runtime.transport import S_SERVER
+from mpisage.runtime.transport import HEADER_BYTES, S_SERVER
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
@@ -49,8 +49,7 @@ def _record_sglr(monkeypatch):
             cids = sorted(pending)
             z_all = torch.cat([pending[c][0] for c in cids]).detach().clone().requires_grad_(True)
             F.cross_entropy(before(z_all), torch.cat([pending[c][1] for c in cids])).backward()
-            slices = dict(zip(cids, z_all.grad.split([len(pending[c][1]) for c in cids])))
-            expected[(round, seq)] = (slices, torch.stack(list(slices.values())).mean(0))
+            expected[(round, seq)] = dict(zip(cids, z_all.grad.split([len(pending[c][1]) for c in cids])))
         return replies
 
     def recording_receive(self, kind, seq=None, **expect):
@@ -91,7 +90,7 @@ def _gather_on_sserver(received: dict) -> dict:
     return out
 
 
-def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_down(fmnist, shared_tmp, monkeypatch):
+def test_sglr_round_bytes_count_the_broadcast_mean_once_in_the_paper_figure_and_every_copy_on_the_wire(fmnist, shared_tmp, monkeypatch):
     from mpisage.runtime.transport import Kind
     expected, received = _record_sglr(monkeypatch)
     run_dir = os.path.join(shared_tmp, "sglr")
@@ -101,42 +100,45 @@ def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_dow
     def check():
         from mpisage.runtime.metrics import read_rounds
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
-        paper, msgs = r["paper_bytes_by_kind"], r["messages_by_kind"]
+        paper, wire, msgs = r["paper_bytes_by_kind"], r["wire_bytes_by_kind"], r["messages_by_kind"]
         per_round = np.diff(np.concatenate([[0], r["comm_bytes"]]))
         return [*per_round, *paper[-1, [Kind.ACTIVATION, Kind.GRADIENT, Kind.CLIENT_MODEL]],
                 msgs[-1, Kind.GRADIENT], msgs[-1, Kind.EVAL], np.isfinite(r["test_acc"]).all(),
-                os.path.exists(os.path.join(run_dir, "checkpoint_round000001.h5"))]
+                os.path.exists(os.path.join(run_dir, "checkpoint_round000001.h5")), wire[-1, Kind.GRADIENT]]
 
     got = on_root(check)
-    # one iteration: each of 4 clients uploads a batch of 10 and gets one gradient of the same size back
-    one_iteration = 4 * 10 * CNN_ACT
-    assert list(got[:2]) == [2 * 4 * one_iteration] * 2       # 4 iterations (40 samples, batch 10) per round
-    assert list(got[2:5]) == [2 * 4 * one_iteration, 2 * 4 * one_iteration, 0]   # client models never travel
+    # one iteration: each of 4 clients uploads a batch of 10; 2 of them (phi = 0.5) get the one broadcast mean, in
+    # the paper figure once, and 2 their own slice: 3 gradient payloads in the paper figure, 4 messages on the wire
+    batch = 10 * CNN_ACT
+    one_iteration = (4 + 3) * batch
+    assert list(got[:2]) == [4 * one_iteration] * 2           # 4 iterations (40 samples, batch 10) per round
+    assert list(got[2:5]) == [2 * 4 * 4 * batch, 2 * 4 * 3 * batch, 0]   # client models never travel
     assert got[5] == 2 * 4 * 4                # one gradient message per client per iteration, mean or own
     assert got[6] >= 2 * 4 and got[7] and got[8]
+    assert got[9] == got[5] * (batch + HEADER_BYTES)           # the wire figure: every copy, with its header
 
     gathered = _gather_on_sserver(received)
 
     def check_gradients():
-        means_per_iteration, receiver_sets, own_differs = [], set(), False
-        for (round, seq), (slices, mean) in expected.items():
-            receivers = []
-            for cid, own in slices.items():
-                got = gathered[(cid, round, seq)].view_as(own).to(own.dtype)
-                is_mean, is_own = torch.allclose(got, mean, atol=1e-9), torch.allclose(got, own, atol=1e-9)
-                assert is_mean or is_own, f"client {cid} got neither the mean nor its slice at {round}/{seq}"
-                own_differs |= not torch.allclose(mean, own, atol=1e-9)
-                if is_mean and not torch.allclose(mean, own, atol=1e-9):
-                    receivers.append(cid)
+        means_per_iteration, receiver_sets, not_full_mean = [], set(), False
+        for (round, seq), slices in expected.items():
+            got = {cid: gathered[(cid, round, seq)].view_as(own).to(own.dtype) for cid, own in slices.items()}
+            receivers = sorted(cid for cid, own in slices.items() if not torch.allclose(got[cid], own, atol=1e-9))
+            if receivers:     # eq. 15: the mean over the receivers' slices only, the same tensor to each of them
+                mean = torch.stack([slices[c] for c in receivers]).mean(0)
+                for cid in receivers:
+                    assert torch.allclose(got[cid], mean, atol=1e-9), f"client {cid} got neither its slice nor " \
+                                                                      f"the receivers' mean at {round}/{seq}"
+                not_full_mean |= not torch.allclose(mean, torch.stack(list(slices.values())).mean(0), atol=1e-9)
             means_per_iteration.append(len(receivers))
             receiver_sets.add(tuple(receivers))
         return [len(expected), len(gathered), min(means_per_iteration), max(means_per_iteration), len(receiver_sets),
-                own_differs]
+                not_full_mean]
 
-    iterations, gradients, fewest, most, distinct_sets, own_differs = on_root(check_gradients, root=S_SERVER)
+    iterations, gradients, fewest, most, distinct_sets, not_full_mean = on_root(check_gradients, root=S_SERVER)
     assert iterations == 2 * 4 and gradients == 2 * 4 * 4      # 2 rounds x 4 iterations, 4 clients each
     assert fewest == most == 2             # phi = 0.5 of 4 clients get the mean in every iteration ...
-    assert distinct_sets > 1 and own_differs   # ... sampled afresh each iteration, and the mean is not a slice
+    assert distinct_sets > 1 and not_full_mean   # ... sampled afresh each iteration, and not the mean of all 4
 
 
 def _record_gas(monkeypatch):

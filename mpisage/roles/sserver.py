@@ -87,8 +87,11 @@ def run_sserver(algo: Algorithm) -> None:
         for act, labels in _uploads(algo, round, expected, idle=evaluate_in_background):
             t0 = time.perf_counter()
             for reply in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
-                cid, kind, tensor = reply if len(reply) == 3 else (act.client, *reply)
-                t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq)
+                # (kind, tensor) to the uploader, (client, kind, tensor) or (client, kind, tensor, paper): `paper`
+                # false for the further copies of one broadcast payload (the wire figure still counts them)
+                cid, kind, tensor, *paper = reply if len(reply) >= 3 else (act.client, *reply)
+                t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq,
+                       paper=paper[0] if paper else True)
             busy += time.perf_counter() - t0
         finish_evaluation()
         algo.end_server_round(s, round)
