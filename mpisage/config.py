@@ -22,8 +22,8 @@ class ConfigError(ValueError):
 class DatasetConfig:
     name: str = "fashion_mnist"
     root: Optional[str] = None           # where the data lives; None: the standard places (see mpisage.data)
-    distribution: str = "iid"            # iid | noniid_dirichlet | shards
-    alpha: float = 1.0                   # Dirichlet concentration (noniid_dirichlet)
+    distribution: str = "iid"            # iid | noniid_dirichlet (equal sizes) | dirichlet_niidbench (unequal) | shards
+    alpha: float = 1.0                   # Dirichlet concentration (noniid_dirichlet, dirichlet_niidbench)
     shards_per_client: int = 2           # shards
     augment: bool = True                 # crop+flip for CIFAR-style data (Fashion-MNIST is never augmented)
     image_size: Optional[int] = None     # resize images to this side (SGLR: Fashion-MNIST at 32); None: as stored

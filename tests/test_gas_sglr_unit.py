@@ -160,3 +160,30 @@ def test_straggler_profiles_and_macs():
     assert all(1e6 < p.uplink < 1e9 for p in profiles)
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
     assert count_macs(conv, torch.zeros(1, 3, 4, 4)) == 8 * 4 * 4 * 3 * 9 + 8 * 4 * 4 * 5
+
+
+def test_niidbench_dirichlet_split_unequal_sizes_every_sample_once_and_seeded():
+    from mpisage.data import label_histograms, partition
+    labels = np.random.default_rng(0).integers(0, 10, 6000)
+    parts = partition(labels, 20, "dirichlet_niidbench", alpha=0.1, seed=5)
+    every = np.concatenate(parts)
+    assert len(parts) == 20 and all(p.dtype == np.int64 for p in parts)
+    assert np.array_equal(np.sort(every), np.arange(len(labels)))      # every sample, exactly once
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.min() >= 10 and sizes.max() > 2 * sizes.min()          # NIID-Bench's floor; unequal sizes
+    # Dir(0.1): each client is dominated by few classes
+    hist = label_histograms(labels, parts, 10)
+    assert np.median(hist.max(1) / hist.sum(1)) > 0.5
+    again = partition(labels, 20, "dirichlet_niidbench", alpha=0.1, seed=5)
+    other = partition(labels, 20, "dirichlet_niidbench", alpha=0.1, seed=6)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(len(a) == len(b) and np.array_equal(a, b) for a, b in zip(parts, other))
+    # a huge alpha gives every client about N / m of every class: the split tends to the equal one
+    near_iid = partition(labels, 20, "dirichlet_niidbench", alpha=1e5, seed=5)
+    assert all(abs(len(p) - 300) <= 20 for p in near_iid)
+
+
+def test_niidbench_dirichlet_split_refuses_more_clients_than_its_floor_allows():
+    from mpisage.data import partition
+    with pytest.raises(ValueError, match="at least 10 samples.*lower num_clients"):
+        partition(np.arange(100) % 10, 11, "dirichlet_niidbench", alpha=0.5)
