@@ -65,14 +65,57 @@ def test_generation_tops_every_label_up_to_b_and_keeps_every_real_activation():
         assert abs(z[len(real_z):][y[len(real_y):] == c].mean().item() - c) < 1.0
 
 
-def test_a_label_never_seen_gets_no_generated_samples_and_the_ablation_generates_none():
+def test_no_generation_until_every_label_has_statistics_and_the_ablation_generates_none():
     algo = _gas(batch_size=4)
-    z, y = algo.server_batch(_buffered(algo, [[0, 0, 1, 1]]))
-    assert torch.bincount(y, minlength=4).tolist() == [4, 4, 0, 0]
+    s = _buffered(algo, [[0, 0, 1, 1], [2, 2, 2, 1]])
+    z, y = algo.server_batch(s)                 # label 3 has no statistics yet: no label is topped up
+    assert torch.bincount(y, minlength=4).tolist() == [2, 3, 3, 0] and s.generated == 0
+    s.buffer = _buffered(algo, [[3, 0, 0, 0]]).buffer
+    z, y = algo.server_batch(s)                 # now every label has them: every label is topped up to B
+    assert torch.bincount(y, minlength=4).tolist() == [4, 4, 4, 4] and s.generated == 16 - 4
     ablation = _gas(batch_size=4, generative=False)
-    s = _buffered(ablation, [[0, 0, 1, 1], [1, 2, 2, 2]])
+    s = _buffered(ablation, [[0, 0, 1, 1], [1, 2, 2, 3]])
     z, y = ablation.server_batch(s)
     assert len(y) == 8 and s.generated == 0
+
+
+def _exact_covariance(st: LabelStatistics, ridge: float) -> torch.Tensor:
+    """The covariance that LabelStatistics.sample's formula draws from, from its pieces."""
+    d = st.mean.numel()
+    cov = torch.eye(d, dtype=torch.float64) * ridge * (st.weight - st.factor_weight) / st.weight
+    if st.factor is not None:
+        cov += st.factor.double() @ st.factor.double().T / st.weight
+    cov += st.rows.T @ st.rows / st.weight
+    return cov
+
+
+def test_full_covariance_draws_follow_n_of_the_statistics_exactly_across_factor_renewals():
+    g = torch.Generator().manual_seed(0)
+    d, ridge, running = 6, 1e-3, {}
+    mix = torch.randn(d, d, generator=g)
+    seen, renewals = [], 0
+    for step in range(12):
+        z = torch.randn(7, d, generator=g) @ mix + step * 0.1
+        w = torch.rand(7, generator=g) + step
+        merge_statistics(running, z, torch.zeros(7, dtype=torch.int64), w, diagonal=False)
+        seen.append((z, w))
+        st = running[0]
+        before = st.factor
+        st.sample(3, ridge, g, max_rows=10)        # renews the factor whenever G holds more than 10 rows
+        renewals += st.factor is not before
+        # the draws' covariance, from the factor and the rows, is the statistics' covariance + ridge I
+        target = st.scatter / st.weight + ridge * torch.eye(d, dtype=torch.float64)
+        assert torch.allclose(_exact_covariance(st, ridge), target, rtol=1e-5, atol=1e-6), step
+    assert renewals >= 3
+    # the scatter read through all of it is still that of every activation concatenated
+    z, w = (torch.cat(parts) for parts in zip(*seen))
+    whole = LabelStatistics.of(z, w, diagonal=False)
+    assert torch.allclose(running[0].scatter, whole.scatter, rtol=1e-10)
+    # and many draws have that mean and covariance
+    draws = running[0].sample(200_000, ridge, g, max_rows=10**9).double()
+    target = running[0].scatter / running[0].weight + ridge * torch.eye(d, dtype=torch.float64)
+    assert torch.allclose(draws.mean(0), running[0].mean, atol=0.02 * target.diagonal().sqrt().max())
+    assert torch.allclose(torch.cov(draws.T), target, rtol=0.03, atol=0.03 * target.diagonal().max())
 
 
 def _sglr(mode, fraction, m=3, rounds=10, loss="ce"):

@@ -1,0 +1,59 @@
+"""GAS speed: seconds per global update of the default GAS job (issue 11), and the S-server's busy seconds per update.
+
+    python benchmarks/gas_speed.py [--rounds 3] [--ranks 6] [--tree DIR] [--nice 10] [-- key=value ...]
+
+Runs `mpirun -n RANKS python -m mpisage.run algorithm=gas num_clients=4 rounds=ROUNDS` (checkpoints off, evaluation
+on the first 1,000 test images so that evaluation does not dominate a short run) from the checkout in --tree (default:
+this one; pass an older checkout to measure before/after on the same machine), then prints per global update: wall
+seconds (from the F-server's metrics), the S-server's busy seconds (time inside its handlers: gradients, server
+steps, statistics and generation; less sensitive to a loaded machine than wall time, though not immune), server steps
+and generated activations; and the medians over the updates after the first (the first also holds start-up)."""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from mpisage.runtime.environment import job_command
+from mpisage.runtime.metrics import read_rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ranks", type=int, default=6)
+    parser.add_argument("--tree", default=os.getcwd(), help="the checkout to run (its mpisage package is used)")
+    parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("extra", nargs="*", help="further key=value overrides (after --)")
+    args = parser.parse_args()
+    run_dir = tempfile.mkdtemp(prefix="mpisage-gas-speed-")
+    overrides = ["algorithm=gas", "num_clients=4", f"rounds={args.rounds}", "checkpoint_interval=0",
+                 "eval_samples=1000", f"run_dir={run_dir}/run", *args.extra]
+    argv, env = job_command(args.ranks, overrides)
+    env["PYTHONPATH"] = os.path.abspath(args.tree)
+    if args.nice:
+        argv = ["nice", "-n", str(args.nice), *argv]
+    print("command:", " ".join(argv[:3]), "python -m mpisage.run", " ".join(overrides), f"(tree {args.tree})")
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=args.tree)
+    print(f"exit status {done.returncode}, {time.perf_counter() - start:.1f} s in all, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    r = read_rounds(os.path.join(run_dir, "run", "metrics.h5"))
+    busy = np.diff(np.concatenate([[0.0], r["sserver_busy_seconds"]]))
+    steps = np.diff(np.concatenate([[0], r["server_steps"]]))
+    generated = np.diff(np.concatenate([[0], r["generated_samples"]]))
+    print("update  wall_s  sserver_busy_s  server_steps  generated")
+    for i, row in enumerate(zip(r["round_seconds"], busy, steps, generated)):
+        print(f"{i + 1:6d} {row[0]:7.1f} {row[1]:15.1f} {row[2]:13d} {row[3]:10d}")
+    later = slice(1, None) if len(busy) > 1 else slice(None)
+    print(f"median over updates {'2..' if len(busy) > 1 else '1'}: {np.median(r['round_seconds'][later]):.1f} s "
+          f"per update, S-server busy {np.median(busy[later]):.1f} s per update "
+          f"({np.median(busy[later] / np.maximum(steps[later], 1)):.2f} s per server step)")
+    sys.exit(done.returncode)
+
+
+if __name__ == "__main__":
+    main()
