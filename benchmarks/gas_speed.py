@@ -1,13 +1,19 @@
 """GAS speed: seconds per global update of the default GAS job (issue 11), and the S-server's busy seconds per update.
 
     python benchmarks/gas_speed.py [--rounds 3] [--ranks 6] [--tree DIR] [--nice 10] [-- key=value ...]
+    python benchmarks/gas_speed.py --statistics 20 [--tree DIR]
 
 Runs `mpirun -n RANKS python -m mpisage.run algorithm=gas num_clients=4 rounds=ROUNDS` (checkpoints off, evaluation
 on the first 1,000 test images so that evaluation does not dominate a short run) from the checkout in --tree (default:
 this one; pass an older checkout to measure before/after on the same machine), then prints per global update: wall
 seconds (from the F-server's metrics), the S-server's busy seconds (time inside its handlers: gradients, server
 steps, statistics and generation; less sensitive to a loaded machine than wall time, though not immune), server steps
-and generated activations; and the medians over the updates after the first (the first also holds start-up)."""
+and generated activations; and the medians over the updates after the first (the first also holds start-up).
+
+--statistics N: no job; in one process (one thread), the S-server's statistics work of N server steps of that job,
+alone: each step folds Q_s = 4 batches of 64 activations of D = 16 x 14 x 14 (the default CNN's cut, 10 labels) into
+the full-covariance statistics and tops every label up to B = 64 by sampling, as `Gas.server_batch` does once every
+label has statistics. Prints the seconds of each step and their median; with --tree, of that checkout's code."""
 import argparse
 import os
 import subprocess
@@ -21,14 +27,44 @@ from mpisage.runtime.environment import job_command
 from mpisage.runtime.metrics import read_rounds
 
 
+def statistics_worker(steps: int) -> None:
+    import torch
+
+    from mpisage.algorithms.gas import merge_statistics
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    running, seconds = {}, []
+    for step in range(steps):
+        z = torch.relu(torch.randn(4 * 64, 16 * 14 * 14, generator=g))
+        y = torch.randint(0, 10, (4 * 64,), generator=g)
+        w = torch.full((4 * 64,), float(step + 1))
+        start = time.perf_counter()
+        merge_statistics(running, z, y, w, diagonal=False)
+        for label, n in enumerate(torch.bincount(y, minlength=10).tolist()):
+            if n < 64:
+                running[label].sample(64 - n, 1e-4, g)
+        seconds.append(time.perf_counter() - start)
+    print("seconds per server step:", " ".join(f"{x:.2f}" for x in seconds))
+    print(f"median {np.median(seconds):.2f} s per server step (load average {os.getloadavg()[0]:.1f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ranks", type=int, default=6)
     parser.add_argument("--tree", default=os.getcwd(), help="the checkout to run (its mpisage package is used)")
     parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--statistics", type=int, default=0, help="time N server steps' statistics work alone")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="further key=value overrides (after --)")
     args = parser.parse_args()
+    if args.statistics:
+        if args.worker:
+            return statistics_worker(args.statistics)
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(args.tree), "OMP_NUM_THREADS": "1"}
+        print(f"statistics of {args.statistics} server steps, code of {args.tree}", flush=True)
+        sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__), "--statistics", str(args.statistics),
+                                 "--worker"], env=env).returncode)
     run_dir = tempfile.mkdtemp(prefix="mpisage-gas-speed-")
     overrides = ["algorithm=gas", "num_clients=4", f"rounds={args.rounds}", "checkpoint_interval=0",
                  "eval_samples=1000", f"run_dir={run_dir}/run", *args.extra]
@@ -36,7 +72,7 @@ def main() -> None:
     env["PYTHONPATH"] = os.path.abspath(args.tree)
     if args.nice:
         argv = ["nice", "-n", str(args.nice), *argv]
-    print("command:", " ".join(argv[:3]), "python -m mpisage.run", " ".join(overrides), f"(tree {args.tree})")
+    print("command:", " ".join(argv), f"(tree {args.tree})", flush=True)
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, cwd=args.tree)
     print(f"exit status {done.returncode}, {time.perf_counter() - start:.1f} s in all, "

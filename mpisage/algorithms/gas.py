@@ -99,7 +99,9 @@ class LabelStatistics:
         new = torch.cat([other.rows, (cross ** 0.5 * delta)[None]])
         store, count = self.store, self.count
         if store is None or count + len(new) > len(store):
-            grown = torch.empty(max(2 * (count + len(new)), 64), len(delta), dtype=torch.float64, device=delta.device)
+            # doubling, but no further than the D / 2 rows at which the factor is renewed (memory: D x D / 2 floats)
+            need, d = count + len(new), len(delta)
+            grown = torch.empty(max(need, min(2 * need, d // 2 + 64)), d, dtype=torch.float64, device=delta.device)
             grown[:count] = self.rows
             store = grown
         store[count:count + len(new)] = new
