@@ -8,7 +8,8 @@ on the first 1,000 test images so that evaluation does not dominate a short run)
 this one; pass an older checkout to measure before/after on the same machine), then prints per global update: wall
 seconds (from the F-server's metrics), the S-server's busy seconds (time inside its handlers: gradients, server
 steps, statistics and generation; less sensitive to a loaded machine than wall time, though not immune), server steps
-and generated activations; and the medians over the updates after the first (the first also holds start-up).
+and generated activations; the CPU seconds of all ranks together (the least load-sensitive figure); and the medians
+over the updates after the first (the first also holds start-up).
 
 --statistics N: no job; in one process (one thread), the S-server's statistics work of N server steps of that job,
 alone: each step folds Q_s = 4 batches of 64 activations of D = 16 x 14 x 14 (the default CNN's cut, 10 labels) into
@@ -16,6 +17,7 @@ the full-covariance statistics and tops every label up to B = 64 by sampling, as
 label has statistics. Prints the seconds of each step and their median; with --tree, of that checkout's code."""
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,20 @@ def statistics_worker(steps: int) -> None:
     print(f"median {np.median(seconds):.2f} s per server step (load average {os.getloadavg()[0]:.1f})")
 
 
+def report(path: str) -> None:
+    r = read_rounds(path)
+    busy = np.diff(np.concatenate([[0.0], r["sserver_busy_seconds"]]))
+    steps = np.diff(np.concatenate([[0], r["server_steps"]])).astype(int)
+    generated = np.diff(np.concatenate([[0], r["generated_samples"]])).astype(int)
+    print("update  wall_s  sserver_busy_s  server_steps  generated")
+    for i, row in enumerate(zip(r["round_seconds"], busy, steps, generated)):
+        print(f"{i + 1:6d} {row[0]:7.1f} {row[1]:15.1f} {row[2]:13d} {row[3]:10d}")
+    later = slice(1, None) if len(busy) > 1 else slice(None)
+    print(f"median over updates {'2..' if len(busy) > 1 else '1'}: {np.median(r['round_seconds'][later]):.1f} s "
+          f"per update, S-server busy {np.median(busy[later]):.1f} s per update "
+          f"({np.median(busy[later] / np.maximum(steps[later], 1)):.2f} s per server step)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -56,8 +72,11 @@ def main() -> None:
     parser.add_argument("--nice", type=int, default=0)
     parser.add_argument("--statistics", type=int, default=0, help="time N server steps' statistics work alone")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--report", help="only print the figures of an existing run's metrics.h5")
     parser.add_argument("extra", nargs="*", help="further key=value overrides (after --)")
     args = parser.parse_args()
+    if args.report:
+        return report(args.report)
     if args.statistics:
         if args.worker:
             return statistics_worker(args.statistics)
@@ -75,19 +94,11 @@ def main() -> None:
     print("command:", " ".join(argv), f"(tree {args.tree})", flush=True)
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, cwd=args.tree)
-    print(f"exit status {done.returncode}, {time.perf_counter() - start:.1f} s in all, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    r = read_rounds(os.path.join(run_dir, "run", "metrics.h5"))
-    busy = np.diff(np.concatenate([[0.0], r["sserver_busy_seconds"]]))
-    steps = np.diff(np.concatenate([[0], r["server_steps"]]))
-    generated = np.diff(np.concatenate([[0], r["generated_samples"]]))
-    print("update  wall_s  sserver_busy_s  server_steps  generated")
-    for i, row in enumerate(zip(r["round_seconds"], busy, steps, generated)):
-        print(f"{i + 1:6d} {row[0]:7.1f} {row[1]:15.1f} {row[2]:13d} {row[3]:10d}")
-    later = slice(1, None) if len(busy) > 1 else slice(None)
-    print(f"median over updates {'2..' if len(busy) > 1 else '1'}: {np.median(r['round_seconds'][later]):.1f} s "
-          f"per update, S-server busy {np.median(busy[later]):.1f} s per update "
-          f"({np.median(busy[later] / np.maximum(steps[later], 1)):.2f} s per server step)")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)     # every rank, each waited for by its parent
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"exit status {done.returncode}, {time.perf_counter() - start:.1f} s in all, CPU seconds of all ranks "
+          f"together {cpu:.1f} (start-up and evaluation included), load average {os.getloadavg()[0]:.1f}")
+    report(os.path.join(run_dir, "run", "metrics.h5"))
     sys.exit(done.returncode)
 
 
