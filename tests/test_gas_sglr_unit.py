@@ -111,6 +111,12 @@ def test_full_covariance_draws_follow_n_of_the_statistics_exactly_across_factor_
     z, w = (torch.cat(parts) for parts in zip(*seen))
     whole = LabelStatistics.of(z, w, diagonal=False)
     assert torch.allclose(running[0].scatter, whole.scatter, rtol=1e-10)
+    # restored from its checkpointed scatter, it factorises before its first draw, and draws from the same law
+    restored = LabelStatistics.from_scatter(running[0].weight, running[0].mean.clone(), running[0].scatter.clone())
+    restored.sample(1, ridge, g)
+    assert torch.allclose(_exact_covariance(restored, ridge),
+                          running[0].scatter / running[0].weight + ridge * torch.eye(d, dtype=torch.float64),
+                          rtol=1e-5, atol=1e-6)
     # and many draws have that mean and covariance
     draws = running[0].sample(200_000, ridge, g, max_rows=10**9).double()
     target = running[0].scatter / running[0].weight + ridge * torch.eye(d, dtype=torch.float64)

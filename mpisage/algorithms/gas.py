@@ -44,6 +44,7 @@ class LabelStatistics:
     folded: int = 0                              # how many of G's leading rows are already in `base`
     factor: torch.Tensor | None = None           # float32 L with L L^T = S_0 + ridge W_0 I; None: not factorised
     factor_weight: float = 0.0                   # W_0
+    restored: bool = False                       # `base` came from a checkpoint: factorise before sampling
 
     @classmethod
     def of(cls, x: torch.Tensor, w: torch.Tensor, diagonal: bool) -> "LabelStatistics":
@@ -58,7 +59,7 @@ class LabelStatistics:
 
     @classmethod
     def from_scatter(cls, weight: float, mean: torch.Tensor, scatter: torch.Tensor) -> "LabelStatistics":
-        return cls(weight, mean, scatter)
+        return cls(weight, mean, scatter, restored=scatter.dim() == 2)
 
     @property
     def diagonal(self) -> bool:
@@ -106,7 +107,7 @@ class LabelStatistics:
             store = grown
         store[count:count + len(new)] = new
         return LabelStatistics(total, mean, self.base, store, count + len(new), self.folded, self.factor,
-                               self.factor_weight)
+                               self.factor_weight, self.restored)
 
     def refactor(self, ridge: float) -> None:
         """L L^T = S + ridge W I; G emptied. float64 factorisation, float32 factor (draws need no more)."""
@@ -118,6 +119,7 @@ class LabelStatistics:
                                      f"(Cholesky failed at column {info.item()}); non-finite activations?")
         self.factor, self.factor_weight = chol.float(), self.weight
         self.count = self.folded = 0
+        self.restored = False
 
     def sample(self, n: int, ridge: float, generator: torch.Generator, max_rows: int | None = None) -> torch.Tensor:
         """n draws (float32) from N(mean, scatter / weight + ridge I); the ridge keeps the covariance positive
@@ -126,7 +128,8 @@ class LabelStatistics:
         if self.diagonal:
             noise = torch.randn(n, d, generator=generator, dtype=torch.float64).to(device)
             return (self.mean + noise * (self.base / self.weight + ridge).sqrt()).float()
-        if (self.factor is None and self.base is not None) or self.count > (max_rows or d // 2):
+        # without a factor, G alone is the whole scatter (S_0 = 0), unless the scatter was restored from a checkpoint
+        if self.restored or self.count > (max_rows or d // 2):
             self.refactor(ridge)
         k = self.count
         noise = torch.randn(n, 2 * d + k, generator=generator).to(device)
