@@ -48,7 +48,11 @@ def _record_sglr(monkeypatch):
             pending[cid] = (z, y)
             cids = sorted(pending)
             z_all = torch.cat([pending[c][0] for c in cids]).detach().clone().requires_grad_(True)
-            F.cross_entropy(before(z_all), torch.cat([pending[c][1] for c in cids])).backward()
+            logits, y_all = before(z_all), torch.cat([pending[c][1] for c in cids])
+            if self.cfg.loss == "softmax_bce":     # the authors' criterion, independently: BCELoss after a softmax
+                torch.nn.BCELoss()(logits.softmax(1), F.one_hot(y_all, logits.shape[1]).float()).backward()
+            else:
+                F.cross_entropy(logits, y_all).backward()
             expected[(round, seq)] = dict(zip(cids, z_all.grad.split([len(pending[c][1]) for c in cids])))
         return replies
 
@@ -139,6 +143,42 @@ def test_sglr_round_bytes_count_the_broadcast_mean_once_in_the_paper_figure_and_
     assert iterations == 2 * 4 and gradients == 2 * 4 * 4      # 2 rounds x 4 iterations, 4 clients each
     assert fewest == most == 2             # phi = 0.5 of 4 clients get the mean in every iteration ...
     assert distinct_sets > 1 and not_full_mean   # ... sampled afresh each iteration, and not the mean of all 4
+
+
+def test_sglr_phased_final_sends_everyone_the_mean_of_all_slices_in_the_final_half_with_softmax_bce(
+        fmnist, shared_tmp, monkeypatch):
+    from mpisage.runtime.transport import Kind
+    expected, received = _record_sglr(monkeypatch)
+    run_dir = os.path.join(shared_tmp, "sglr_final")
+    run_job(["algorithm=sglr", f"dataset.root={fmnist}", "num_clients=4", "rounds=2", "batch_size=10",
+             "split_avg=phased_final", "split_avg_fraction=0.5", "loss=softmax_bce", "eval_samples=20",
+             "checkpoint_interval=0", f"run_dir={run_dir}"])
+
+    def check():
+        from mpisage.runtime.metrics import read_rounds
+        r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+        return [r["paper_bytes_by_kind"][-1, Kind.GRADIENT], r["messages_by_kind"][-1, Kind.GRADIENT]]
+
+    paper, messages = on_root(check)
+    batch = 10 * CNN_ACT
+    # round 0: 4 iterations x 4 own slices; round 1 (the final half): 4 iterations x one broadcast mean
+    assert paper == (4 * 4 + 4 * 1) * batch and messages == 2 * 4 * 4
+    gathered = _gather_on_sserver(received)
+
+    def check_gradients():
+        kinds = []
+        for (round, seq), slices in expected.items():
+            mean = torch.stack(list(slices.values())).mean(0)
+            for cid, own in slices.items():
+                got = gathered[(cid, round, seq)].view_as(own).to(own.dtype)
+                is_own = torch.allclose(got, own, rtol=1e-4, atol=1e-9)
+                is_mean = torch.allclose(got, mean, rtol=1e-4, atol=1e-9)
+                assert is_own != is_mean, f"client {cid} at {round}/{seq}: own {is_own}, mean {is_mean}"
+                kinds.append((round, is_mean))
+        return [len(kinds), kinds.count((0, False)), kinds.count((1, True))]
+
+    count, own_in_round0, mean_in_round1 = on_root(check_gradients, root=S_SERVER)
+    assert count == 2 * 4 * 4 and own_in_round0 == mean_in_round1 == 4 * 4
 
 
 def _record_gas(monkeypatch):
