@@ -22,8 +22,8 @@ class ConfigError(ValueError):
 class DatasetConfig:
     name: str = "fashion_mnist"
     root: Optional[str] = None           # where the data lives; None: the standard places (see mpisage.data)
-    distribution: str = "iid"            # iid | noniid_dirichlet | shards
-    alpha: float = 1.0                   # Dirichlet concentration (noniid_dirichlet)
+    distribution: str = "iid"            # iid | noniid_dirichlet (equal sizes) | dirichlet_niidbench (unequal) | shards
+    alpha: float = 1.0                   # Dirichlet concentration (noniid_dirichlet, dirichlet_niidbench)
     shards_per_client: int = 2           # shards
     augment: bool = True                 # crop+flip for CIFAR-style data (Fashion-MNIST is never augmented)
     image_size: Optional[int] = None     # resize images to this side (SGLR: Fashion-MNIST at 32); None: as stored
@@ -109,8 +109,11 @@ class Config:
 
     # SGLR (parallel split learning, client models never averaged)
     split_lr_alpha: float = 0.5              # SplitLr: server lr = lr x C^alpha
-    split_avg: Literal["none", "sampled", "phased"] = "sampled"   # sampled: the paper (a fraction phi each iteration)
-    split_avg_fraction: float = 0.5          # phi (sampled) or the phase f of training (phased)
+    # sampled: the paper (a fraction phi each iteration gets the mean of their slices); phased / phased_final: everyone
+    # gets the mean of all slices during the first / final fraction f of the rounds (phased: the authors' code)
+    split_avg: Literal["none", "sampled", "phased", "phased_final"] = "sampled"
+    split_avg_fraction: float = 0.5          # phi (sampled) or the phase f of training (phased, phased_final)
+    loss: Literal["ce", "softmax_bce"] = "ce"   # softmax_bce: the SGLR authors' softmax + binary cross-entropy
 
     # evaluation, output, runtime
     eval_batch_size: int = 1000
@@ -227,6 +230,8 @@ def validate(cfg: Config) -> None:
              "only applies with async_schedule=arrival (the simulated schedule already orders clients by their "
              "simulated speed); set async_schedule=arrival or straggler_delay_s=0")
     _require(0 <= cfg.split_avg_fraction <= 1, "split_avg_fraction", cfg.split_avg_fraction, "must be in [0, 1]")
+    _require(cfg.loss == "ce" or cfg.algorithm == "sglr", "loss", cfg.loss,
+             f"softmax_bce is implemented for algorithm=sglr only (this run: {cfg.algorithm}); use loss=ce")
     _require(cfg.dataset.image_size is None or cfg.dataset.image_size >= 8, "dataset.image_size",
              cfg.dataset.image_size, "must be >= 8, or null to keep the stored size")
     _require(cfg.dataset.channels in (None, 1, 3), "dataset.channels", cfg.dataset.channels, "1, 3 or null")

@@ -39,12 +39,21 @@ def test_overrides_file_and_shorthands(tmp_path):
     (["rounds"], "key=value"),
     (["optimizer=lion"], "optimizer"),
     (["split_avg=all"], "split_avg"),
+    (["loss=focal"], "loss"),
+    (["algorithm=gas", "loss=softmax_bce"], "loss"),
     (["device.clients=tpu"], "device.clients"),
 ])
 def test_bad_config_is_rejected_with_its_name(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
     assert needle in str(e.value)
+
+
+def test_sglr_choices_and_the_niidbench_split_are_accepted():
+    cfg = load_config("configs/sglr_resnet16_fmnist.yaml", ["split_avg=phased_final", "loss=softmax_bce"])
+    assert (cfg.split_avg, cfg.loss, cfg.batch_size) == ("phased_final", "softmax_bce", 8)
+    cfg = load_config(None, ["dataset.distribution=dirichlet_niidbench", "dataset.alpha=0.1"])
+    assert cfg.dataset.distribution == "dirichlet_niidbench"
 
 
 def test_missing_config_file():

@@ -65,20 +65,69 @@ def test_generation_tops_every_label_up_to_b_and_keeps_every_real_activation():
         assert abs(z[len(real_z):][y[len(real_y):] == c].mean().item() - c) < 1.0
 
 
-def test_a_label_never_seen_gets_no_generated_samples_and_the_ablation_generates_none():
+def test_no_generation_until_every_label_has_statistics_and_the_ablation_generates_none():
     algo = _gas(batch_size=4)
-    z, y = algo.server_batch(_buffered(algo, [[0, 0, 1, 1]]))
-    assert torch.bincount(y, minlength=4).tolist() == [4, 4, 0, 0]
+    s = _buffered(algo, [[0, 0, 1, 1], [2, 2, 2, 1]])
+    z, y = algo.server_batch(s)                 # label 3 has no statistics yet: no label is topped up
+    assert torch.bincount(y, minlength=4).tolist() == [2, 3, 3, 0] and s.generated == 0
+    s.buffer = _buffered(algo, [[3, 0, 0, 0]]).buffer
+    z, y = algo.server_batch(s)                 # now every label has them: every label is topped up to B
+    assert torch.bincount(y, minlength=4).tolist() == [4, 4, 4, 4] and s.generated == 16 - 4
     ablation = _gas(batch_size=4, generative=False)
-    s = _buffered(ablation, [[0, 0, 1, 1], [1, 2, 2, 2]])
+    s = _buffered(ablation, [[0, 0, 1, 1], [1, 2, 2, 3]])
     z, y = ablation.server_batch(s)
     assert len(y) == 8 and s.generated == 0
 
 
-def _sglr(mode, fraction, m=3, rounds=10):
+def _exact_covariance(st: LabelStatistics, ridge: float) -> torch.Tensor:
+    """The covariance that LabelStatistics.sample's formula draws from, from its pieces."""
+    d = st.mean.numel()
+    cov = torch.eye(d, dtype=torch.float64) * ridge * (st.weight - st.factor_weight) / st.weight
+    if st.factor is not None:
+        cov += st.factor.double() @ st.factor.double().T / st.weight
+    cov += st.rows.T @ st.rows / st.weight
+    return cov
+
+
+def test_full_covariance_draws_follow_n_of_the_statistics_exactly_across_factor_renewals():
+    g = torch.Generator().manual_seed(0)
+    d, ridge, running = 6, 1e-3, {}
+    mix = torch.randn(d, d, generator=g)
+    seen, renewals = [], 0
+    for step in range(12):
+        z = torch.randn(7, d, generator=g) @ mix + step * 0.1
+        w = torch.rand(7, generator=g) + step
+        merge_statistics(running, z, torch.zeros(7, dtype=torch.int64), w, diagonal=False)
+        seen.append((z, w))
+        st = running[0]
+        before = st.factor
+        st.sample(3, ridge, g, max_rows=10)        # renews the factor whenever G holds more than 10 rows
+        renewals += st.factor is not before
+        # the draws' covariance, from the factor and the rows, is the statistics' covariance + ridge I
+        target = st.scatter / st.weight + ridge * torch.eye(d, dtype=torch.float64)
+        assert torch.allclose(_exact_covariance(st, ridge), target, rtol=1e-5, atol=1e-6), step
+    assert renewals >= 3
+    # the scatter read through all of it is still that of every activation concatenated
+    z, w = (torch.cat(parts) for parts in zip(*seen))
+    whole = LabelStatistics.of(z, w, diagonal=False)
+    assert torch.allclose(running[0].scatter, whole.scatter, rtol=1e-10)
+    # restored from its checkpointed scatter, it factorises before its first draw, and draws from the same law
+    restored = LabelStatistics.from_scatter(running[0].weight, running[0].mean.clone(), running[0].scatter.clone())
+    restored.sample(1, ridge, g)
+    assert torch.allclose(_exact_covariance(restored, ridge),
+                          running[0].scatter / running[0].weight + ridge * torch.eye(d, dtype=torch.float64),
+                          rtol=1e-5, atol=1e-6)
+    # and many draws have that mean and covariance
+    draws = running[0].sample(200_000, ridge, g, max_rows=10**9).double()
+    target = running[0].scatter / running[0].weight + ridge * torch.eye(d, dtype=torch.float64)
+    assert torch.allclose(draws.mean(0), running[0].mean, atol=0.02 * target.diagonal().sqrt().max())
+    assert torch.allclose(torch.cov(draws.T), target, rtol=0.03, atol=0.03 * target.diagonal().max())
+
+
+def _sglr(mode, fraction, m=3, rounds=10, loss="ce"):
     algo = Sglr.__new__(Sglr)
     algo.cfg = types.SimpleNamespace(split_avg=mode, split_avg_fraction=fraction, rounds=rounds, lr_decay_at=None,
-                                     grad_clip=0.0)
+                                     grad_clip=0.0, loss=loss)
     algo.world = types.SimpleNamespace(num_clients=m)
     algo.server_lr = 0.1
     torch.manual_seed(0)
@@ -88,25 +137,69 @@ def _sglr(mode, fraction, m=3, rounds=10):
     return algo, s
 
 
-@pytest.mark.parametrize("mode,fraction,receivers", [("phased", 0.5, 3), ("sampled", 0.34, 1), ("none", 0.5, 0)])
-def test_sglr_sends_the_mean_of_the_slices_to_its_receivers_and_own_slices_to_the_rest(mode, fraction, receivers):
-    algo, s = _sglr(mode, fraction)
-    before = copy.deepcopy(s.model)
-    zs = [torch.randn(5, 6) for _ in range(3)]
-    ys = [torch.randint(0, 4, (5,)) for _ in range(3)]
-    assert algo.on_upload(s, 0, 2, 0, zs[2], ys[2]) == [] and algo.on_upload(s, 0, 0, 0, zs[0], ys[0]) == []
-    replies = algo.on_upload(s, 0, 1, 0, zs[1], ys[1])        # the last client's batch: one step, every reply
-    # the true per-slice gradients of the concatenated mean loss, through the model before its step
+def _one_iteration(algo, s, round, criterion=None):
+    """Feeds every client's batch (in a scrambled order) and returns the replies and, recomputed independently
+    through the model before its step, every client's slice of the gradient."""
+    m = algo.world.num_clients
+    before, seen = copy.deepcopy(s.model), s.train_stats[:, 2].copy()
+    zs = [torch.randn(5, 6) for _ in range(m)]
+    ys = [torch.randint(0, 4, (5,)) for _ in range(m)]
+    order = list(range(1, m)) + [0]
+    for cid in order[:-1]:
+        assert algo.on_upload(s, round, cid, 0, zs[cid], ys[cid]) == []
+    replies = algo.on_upload(s, round, order[-1], 0, zs[order[-1]], ys[order[-1]])   # the last: one step, all replies
     z_all = torch.cat(zs).requires_grad_(True)
-    F.cross_entropy(before(z_all), torch.cat(ys)).backward()
-    slices = z_all.grad.split(5)
-    mean = torch.stack(slices).mean(0)
-    assert sorted(r[0] for r in replies) == [0, 1, 2]
-    got_mean = [cid for cid, _, g in replies if torch.allclose(g, mean, atol=1e-7)]
-    got_own = [cid for cid, _, g in replies if torch.allclose(g, slices[cid], atol=1e-7)]
-    assert len(got_mean) == receivers and sorted(got_mean + got_own) == [0, 1, 2]
+    logits, y_all = before(z_all), torch.cat(ys)
+    loss = criterion(logits, y_all) if criterion else F.cross_entropy(logits, y_all)
+    loss.backward()
     assert not all(torch.equal(a, b) for a, b in zip(before.parameters(), s.model.parameters()))  # one step taken
-    assert s.train_stats[:, 2].tolist() == [5, 5, 5]
+    assert (s.train_stats[:, 2] - seen).tolist() == [5] * m
+    return replies, z_all.grad.split(5)
+
+
+@pytest.mark.parametrize("mode,fraction,round,receivers", [
+    ("sampled", 0.5, 0, 2), ("sampled", 1.0, 0, 4), ("phased", 0.5, 4, 4), ("phased", 0.5, 5, 0),
+    ("phased_final", 0.3, 6, 0), ("phased_final", 0.3, 7, 4), ("none", 0.5, 0, 0)])
+def test_sglr_sends_the_mean_of_the_receivers_slices_to_the_receivers_and_own_slices_to_the_rest(
+        mode, fraction, round, receivers):
+    algo, s = _sglr(mode, fraction, m=4, rounds=10)
+    replies, slices = _one_iteration(algo, s, round)
+    assert sorted(r[0] for r in replies) == [0, 1, 2, 3] and all(len(r) == 4 for r in replies)
+    own = [cid for cid, _, g, _ in replies if torch.allclose(g, slices[cid], atol=1e-7)]
+    mean_set = sorted(set(range(4)) - set(own))
+    assert len(mean_set) == receivers
+    if receivers:
+        # eq. 15: the mean over the receivers' slices only (not over all C), one tensor for all of them
+        mean = torch.stack([slices[c] for c in mean_set]).mean(0)
+        sent = [g for cid, _, g, _ in replies if cid in mean_set]
+        assert all(torch.allclose(g, mean, atol=1e-7) for g in sent) and all(g is sent[0] for g in sent)
+        if receivers < 4:
+            assert not torch.allclose(mean, torch.stack(slices).mean(0), atol=1e-4)
+    # the paper figure counts the broadcast once and every unicast slice once; the wire counts every message
+    assert sum(paper for *_, paper in replies) == 4 - receivers + (1 if receivers else 0)
+
+
+def test_sglr_samples_a_new_active_set_every_iteration():
+    algo, s = _sglr("sampled", 0.5, m=4)
+    sets = set()
+    for _ in range(6):
+        replies, slices = _one_iteration(algo, s, 0)
+        sets.add(tuple(cid for cid, _, g, _ in replies if not torch.allclose(g, slices[cid], atol=1e-7)))
+    assert len(sets) > 1 and all(len(x) == 2 for x in sets)
+
+
+def test_sglr_softmax_bce_is_the_authors_bce_after_a_softmax():
+    algo, s = _sglr("none", 0.5, m=3, loss="softmax_bce")
+    bce = nn.BCELoss()       # the authors' criterion on probabilities, mean over samples and classes
+
+    def criterion(logits, y):
+        return bce(logits.softmax(1), F.one_hot(y, 4).float())
+    replies, slices = _one_iteration(algo, s, 0, criterion)
+    assert all(torch.allclose(g, slices[cid], atol=1e-8) for cid, _, g, _ in replies)
+    # and it is not cross-entropy's gradient
+    algo_ce, s_ce = _sglr("none", 0.5, m=3)
+    replies_ce, _ = _one_iteration(algo_ce, s_ce, 0)
+    assert not torch.allclose(replies_ce[0][2], replies[0][2], atol=1e-6)
 
 
 def test_straggler_profiles_and_macs():
@@ -169,3 +262,30 @@ def test_compute_time_is_per_sample_without_the_batch_factor():
     p = ClientProfile(flops=1e9, uplink=1e8)
     # the authors' AlexNet figures: 5,603,328 MACs per image, 131,072 activation bits per image, batch 32
     assert p.iteration_seconds(5_603_328, 32 * 131_072) == pytest.approx(2 * 5_603_328 / 1e9 + 32 * 131_072 / 1e8)
+
+
+def test_niidbench_dirichlet_split_unequal_sizes_every_sample_once_and_seeded():
+    from mpisage.data import label_histograms, partition
+    labels = np.random.default_rng(0).integers(0, 10, 6000)
+    parts = partition(labels, 20, "dirichlet_niidbench", alpha=0.1, seed=5)
+    every = np.concatenate(parts)
+    assert len(parts) == 20 and all(p.dtype == np.int64 for p in parts)
+    assert np.array_equal(np.sort(every), np.arange(len(labels)))      # every sample, exactly once
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.min() >= 10 and sizes.max() > 2 * sizes.min()          # NIID-Bench's floor; unequal sizes
+    # Dir(0.1): each client is dominated by few classes
+    hist = label_histograms(labels, parts, 10)
+    assert np.median(hist.max(1) / hist.sum(1)) > 0.5
+    again = partition(labels, 20, "dirichlet_niidbench", alpha=0.1, seed=5)
+    other = partition(labels, 20, "dirichlet_niidbench", alpha=0.1, seed=6)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(len(a) == len(b) and np.array_equal(a, b) for a, b in zip(parts, other))
+    # a huge alpha gives every client about N / m of every class: the split tends to the equal one
+    near_iid = partition(labels, 20, "dirichlet_niidbench", alpha=1e5, seed=5)
+    assert all(abs(len(p) - 300) <= 20 for p in near_iid)
+
+
+def test_niidbench_dirichlet_split_refuses_more_clients_than_its_floor_allows():
+    from mpisage.data import partition
+    with pytest.raises(ValueError, match="at least 10 samples.*lower num_clients"):
+        partition(np.arange(100) % 10, 11, "dirichlet_niidbench", alpha=0.5)

@@ -1,7 +1,7 @@
 """Multi-rank runs of the two other systems: GAS (asynchronous) and SGLR (lockstep parallel split learning). Their
 byte counters must match a hand count of one iteration, and their metrics and checkpoints are written like every
 other method's. Inside the same runs, recorders on the S-server and the client ranks check what the issue names:
-every GAS server batch holds all the real activations and tops every label seen up to B, the running statistics
+every GAS server batch holds all the real activations and, once every label has statistics, tops every label up to B, the running statistics
 equal those of all activations concatenated, and what each SGLR client receives over MPI is the element-wise mean
 of the slices (for the sampled receivers) or its own slice (for the rest), recomputed independently."""
 import copy
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import on_root, run_job, write_on_root
 
-from mpisage.runtime.transport import S_SERVER
+from mpisage.runtime.transport import HEADER_BYTES, S_SERVER
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
@@ -48,9 +48,12 @@ def _record_sglr(monkeypatch):
             pending[cid] = (z, y)
             cids = sorted(pending)
             z_all = torch.cat([pending[c][0] for c in cids]).detach().clone().requires_grad_(True)
-            F.cross_entropy(before(z_all), torch.cat([pending[c][1] for c in cids])).backward()
-            slices = dict(zip(cids, z_all.grad.split([len(pending[c][1]) for c in cids])))
-            expected[(round, seq)] = (slices, torch.stack(list(slices.values())).mean(0))
+            logits, y_all = before(z_all), torch.cat([pending[c][1] for c in cids])
+            if self.cfg.loss == "softmax_bce":     # the authors' criterion, independently: BCELoss after a softmax
+                torch.nn.BCELoss()(logits.softmax(1), F.one_hot(y_all, logits.shape[1]).float()).backward()
+            else:
+                F.cross_entropy(logits, y_all).backward()
+            expected[(round, seq)] = dict(zip(cids, z_all.grad.split([len(pending[c][1]) for c in cids])))
         return replies
 
     def recording_receive(self, kind, seq=None, **expect):
@@ -91,7 +94,7 @@ def _gather_on_sserver(received: dict) -> dict:
     return out
 
 
-def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_down(fmnist, shared_tmp, monkeypatch):
+def test_sglr_round_bytes_count_the_broadcast_mean_once_in_the_paper_figure_and_every_copy_on_the_wire(fmnist, shared_tmp, monkeypatch):
     from mpisage.runtime.transport import Kind
     expected, received = _record_sglr(monkeypatch)
     run_dir = os.path.join(shared_tmp, "sglr")
@@ -101,42 +104,81 @@ def test_sglr_round_bytes_are_every_clients_batches_up_and_one_gradient_each_dow
     def check():
         from mpisage.runtime.metrics import read_rounds
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
-        paper, msgs = r["paper_bytes_by_kind"], r["messages_by_kind"]
+        paper, wire, msgs = r["paper_bytes_by_kind"], r["wire_bytes_by_kind"], r["messages_by_kind"]
         per_round = np.diff(np.concatenate([[0], r["comm_bytes"]]))
         return [*per_round, *paper[-1, [Kind.ACTIVATION, Kind.GRADIENT, Kind.CLIENT_MODEL]],
                 msgs[-1, Kind.GRADIENT], msgs[-1, Kind.EVAL], np.isfinite(r["test_acc"]).all(),
-                os.path.exists(os.path.join(run_dir, "checkpoint_round000001.h5"))]
+                os.path.exists(os.path.join(run_dir, "checkpoint_round000001.h5")), wire[-1, Kind.GRADIENT]]
 
     got = on_root(check)
-    # one iteration: each of 4 clients uploads a batch of 10 and gets one gradient of the same size back
-    one_iteration = 4 * 10 * CNN_ACT
-    assert list(got[:2]) == [2 * 4 * one_iteration] * 2       # 4 iterations (40 samples, batch 10) per round
-    assert list(got[2:5]) == [2 * 4 * one_iteration, 2 * 4 * one_iteration, 0]   # client models never travel
+    # one iteration: each of 4 clients uploads a batch of 10; 2 of them (phi = 0.5) get the one broadcast mean, in
+    # the paper figure once, and 2 their own slice: 3 gradient payloads in the paper figure, 4 messages on the wire
+    batch = 10 * CNN_ACT
+    one_iteration = (4 + 3) * batch
+    assert list(got[:2]) == [4 * one_iteration] * 2           # 4 iterations (40 samples, batch 10) per round
+    assert list(got[2:5]) == [2 * 4 * 4 * batch, 2 * 4 * 3 * batch, 0]   # client models never travel
     assert got[5] == 2 * 4 * 4                # one gradient message per client per iteration, mean or own
     assert got[6] >= 2 * 4 and got[7] and got[8]
+    assert got[9] == got[5] * (batch + HEADER_BYTES)           # the wire figure: every copy, with its header
 
     gathered = _gather_on_sserver(received)
 
     def check_gradients():
-        means_per_iteration, receiver_sets, own_differs = [], set(), False
-        for (round, seq), (slices, mean) in expected.items():
-            receivers = []
-            for cid, own in slices.items():
-                got = gathered[(cid, round, seq)].view_as(own).to(own.dtype)
-                is_mean, is_own = torch.allclose(got, mean, atol=1e-9), torch.allclose(got, own, atol=1e-9)
-                assert is_mean or is_own, f"client {cid} got neither the mean nor its slice at {round}/{seq}"
-                own_differs |= not torch.allclose(mean, own, atol=1e-9)
-                if is_mean and not torch.allclose(mean, own, atol=1e-9):
-                    receivers.append(cid)
+        means_per_iteration, receiver_sets, not_full_mean = [], set(), False
+        for (round, seq), slices in expected.items():
+            got = {cid: gathered[(cid, round, seq)].view_as(own).to(own.dtype) for cid, own in slices.items()}
+            receivers = sorted(cid for cid, own in slices.items() if not torch.allclose(got[cid], own, atol=1e-9))
+            if receivers:     # eq. 15: the mean over the receivers' slices only, the same tensor to each of them
+                mean = torch.stack([slices[c] for c in receivers]).mean(0)
+                for cid in receivers:
+                    assert torch.allclose(got[cid], mean, atol=1e-9), f"client {cid} got neither its slice nor " \
+                                                                      f"the receivers' mean at {round}/{seq}"
+                not_full_mean |= not torch.allclose(mean, torch.stack(list(slices.values())).mean(0), atol=1e-9)
             means_per_iteration.append(len(receivers))
             receiver_sets.add(tuple(receivers))
         return [len(expected), len(gathered), min(means_per_iteration), max(means_per_iteration), len(receiver_sets),
-                own_differs]
+                not_full_mean]
 
-    iterations, gradients, fewest, most, distinct_sets, own_differs = on_root(check_gradients, root=S_SERVER)
+    iterations, gradients, fewest, most, distinct_sets, not_full_mean = on_root(check_gradients, root=S_SERVER)
     assert iterations == 2 * 4 and gradients == 2 * 4 * 4      # 2 rounds x 4 iterations, 4 clients each
     assert fewest == most == 2             # phi = 0.5 of 4 clients get the mean in every iteration ...
-    assert distinct_sets > 1 and own_differs   # ... sampled afresh each iteration, and the mean is not a slice
+    assert distinct_sets > 1 and not_full_mean   # ... sampled afresh each iteration, and not the mean of all 4
+
+
+def test_sglr_phased_final_sends_everyone_the_mean_of_all_slices_in_the_final_half_with_softmax_bce(
+        fmnist, shared_tmp, monkeypatch):
+    from mpisage.runtime.transport import Kind
+    expected, received = _record_sglr(monkeypatch)
+    run_dir = os.path.join(shared_tmp, "sglr_final")
+    run_job(["algorithm=sglr", f"dataset.root={fmnist}", "num_clients=4", "rounds=2", "batch_size=10",
+             "split_avg=phased_final", "split_avg_fraction=0.5", "loss=softmax_bce", "eval_samples=20",
+             "checkpoint_interval=0", f"run_dir={run_dir}"])
+
+    def check():
+        from mpisage.runtime.metrics import read_rounds
+        r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+        return [r["paper_bytes_by_kind"][-1, Kind.GRADIENT], r["messages_by_kind"][-1, Kind.GRADIENT]]
+
+    paper, messages = on_root(check)
+    batch = 10 * CNN_ACT
+    # round 0: 4 iterations x 4 own slices; round 1 (the final half): 4 iterations x one broadcast mean
+    assert paper == (4 * 4 + 4 * 1) * batch and messages == 2 * 4 * 4
+    gathered = _gather_on_sserver(received)
+
+    def check_gradients():
+        kinds = []
+        for (round, seq), slices in expected.items():
+            mean = torch.stack(list(slices.values())).mean(0)
+            for cid, own in slices.items():
+                got = gathered[(cid, round, seq)].view_as(own).to(own.dtype)
+                is_own = torch.allclose(got, own, rtol=1e-4, atol=1e-9)
+                is_mean = torch.allclose(got, mean, rtol=1e-4, atol=1e-9)
+                assert is_own != is_mean, f"client {cid} at {round}/{seq}: own {is_own}, mean {is_mean}"
+                kinds.append((round, is_mean))
+        return [len(kinds), kinds.count((0, False)), kinds.count((1, True))]
+
+    count, own_in_round0, mean_in_round1 = on_root(check_gradients, root=S_SERVER)
+    assert count == 2 * 4 * 4 and own_in_round0 == mean_in_round1 == 4 * 4
 
 
 def _record_gas(monkeypatch):
@@ -203,7 +245,8 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
             seen |= set(real_y.tolist())
             for label in range(10):
                 n_real = int((real_y == label).sum())
-                want = max(8, n_real) if label in seen else n_real      # B = 8; an unseen label has no statistics
+                # B = 8, and only once EVERY label has statistics (before that, no label is topped up)
+                want = max(8, n_real) if len(seen) == 10 else n_real
                 assert int((y == label).sum()) == want, f"label {label}: {int((y == label).sum())} != {want}"
                 tops += want > n_real
             whole += [(r[0].flatten(1), r[1], torch.full((len(r[1]),), r[2])) for r in real]
@@ -220,7 +263,7 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
         return [len(steps), len(seen), tops, generated_here == servers[0].generated, len(z) + left_in_buffer]
 
     n_steps, labels_seen, tops, generated_agrees, n_real = on_root(check_server_batches, root=S_SERVER)
-    assert n_steps >= 3 and labels_seen >= 5 and tops > 0 and generated_agrees
+    assert n_steps >= 3 and labels_seen == 10 and tops > 0 and generated_agrees
     assert n_real == act_msgs * 8              # every activation the S-server answered is buffered or was stepped on
 
     # Resumed from the checkpoint of the stop, the run continues: updates 4 and 5 follow 1..3 in the same metrics,

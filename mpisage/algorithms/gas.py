@@ -4,8 +4,8 @@ Clients run at their own pace (the asynchronous role loops are in mpisage/roles/
 the S-server answers at once with the gradient of the logit-adjusted loss CE(s + log P_k(y), y) through its
 CURRENT model, and keeps the activation, weighted by how late in training it came. When Q_s batches are buffered
 it folds them into per-label activation statistics, tops every label up to B samples with activations drawn from
-N(mu_y, Sigma_y) (`generative=false`: no top-up, the ablation), steps on real + generated activations with plain
-CE, and empties the buffer. The F-server averages every Q_c client models that come back.
+N(mu_y, Sigma_y) once every label has statistics (`generative=false`: no top-up, the ablation), steps on real +
+generated activations with plain CE, and empties the buffer. The F-server averages every Q_c client models that come back.
 """
 from __future__ import annotations
 
@@ -23,37 +23,123 @@ from mpisage.runtime.stateful import transient
 @dataclass
 class LabelStatistics:
     """Weighted activation statistics of one label: total weight W, mean mu and scatter S = sum w (x-mu)(x-mu)^T
-    (only its diagonal when diagonal). Merging two sets with the pooled formula gives exactly the statistics of
-    their union."""
+    (only its diagonal when diagonal), all float64 on the statistics' device. Merging two sets with the pooled
+    formula gives exactly the statistics of their union.
+
+    Full covariance, kept so that sampling needs no factorisation per server step. The pooled formula writes the
+    scatter as a sum of rank-one terms: S = S_0 + G^T G, where S_0 (`base`) is the scatter at the last
+    factorisation and the rows of G (`rows`) are sqrt(w_i) (x_i - batch mean) for every activation folded in since,
+    plus sqrt(W_1 W_2 / W) (mu_2 - mu_1) for every merge. With L L^T = S_0 + ridge W_0 I factorised at weight W_0
+    (float64 Cholesky, kept in float32), a draw
+        x = mu + (L e_1 + G^T e_2) / sqrt(W) + sqrt(ridge (W - W_0) / W) e_3,   e_i ~ N(0, I),
+    has covariance (S_0 + ridge W_0 I + G^T G) / W + ridge (W - W_0) / W I = S / W + ridge I: exactly the
+    distribution N(mu, S / W + ridge I). The factor is renewed (S_0 <- S, G emptied) only when G has more than D / 2
+    rows, i.e. every few hundred server steps, not every step. The rows are added into `base` lazily (when the
+    scatter is read or at the next factorisation), each row exactly once."""
     weight: float
     mean: torch.Tensor
-    scatter: torch.Tensor
+    base: torch.Tensor | None                    # S_0 (diagonal: the whole scatter); None: zero
+    store: torch.Tensor | None = None            # G's rows are store[:count] (spare capacity after them)
+    count: int = 0
+    folded: int = 0                              # how many of G's leading rows are already in `base`
+    factor: torch.Tensor | None = None           # float32 L with L L^T = S_0 + ridge W_0 I; None: not factorised
+    factor_weight: float = 0.0                   # W_0
+    restored: bool = False                       # `base` came from a checkpoint: factorise before sampling
 
     @classmethod
     def of(cls, x: torch.Tensor, w: torch.Tensor, diagonal: bool) -> "LabelStatistics":
-        x, w = x.double(), w.double()
+        x, w = x.double(), w.double().to(x.device)
         total = w.sum()
         mean = (w[:, None] * x).sum(0) / total
         centred = x - mean
-        scatter = (w[:, None] * centred * centred).sum(0) if diagonal else (w[:, None] * centred).T @ centred
-        return cls(float(total), mean, scatter)
+        if diagonal:
+            return cls(float(total), mean, (w[:, None] * centred * centred).sum(0))
+        rows = w.sqrt()[:, None] * centred
+        return cls(float(total), mean, None, rows, len(rows))
+
+    @classmethod
+    def from_scatter(cls, weight: float, mean: torch.Tensor, scatter: torch.Tensor) -> "LabelStatistics":
+        return cls(weight, mean, scatter, restored=scatter.dim() == 2)
+
+    @property
+    def diagonal(self) -> bool:
+        return self.base is not None and self.base.dim() == 1
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """S itself (adds the rows not yet in `base` into it, once)."""
+        if self.diagonal:
+            return self.base
+        d = self.mean.numel()
+        if self.base is None:
+            self.base = torch.zeros(d, d, dtype=torch.float64, device=self.mean.device)
+        if self.folded < self.count:
+            g = self.store[self.folded:self.count]
+            self.base.addmm_(g.T, g)
+            self.folded = self.count
+        return self.base
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """G [k, D] (a view)."""
+        if self.store is None:
+            return torch.zeros(0, self.mean.numel(), dtype=torch.float64, device=self.mean.device)
+        return self.store[:self.count]
 
     def merge(self, other: "LabelStatistics") -> "LabelStatistics":
         total = self.weight + other.weight
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.weight / total)
         cross = self.weight * other.weight / total
-        extra = cross * delta * delta if self.scatter.dim() == 1 else cross * torch.outer(delta, delta)
-        return LabelStatistics(total, mean, self.scatter + other.scatter + extra)
+        if self.diagonal:
+            return LabelStatistics(total, mean, self.base + other.base + cross * delta * delta)
+        if other.base is not None or other.factor is not None:
+            raise ValueError("merge a fresh batch (LabelStatistics.of) into the running statistics, not two running "
+                             "ones")
+        # appended in place (the running statistics are replaced by the merged ones), into spare capacity
+        new = torch.cat([other.rows, (cross ** 0.5 * delta)[None]])
+        store, count = self.store, self.count
+        if store is None or count + len(new) > len(store):
+            # doubling, but no further than the D / 2 rows at which the factor is renewed (memory: D x D / 2 floats)
+            need, d = count + len(new), len(delta)
+            grown = torch.empty(max(need, min(2 * need, d // 2 + 64)), d, dtype=torch.float64, device=delta.device)
+            grown[:count] = self.rows
+            store = grown
+        store[count:count + len(new)] = new
+        return LabelStatistics(total, mean, self.base, store, count + len(new), self.folded, self.factor,
+                               self.factor_weight, self.restored)
 
-    def sample(self, n: int, ridge: float, generator: torch.Generator) -> torch.Tensor:
-        """n draws from N(mean, scatter / weight + ridge I) (the ridge keeps the covariance positive definite)."""
-        noise = torch.randn(n, self.mean.numel(), generator=generator, dtype=torch.float64)
-        cov = self.scatter / self.weight
-        if cov.dim() == 1:
-            return self.mean + noise * (cov + ridge).sqrt()
-        chol = torch.linalg.cholesky(cov + ridge * torch.eye(len(cov), dtype=cov.dtype))
-        return self.mean + noise @ chol.T
+    def refactor(self, ridge: float) -> None:
+        """L L^T = S + ridge W I; G emptied. float64 factorisation, float32 factor (draws need no more)."""
+        scatter = self.scatter
+        matrix = scatter + ridge * self.weight * torch.eye(len(scatter), dtype=scatter.dtype, device=scatter.device)
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        if info.item() != 0:
+            raise FloatingPointError(f"the activation covariance is not positive definite even with the ridge "
+                                     f"(Cholesky failed at column {info.item()}); non-finite activations?")
+        self.factor, self.factor_weight = chol.float(), self.weight
+        self.count = self.folded = 0
+        self.restored = False
+
+    def sample(self, n: int, ridge: float, generator: torch.Generator, max_rows: int | None = None) -> torch.Tensor:
+        """n draws (float32) from N(mean, scatter / weight + ridge I); the ridge keeps the covariance positive
+        definite. `max_rows`: renew the factor when G has more rows than this (default D / 2)."""
+        d, device = self.mean.numel(), self.mean.device
+        if self.diagonal:
+            noise = torch.randn(n, d, generator=generator, dtype=torch.float64).to(device)
+            return (self.mean + noise * (self.base / self.weight + ridge).sqrt()).float()
+        # without a factor, G alone is the whole scatter (S_0 = 0), unless the scatter was restored from a checkpoint
+        if self.restored or self.count > (max_rows or d // 2):
+            self.refactor(ridge)
+        k = self.count
+        noise = torch.randn(n, 2 * d + k, generator=generator).to(device)
+        scale = self.weight ** -0.5
+        out = self.mean.float() + noise[:, :d] * (ridge * (self.weight - self.factor_weight) / self.weight) ** 0.5
+        if self.factor is not None:
+            out.addmm_(noise[:, d:2 * d], self.factor.T, alpha=scale)
+        if k:
+            out += (noise[:, 2 * d:].double() @ self.rows * scale).float()
+        return out
 
 
 def merge_statistics(running: dict[int, LabelStatistics], z: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
@@ -101,8 +187,9 @@ class GasServer(ServerState):
         head = f"{prefix}/statistics/"
         for label in sorted({int(k[len(head):].split("/")[0]) for k in flat if k.startswith(head)}):
             key = f"{head}{label}"
-            self.statistics[label] = LabelStatistics(float(flat[f"{key}/weight"][0]), flat[f"{key}/mean"],
-                                                     flat[f"{key}/scatter"])
+            self.statistics[label] = LabelStatistics.from_scatter(
+                float(flat[f"{key}/weight"][0]), flat[f"{key}/mean"].to(device or "cpu"),
+                flat[f"{key}/scatter"].to(device or "cpu"))
 
 
 class Gas(AsyncAlgorithm):
@@ -136,7 +223,8 @@ class Gas(AsyncAlgorithm):
 
     def server_batch(self, s: GasServer) -> tuple[torch.Tensor, torch.Tensor]:
         """Folds the buffer into the statistics and returns the server batch: every real activation, plus (when
-        generative and every label seen so far has statistics) generated ones topping each label up to B."""
+        generative and once EVERY label has statistics, as the authors' code) generated ones topping each label up
+        to B. The statistics live on the S-server's device."""
         buffer = s.buffer
         z = torch.cat([b[0] for b in buffer])
         y = torch.cat([b[1] for b in buffer])
@@ -144,11 +232,14 @@ class Gas(AsyncAlgorithm):
         if not self.cfg.generative:
             return z, y
         stats = s.statistics
-        merge_statistics(stats, z.flatten(1).cpu(), y.cpu(), w.cpu(), diagonal=self.cfg.covariance == "diag")
-        counts = {label: int((y == label).sum()) for label in range(self.world.data.num_classes)}
+        merge_statistics(stats, z.flatten(1), y, w, diagonal=self.cfg.covariance == "diag")
+        num_classes = self.world.data.num_classes
+        if len(stats) < num_classes:
+            return z, y
+        counts = torch.bincount(y, minlength=num_classes).tolist()
         extra_z, extra_y = [], []
-        for label, need in top_up(counts, self.cfg.batch_size).items():
-            if need and label in stats:
+        for label, need in top_up(dict(enumerate(counts)), self.cfg.batch_size).items():
+            if need:       # one factor per label that needs a top-up this step, then all its draws at once
                 draws = stats[label].sample(need, self.RIDGE, s.generator)
                 extra_z.append(draws.to(z.dtype).to(z.device).view(need, *z.shape[1:]))
                 extra_y.append(torch.full((need,), label, dtype=y.dtype, device=y.device))

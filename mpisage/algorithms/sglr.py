@@ -2,10 +2,20 @@
 S-server concatenates every client's smashed batch (C x B samples), takes ONE step of the single server model and
 returns each client the cut-layer gradient of its slice, except that:
 
-- SplitAvg: a fraction phi of the clients, sampled each iteration, receives the element-wise mean of all slices
-  (one broadcast gradient; this transport sends it point-to-point, so it is counted once per receiving client);
-  `split_avg=phased` is the authors' code instead: everyone gets the mean during the first fraction f of training;
+- SplitAvg (`split_avg=sampled`, the paper's eq. 15 and Algorithm 1 lines 18-19): a fraction phi of the clients, the
+  active set C_a sampled afresh each iteration, receives ONE broadcast gradient, the element-wise mean of the active
+  clients' slices only; the others receive their own slice. (phi = 1 is the paper's "Full" variant.)
+  `split_avg=phased` is the authors' code: every client gets the mean of all C slices during the first fraction f of
+  training, its own slice after; `split_avg=phased_final` the same during the final fraction f (the two phasings of
+  the paper's Table 3).
 - SplitLr: the server's learning rate is the clients' x C^alpha.
+
+The broadcast gradient is one payload: the paper figure counts it once per iteration. On the wire it goes
+point-to-point to each receiver (every copy is in the wire figure): the receivers change every iteration, so a
+collective would need a new communicator (or every client listening) per iteration.
+
+`loss=softmax_bce`: the authors' loss, binary cross-entropy between the softmax of the logits and the one-hot labels
+(mean over samples and classes); `loss=ce`: cross-entropy.
 
 Evaluation: each client's own model under the shared server, accuracies and losses averaged over clients.
 """
@@ -74,13 +84,25 @@ class Sglr(Algorithm):
         return self.world.steps_per_round(cid)
 
     def mean_receivers(self, s: SglrServer, round: int) -> set[int]:
-        m = self.world.num_clients
-        if self.cfg.split_avg == "phased":
-            return set(range(m)) if round < self.cfg.split_avg_fraction * self.cfg.rounds else set()
+        """The clients that get the mean gradient this iteration; the mean is over exactly their slices."""
+        m, f, rounds = self.world.num_clients, self.cfg.split_avg_fraction, self.cfg.rounds
+        if self.cfg.split_avg == "phased":          # the first fraction f of the rounds
+            return set(range(m)) if round < f * rounds else set()
+        if self.cfg.split_avg == "phased_final":    # the final fraction f of the rounds
+            return set(range(m)) if round >= (1 - f) * rounds else set()
         if self.cfg.split_avg == "sampled":
-            count = int(self.cfg.split_avg_fraction * m + 0.5)
+            count = int(f * m + 0.5)
             return set(torch.randperm(m, generator=s.generator)[:count].tolist())
         return set()
+
+    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses whose mean is the loss the server steps on."""
+        if self.cfg.loss == "softmax_bce":
+            # BCE on probabilities, as the authors' nn.BCELoss after a softmax; its mean over samples and classes
+            # is the mean over samples of these per-sample class means
+            target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+            return F.binary_cross_entropy(logits.softmax(1), target, reduction="none").mean(1)
+        return F.cross_entropy(logits, y, reduction="none")
 
     def on_upload(self, s, round, cid, seq, z, y):
         pending = s.pending
@@ -96,7 +118,7 @@ class Sglr(Algorithm):
         s.model.train()
         s.optimizer.zero_grad(set_to_none=True)
         logits = s.model(z_all)
-        losses = F.cross_entropy(logits, y_all, reduction="none")
+        losses = self.losses(logits, y_all)
         losses.mean().backward()
         optimizer_step(s.optimizer, self.cfg)
         slices = z_all.grad.split(sizes)
@@ -105,8 +127,12 @@ class Sglr(Algorithm):
         per_client = torch.stack([losses.detach(), correct]).view(2, len(cids), -1).sum(2).T.cpu().numpy()
         s.train_stats[cids] += np.column_stack([per_client, sizes])
         receivers = self.mean_receivers(s, round)
-        mean = torch.stack(slices).mean(0) if receivers else None
-        return [(c, Kind.GRADIENT, mean if c in receivers else g) for c, g in zip(cids, slices)]
+        mean = torch.stack([g for c, g in zip(cids, slices) if c in receivers]).mean(0) if receivers else None
+        first = min(receivers, default=None)
+        # (client, kind, tensor, paper): the mean is one broadcast payload, in the paper figure once (with its first
+        # receiver); every copy sent is in the wire figure
+        return [(c, Kind.GRADIENT, mean, c == first) if c in receivers else (c, Kind.GRADIENT, g, True)
+                for c, g in zip(cids, slices)]
 
     def evaluation(self, s, modules):
         server = copy.deepcopy(s.model)
@@ -116,4 +142,5 @@ class Sglr(Algorithm):
     def describe(self) -> dict:
         return {**super().describe(), "server_lr": self.server_lr, "split_avg": self.cfg.split_avg,
                 "split_avg_fraction": self.cfg.split_avg_fraction,
-                "gradient_broadcast": "point-to-point, counted once per receiving client"}
+                "loss": self.cfg.loss,
+                "gradient_broadcast": "point-to-point on the wire; the paper figure counts the mean once"}

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-PARTITIONS = ("iid", "noniid_dirichlet", "shards")
+PARTITIONS = ("iid", "noniid_dirichlet", "dirichlet_niidbench", "shards")
+# NIID-Bench's floor: the Dirichlet split is drawn again until every client holds at least this many samples.
+NIIDBENCH_MIN_SIZE = 10
+NIIDBENCH_ATTEMPTS = 1000
 
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float = 1.0,
@@ -41,6 +44,14 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float
         if not alpha > 0:
             raise ValueError(f"dataset.alpha={alpha} must be > 0 (small = skewed, large = near iid)")
         return _dirichlet(labels, num_clients, float(alpha), rng)
+    if scheme == "dirichlet_niidbench":
+        if not alpha > 0:
+            raise ValueError(f"dataset.alpha={alpha} must be > 0 (small = skewed, large = near iid)")
+        if num_clients * NIIDBENCH_MIN_SIZE > n:
+            raise ValueError(f"dataset.distribution=dirichlet_niidbench gives every client at least "
+                             f"{NIIDBENCH_MIN_SIZE} samples; {num_clients} clients need {num_clients * NIIDBENCH_MIN_SIZE}"
+                             f" but there are {n}: lower num_clients")
+        return _dirichlet_niidbench(labels, num_clients, float(alpha), rng)
     if shards_per_client < 1 or num_clients * shards_per_client > n:
         raise ValueError(f"dataset.shards_per_client={shards_per_client} must be >= 1 and "
                          f"num_clients * shards_per_client <= {n} samples")
@@ -107,6 +118,39 @@ def _dirichlet(labels: np.ndarray, m: int, alpha: float, rng: np.random.Generato
             need -= t
         parts.append(np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64))
     return parts
+
+
+def _dirichlet_niidbench(labels: np.ndarray, m: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """NIID-Bench's Dirichlet split (Li et al. 2022, "Federated learning on non-IID data silos"; GAS's Dir 0.1 rows):
+    unequal client sizes.
+
+    For each class in turn: shuffle its indices, draw proportions over the clients ~ Dir(alpha * 1), zero the
+    proportion of every client that already holds N / m samples or more (so no client grows far past an equal
+    share), renormalise, and cut the class at the cumulative proportions (floored). Every sample goes to exactly
+    one client. The whole split is drawn again until every client holds at least NIIDBENCH_MIN_SIZE samples; each
+    client's indices are shuffled at the end. (Where every remaining client's proportion underflows to zero, which
+    NIID-Bench would turn into NaN, the split is drawn again too.)
+    """
+    n, num_classes = len(labels), int(labels.max()) + 1
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    for _ in range(NIIDBENCH_ATTEMPTS):
+        parts = [[] for _ in range(m)]
+        sizes = np.zeros(m, dtype=np.int64)
+        for idx in by_class:
+            idx = rng.permutation(idx)
+            p = rng.dirichlet(np.full(m, alpha)) * (sizes < n / m)
+            if not p.sum() > 0:
+                break
+            cuts = (np.cumsum(p / p.sum()) * len(idx)).astype(np.int64)[:-1]
+            for k, piece in enumerate(np.split(idx, cuts)):
+                parts[k].append(piece)
+                sizes[k] += len(piece)
+        else:
+            if sizes.min() >= NIIDBENCH_MIN_SIZE:
+                return [rng.permutation(np.concatenate(p)).astype(np.int64) for p in parts]
+    raise ValueError(f"dataset.distribution=dirichlet_niidbench: no split with at least {NIIDBENCH_MIN_SIZE} samples "
+                     f"per client in {NIIDBENCH_ATTEMPTS} draws (alpha={alpha}, {m} clients, {n} samples); raise "
+                     f"dataset.alpha or lower num_clients")
 
 
 def _shards(labels: np.ndarray, m: int, per_client: int, rng: np.random.Generator) -> list[np.ndarray]:

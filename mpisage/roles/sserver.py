@@ -93,8 +93,11 @@ def run_sserver(algo: Algorithm) -> None:
             if first_uploads == world.num_clients and act.seq == 0 and algo.gathers_first_uploads(round):
                 finish_evaluation()     # the last first upload starts a long computation: report round r-1 now
             for reply in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
-                cid, kind, tensor = reply if len(reply) == 3 else (act.client, *reply)
-                t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq)
+                # (kind, tensor) to the uploader, (client, kind, tensor) or (client, kind, tensor, paper): `paper`
+                # false for the further copies of one broadcast payload (the wire figure still counts them)
+                cid, kind, tensor, *paper = reply if len(reply) >= 3 else (act.client, *reply)
+                t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq,
+                       paper=paper[0] if paper else True)
             busy += time.perf_counter() - t0
         finish_evaluation()
         algo.end_server_round(s, round)

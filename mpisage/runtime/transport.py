@@ -215,9 +215,10 @@ class Transport:
 
     # ------------------------------------------------------------------ sending
     def send(self, dest: int, kind: Kind, tensor: torch.Tensor, *, round: int, client: int = -1, seq: int = 0,
-             part: int = NO_PART, count: bool = True) -> None:
+             part: int = NO_PART, count: bool = True, paper: bool = True) -> None:
         """Nonblocking send of header + payload. The tensor must not be modified until `flush()`;
-        the transport keeps a reference so it stays alive."""
+        the transport keeps a reference so it stays alive. `paper=False`: counted on the wire but not in the paper
+        figure (a further copy of one broadcast payload)."""
         if tensor.dtype not in DTYPE_CODE:
             raise TypeError(f"cannot send dtype {tensor.dtype} (supported: {DTYPES})")
         if tensor.dim() > MAX_NDIM:
@@ -245,17 +246,17 @@ class Transport:
                 torch.cuda.current_stream(payload.device).synchronize()   # MPI reads memory, not the stream
             self._pending.append((self.comm.Isend(_as_buffer(payload), dest=dest, tag=tag + 1), payload, False))
         if count:
-            self.count(kind, dest, nbytes)
+            self.count(kind, dest, nbytes, paper=paper)
         self._reap()
 
-    def count(self, kind: Kind, dest: int, nbytes: int, header: bool = True) -> None:
+    def count(self, kind: Kind, dest: int, nbytes: int, header: bool = True, paper: bool = True) -> None:
         """Adds one message of `nbytes` payload (plus a header, unless it has none) to the counters. Done by
         `send`; exposed for the counter snapshot that reports itself and for the heartbeat thread."""
         role = role_of(dest)
         with self._count_lock:
             self.wire_bytes[kind, role] += (HEADER_BYTES if header else 0) + nbytes
             self.messages[kind, role] += 1
-            if kind in PAPER_KINDS:
+            if paper and kind in PAPER_KINDS:
                 self.paper_bytes[kind, role] += nbytes
 
     def _reap(self) -> None:
