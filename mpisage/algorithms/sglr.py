@@ -22,7 +22,7 @@ Evaluation: each client's own model under the shared server, accuracies and loss
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
