@@ -193,6 +193,7 @@ def run_async_fserver(algo, log) -> dict:
     nbytes = state_nbytes(template.state_dict())
     threshold = cfg.comm_threshold_mb * 1024 ** 2
     counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}   # latest reports
+    resident = np.zeros(t.size)                  # latest resident bytes per rank (client ranks: at their last model)
     rng = world.generator("fserver")
     global_model = pack_state(template.state_dict())
     version, requested = 0, 0
@@ -250,7 +251,8 @@ def run_async_fserver(algo, log) -> dict:
             cid = msg.client
             local = recv_report(t, src, CLIENT_ROUND, client=cid)
             local_stats[cid] += [local[name] for name, _ in CLIENT_ROUND.fields]
-            counters[src] = recv_report(t, src, RANK_REPORT, round=msg.round)["counters"]
+            rank_report = recv_report(t, src, RANK_REPORT, round=msg.round)
+            counters[src], resident[src] = rank_report["counters"], rank_report["resident_bytes"]
             participations[cid] += 1
             sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
             buffer.append((msg.tensor, cid))
@@ -271,7 +273,7 @@ def run_async_fserver(algo, log) -> dict:
             continue
         if src != S_SERVER:
             raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")
-        summary = _record(t, counters, update_clock, local_stats, participations, log, cfg)
+        summary = _record(t, counters, resident, update_clock, local_stats, participations, log, cfg)
         stop = summary["round"] + 1 >= cfg.rounds or summary["comm_bytes"] >= threshold or \
             preemption.requested() is not None
         if stop:
@@ -328,14 +330,15 @@ def _totals(counters: dict, t) -> dict:
             "messages_by_kind": totals[2].sum(axis=1)}
 
 
-def _record(t, counters, update_clock, local_stats, participations, log, cfg) -> dict:
+def _record(t, counters, resident, update_clock, local_stats, participations, log, cfg) -> dict:
     """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Byte figures are
-    the sums of every rank's latest report."""
+    the sums of every rank's latest report; resident memory is each rank's latest."""
     msg = t.recv(Kind.EVAL, S_SERVER, shape=(EVAL_RESULT.size,), dtype=torch.float64)
     version = msg.round
     result = EVAL_RESULT.unpack(msg.tensor)
     s_rep = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=version)
     counters[S_SERVER] = s_rep["counters"]
+    resident[F_SERVER], resident[S_SERVER] = resident_bytes(), s_rep["resident_bytes"]
     test_loss, test_acc, eval_s = result["loss"], result["accuracy"], result["seconds"]
     wall, sim = update_clock[version]
     row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
@@ -343,7 +346,7 @@ def _record(t, counters, update_clock, local_stats, participations, log, cfg) ->
            "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
            "participations": participations.copy(), "client_train_seconds": local_stats[:, 3].copy(),
            "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
-           "generated_samples": s_rep["generated_samples"]}
+           "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy()}
     if version % cfg.log_interval == 0:
         log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
             f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")
