@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from mpisage.algorithms.evaluation import Evaluation
 from mpisage.algorithms.training import count_correct, count_scored, make_optimizer, optimizer_step, task_loss
+from mpisage.runtime.client_store import ClientStore
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import fedavg
 from mpisage.runtime.stateful import Stateful, transient
@@ -147,6 +148,23 @@ class Algorithm:
         rows = torch.from_numpy(self.world.local_index[cid])
         return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
                            self.world.generator("client", cid), **parts)
+
+    def store(self, ids, make, **kwargs) -> ClientStore:
+        """A store of per-client state (mpisage/runtime/client_store.py) laid out by the config's client_store."""
+        cs = self.cfg.client_store
+        return ClientStore(ids, make, slots=cs.slots, backend=cs.backend, directory=cs.directory,
+                           device=self.world.device, **kwargs)
+
+    def client_store(self, cids) -> ClientStore:
+        """This rank's hosted clients, idle ones packed: they differ at the start only in their data and random
+        stream; checkpoint keys `client<id>`."""
+        return self.store(cids, self.make_client, key=lambda cid: f"client{cid}",
+                          fresh=lambda cid: {"generator": self.world.generator("client", cid).get_state()},
+                          bind=self._bind_client)
+
+    def _bind_client(self, c: ClientState, cid: int) -> None:
+        rows = torch.from_numpy(self.world.local_index[cid])
+        c.cid, c.x, c.y = cid, self.world.data.train_x[rows], self.world.data.train_y[rows]
 
     def server_state(self, cls: type[ServerState], **fields) -> ServerState:
         """A fresh S-server state of class `cls`: the initial server part, its optimiser, and `fields`."""

@@ -43,17 +43,15 @@ FINAL = -1
 # ---------------------------------------------------------------------------------------------------- client
 def run_async_client(algo) -> None:
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    hosted = {cid: algo.make_client(cid) for cid in world.clients_of(world.rank)}
+    hosted = algo.client_store(world.clients_of(world.rank))     # idle clients packed (config client_store)
     transform = train_transform(world.data, cfg.dataset.augment)
     active: list[list] = []             # [client id, global version it started from, iterations done, stats]
     starts = uploads = 0
     starts_announced = None             # set by the F-server's stop message
     busy = 0.0
-    nbytes = state_nbytes(next(iter(hosted.values())).model.state_dict())
+    nbytes = state_nbytes(hosted[hosted.ids[0]].model.state_dict())
     if world.resume_from:
-        flat = restore_rank_state(world, f"rank{world.rank}")
-        for cid, c in hosted.items():
-            c.load_state_dict(flat, f"client{cid}", world.device)
+        hosted.load_state_dict(restore_rank_state(world, f"rank{world.rank}"))
 
     def take_start() -> None:
         nonlocal starts
@@ -100,7 +98,7 @@ def run_async_client(algo) -> None:
         send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
                                                "resident_bytes": resident_bytes()}, round=version)
         uploads += 1
-    send_rank_state(t, {f"client{cid}": c.state_dict() for cid, c in hosted.items()}, FINAL)
+    send_rank_state(t, hosted.state_dict(), FINAL)
     send_report(t, F_SERVER, FINAL_CLIENT_REPORT, {"uploads": uploads, "wait_seconds": t.wait_seconds,
                                                    "busy_seconds": busy, "resident_bytes": resident_bytes()},
                 round=FINAL)
