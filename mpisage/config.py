@@ -23,7 +23,7 @@ class ClientStoreConfig:
     """Where idle per-client state lives (aux models and their optimiser on the S-server, SplitFed v1's server
     copies, a client rank's hosted clients): see mpisage/runtime/client_store.py."""
     backend: Literal["memory", "disk"] = "memory"   # memory: packed host bytes; disk: a file under `directory`
-    slots: int = 4                       # live (materialised) clients per store; the rest are packed
+    slots: int = 2                       # live (materialised) clients per store; the rest are packed
     directory: Optional[str] = None      # disk: node-local scratch (None: TMPDIR)
 
 
