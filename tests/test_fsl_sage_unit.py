@@ -4,7 +4,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.fsl_sage import FslSage, FslSageServer
+from mpisage.algorithms.fsl_sage import FslSage, one_client_server
 from mpisage.models import build_split
 
 
@@ -15,8 +15,9 @@ def _algo(buffer_size=10, steps=50):
     return algo
 
 
-def _state(server=None):
-    return FslSageServer(server, None, None)
+def _state(server=None, aux=None):
+    opt = torch.optim.Adam(aux.parameters(), lr=1e-3) if aux is not None else None
+    return one_client_server(server, aux, opt)
 
 
 def test_buffer_keeps_exactly_the_last_n_uploaded_samples():
@@ -33,12 +34,10 @@ def test_buffer_keeps_exactly_the_last_n_uploaded_samples():
 def test_alignment_pulls_the_aux_gradient_towards_the_server_gradient():
     torch.manual_seed(0)
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
-    algo, s = _algo(64, steps=60), _state(split.server)
+    algo, s = _algo(64, steps=60), _state(split.server, split.aux)
     z = split.client(torch.randn(64, 1, 28, 28)).detach()
     y = torch.randint(0, 10, (64,))
     algo._buffer(s, 0, z, y)
-    s.aux[0] = split.aux
-    s.aux_optimizer[0] = torch.optim.Adam(split.aux.parameters(), lr=1e-3)
 
     def mismatch():
         zl = z.clone().requires_grad_(True)
@@ -56,3 +55,12 @@ def test_alignment_pulls_the_aux_gradient_towards_the_server_gradient():
     assert last < 0.9 * first and mismatch() < 0.9 * before
     # alignment reads the server's gradients but never changes its weights
     assert all(torch.equal(a, b) for a, b in zip(server_before, split.server.parameters()))
+
+
+def test_buffer_grows_only_as_samples_come_and_then_rings():
+    algo, s = _algo(10), _state()
+    algo._buffer(s, 0, torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64))
+    assert s.buffer_z[0].shape == (3, 2) and s.buffer_fill[0].tolist() == [3, 3]
+    algo._buffer(s, 0, torch.ones(9, 2), torch.ones(9, dtype=torch.int64))
+    assert s.buffer_z[0].shape == (10, 2) and s.buffer_fill[0].tolist() == [10, 2]
+    assert s.buffer_y[0].sum().item() == 9       # the 2 oldest zeros were overwritten, one remains

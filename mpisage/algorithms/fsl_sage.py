@@ -49,6 +49,12 @@ class FslSageServer(ServerState):
 AUX_CLIENT_FIELDS = tuple(f.name for f in fields(AuxClient))
 
 
+def one_client_server(model: nn.Module | None, aux: nn.Module | None = None,
+                      aux_optimizer: torch.optim.Optimizer | None = None) -> FslSageServer:
+    """An S-server state with one client (id 0) holding `aux` (for unit tests and the alignment benchmark)."""
+    return FslSageServer(model, None, None, clients=ClientStore([0], lambda cid: AuxClient(aux, aux_optimizer)))
+
+
 class FslSage(Algorithm):
     name = "fsl_sage"
 

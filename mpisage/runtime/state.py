@@ -56,14 +56,19 @@ def load_packed(module: nn.Module, buf: torch.Tensor) -> None:
 def fedavg(packed: list[torch.Tensor], weights: list[float], template: dict[str, torch.Tensor]) -> torch.Tensor:
     """Weighted average of packed states over the WHOLE state_dict (BN running statistics included).
     Sums in float64 in the given (canonical) order; integer buffers (num_batches_tracked) are rounded."""
+    return fedavg_states((unpack_state(p, template) for p in packed), weights, template)
+
+
+def fedavg_states(states, weights: list[float], template: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`fedavg` over an iterable of state_dicts, consumed one at a time (so they need not all exist at once), with
+    the same arithmetic: the result is bit-identical."""
     total = float(sum(weights))
-    states = [unpack_state(p, template) for p in packed]
-    averaged = {}
-    for name, t in template.items():
-        acc = torch.zeros(t.shape, dtype=torch.float64)
-        for s, w in zip(states, weights):
-            acc += s[name].to(torch.float64) * (w / total)
-        averaged[name] = acc.round().to(t.dtype) if not t.dtype.is_floating_point else acc.to(t.dtype)
+    acc = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in template.items()}
+    for s, w in zip(states, weights, strict=True):
+        for name in template:
+            acc[name] += s[name].detach().to("cpu", torch.float64) * (w / total)
+    averaged = {name: a.round().to(t.dtype) if not t.dtype.is_floating_point else a.to(t.dtype)
+                for (name, t), a in zip(template.items(), acc.values())}
     return pack_state(averaged)
 
 
