@@ -77,7 +77,7 @@ class Algorithm:
 
     # ================================================================== hooks: client side
     def make_client(self, cid: int) -> ClientState:
-        split = self.world.build_model()
+        split = self.world.build_model(("client", "aux"))
         return self.new_client(cid, split.client, make_optimizer(split.client.parameters(), self.cfg), aux=split.aux)
 
     def client_step(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor,
