@@ -173,7 +173,8 @@ class ClientStore(Mapping):
         if packed.numel() > capacity:          # grown (a buffer filling up): a new place at the end
             offset, capacity = self._end, packed.numel()
             self._end += capacity
-        os.pwrite(self._file, packed.numpy().tobytes(), offset)
+        if os.pwrite(self._file, packed.numpy().data, offset) != packed.numel():    # Linux: < 2 GiB in one call
+            raise OSError(f"client store: short write of client {cid}'s state (disk full?)")
         self._entries[cid] = (layout, (offset, capacity))
 
     def _read(self, cid: int) -> dict[str, torch.Tensor]:
@@ -182,8 +183,10 @@ class ClientStore(Mapping):
             buf = where
         else:
             n = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
-            buf = torch.frombuffer(bytearray(os.pread(self._file, n, where[0])), dtype=torch.uint8) if n else \
-                torch.empty(0, dtype=torch.uint8)
+            raw = os.pread(self._file, n, where[0])
+            if len(raw) != n:
+                raise OSError(f"client store: short read of client {cid}'s state")
+            buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
         out, offset = {}, 0
         for name, dtype, shape in layout:
             n = _nbytes(dtype, shape)
