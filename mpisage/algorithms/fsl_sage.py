@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState
 from mpisage.algorithms.training import count_correct, count_scored, make_optimizer, optimizer_step
+from mpisage.runtime.client_store import ClientStore, FieldView
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import load_packed, pack_state, state_nbytes
-from mpisage.runtime.client_store import ClientStore, FieldView
 from mpisage.runtime.stateful import Stateful, transient
 from mpisage.runtime.transport import Kind
 
