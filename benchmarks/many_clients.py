@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 from mpisage.data import write_cifar10_fixture
 from mpisage.runtime.environment import job_command
