@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-
 from mpisage.data import write_cifar10_fixture
 from mpisage.runtime.environment import job_command
 from mpisage.runtime.metrics import read_rounds
