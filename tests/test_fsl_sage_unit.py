@@ -1,4 +1,5 @@
 """FSL-SAGE pieces that need no MPI: the S-server's alignment buffer and the alignment itself."""
+import copy
 import types
 
 import torch
@@ -64,3 +65,34 @@ def test_buffer_grows_only_as_samples_come_and_then_rings():
     algo._buffer(s, 0, torch.ones(9, 2), torch.ones(9, dtype=torch.int64))
     assert s.buffer_z[0].shape == (10, 2) and s.buffer_fill[0].tolist() == [10, 2]
     assert s.buffer_y[0].sum().item() == 9       # the 2 oldest zeros were overwritten, one remains
+
+
+def test_server_state_checkpoint_is_the_same_whatever_the_store_keeps_live(tmp_path):
+    """Buffers and alignments of three clients, interleaved, through a one-slot disk store and an all-live memory
+    store: the same S-server checkpoint."""
+    from mpisage.algorithms.fsl_sage import AuxClient, FslSageServer
+    from mpisage.runtime.client_store import ClientStore
+    from mpisage.runtime.state import flatten_state
+
+    def run(slots, backend):
+        torch.manual_seed(0)
+        split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
+
+        def make(cid):
+            aux = copy.deepcopy(split.aux)
+            return AuxClient(aux, torch.optim.Adam(aux.parameters(), lr=1e-3))
+        algo = _algo(12, steps=3)
+        s = FslSageServer(split.server, None, None, clients=ClientStore(range(3), make, slots=slots, backend=backend,
+                                                                        directory=str(tmp_path)))
+        g = torch.Generator().manual_seed(1)
+        for cid in [0, 1, 2, 1, 0, 1]:
+            z = split.client(torch.randn(5, 1, 28, 28, generator=g)).detach()
+            with algo.aux_of(s, [cid]):
+                algo._buffer(s, cid, z, torch.randint(0, 10, (5,), generator=g))
+                algo.align(s, cid)
+        return flatten_state(s.state_dict())[0]
+
+    a, b = run(1, "disk"), run(3, "memory")
+    assert a.keys() == b.keys() and len(a) > 30
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["clients/1/buffer_fill"].tolist() == [12, 3]      # 15 samples through a ring of 12
