@@ -149,11 +149,17 @@ class Algorithm:
         return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
                            self.world.generator("client", cid), **parts)
 
-    def store(self, ids, make, **kwargs) -> ClientStore:
-        """A store of per-client state (mpisage/runtime/client_store.py) laid out by the config's client_store."""
+    def store(self, ids, make, *, in_use: int = 2, **kwargs) -> ClientStore:
+        """A store of per-client state (mpisage/runtime/client_store.py) laid out by the config's client_store;
+        `in_use`: how many clients are typically used at once (the slots when the config does not say)."""
         cs = self.cfg.client_store
-        return ClientStore(ids, make, slots=cs.slots, backend=cs.backend, directory=cs.directory,
+        return ClientStore(ids, make, slots=cs.slots or max(2, in_use), backend=cs.backend, directory=cs.directory,
                            device=self.world.device, **kwargs)
+
+    def server_store(self, make) -> ClientStore:
+        """The S-server's per-client state: each client rank trains one client at a time, so about one client per
+        client rank is in use at once."""
+        return self.store(range(self.world.num_clients), make, in_use=self.world.num_client_ranks)
 
     def client_store(self, cids) -> ClientStore:
         """This rank's hosted clients, idle ones packed: they differ at the start only in their data and random

@@ -84,7 +84,7 @@ class FslSage(Algorithm):
 
     # ------------------------------------------------------------------ S-server
     def make_server(self) -> FslSageServer:
-        return self.server_state(FslSageServer, clients=self.store(range(self.world.num_clients), self._aux_client))
+        return self.server_state(FslSageServer, clients=self.server_store(self._aux_client))
 
     def _aux_client(self, cid: int) -> AuxClient:
         aux = self.world.initial_part("aux")

@@ -52,7 +52,7 @@ class SplitFedV1(SplitFedV2):
     name = "sl_multi_server"
 
     def make_server(self) -> SplitFedV1Server:
-        return self.server_state(SplitFedV1Server, copies=self.store(range(self.world.num_clients), self._copy))
+        return self.server_state(SplitFedV1Server, copies=self.server_store(self._copy))
 
     def _copy(self, cid: int) -> ServerCopy:
         model = self.world.initial_part("server")        # the weights the S-server's own model starts from
