@@ -13,7 +13,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.fsl_sage import FslSage, FslSageServer
+from mpisage.algorithms.fsl_sage import FslSage, one_client_server
 from mpisage.models import build_split
 
 
@@ -22,8 +22,7 @@ def probe(aux_variant: str, samples: int, steps: int) -> tuple[float, float, flo
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10, aux=aux_variant)
     algo = FslSage.__new__(FslSage)
     algo.cfg = types.SimpleNamespace(align_buffer_size=samples, align_steps=steps, align_threads=1)
-    s = FslSageServer(split.server, None, None, aux={0: split.aux},
-                      aux_optimizer={0: torch.optim.Adam(split.aux.parameters(), lr=1e-3)})
+    s = one_client_server(split.server, split.aux, torch.optim.Adam(split.aux.parameters(), lr=1e-3))
     with torch.no_grad():
         z = split.client(torch.randn(samples, 1, 28, 28))
     y = torch.randint(0, 10, (samples,))

@@ -19,6 +19,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ClientStoreConfig:
+    """Where idle per-client state lives (aux models and their optimiser on the S-server, SplitFed v1's server
+    copies, a client rank's hosted clients): see mpisage/runtime/client_store.py."""
+    backend: Literal["memory", "disk"] = "memory"   # memory: packed host bytes; disk: a file under `directory`
+    slots: Optional[int] = None          # live (materialised) clients per store (None: 2 on a client rank, one per
+                                         # client rank on the S-server, which serves that many at once); rest packed
+    directory: Optional[str] = None      # disk: node-local scratch (None: TMPDIR)
+
+
+@dataclass
 class DatasetConfig:
     name: str = "fashion_mnist"
     root: Optional[str] = None           # where the data lives; None: the standard places (see mpisage.data)
@@ -68,6 +78,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     wire: WireConfig = field(default_factory=WireConfig)
+    client_store: ClientStoreConfig = field(default_factory=ClientStoreConfig)
     num_clients: Optional[int] = None    # None: one client per client rank (mpirun -n 11 -> 9 clients)
     rounds: int = 12
     batch_size: int = 64
@@ -210,6 +221,8 @@ def validate(cfg: Config) -> None:
                 "torch_threads", "log_interval", "align_threads"):
         _require(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
     _require(cfg.align_steps >= 0, "align_steps", cfg.align_steps, "must be >= 0")
+    _require(cfg.client_store.slots is None or cfg.client_store.slots >= 1, "client_store.slots",
+             cfg.client_store.slots, "must be >= 1 or null")
     _require(cfg.checkpoint_interval >= 0, "checkpoint_interval", cfg.checkpoint_interval,
              "must be >= 0 (0: no checkpoints, except when a run stops early: SIGTERM/SIGUSR1)")
     for key in ("lr", "align_lr", "comm_threshold_mb", "comm_timeout_s"):

@@ -72,6 +72,8 @@ def _run_role(cfg, world, comm, log) -> dict:
         from mpisage.roles.client import run_client
         from mpisage.roles.fserver import run_fserver
         from mpisage.roles.sserver import run_sserver
+    if rank != S_SERVER:     # the F-server and client ranks copy only the client part, the aux and the shared parts
+        world.release_parts({"client", "aux", *algo.shared_parts})
     if rank == F_SERVER:
         log(f"[mpisage] {cfg.algorithm} | {cfg.model} on {cfg.dataset.name} ({cfg.dataset.distribution}) | "
             f"{world.num_clients} clients on {world.num_client_ranks} client ranks | up to {cfg.rounds} "

@@ -1,10 +1,11 @@
 """FSL-SAGE pieces that need no MPI: the S-server's alignment buffer and the alignment itself."""
+import copy
 import types
 
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.fsl_sage import FslSage, FslSageServer
+from mpisage.algorithms.fsl_sage import FslSage, one_client_server
 from mpisage.models import build_split
 
 
@@ -15,8 +16,9 @@ def _algo(buffer_size=10, steps=50):
     return algo
 
 
-def _state(server=None):
-    return FslSageServer(server, None, None)
+def _state(server=None, aux=None):
+    opt = torch.optim.Adam(aux.parameters(), lr=1e-3) if aux is not None else None
+    return one_client_server(server, aux, opt)
 
 
 def test_buffer_keeps_exactly_the_last_n_uploaded_samples():
@@ -33,12 +35,10 @@ def test_buffer_keeps_exactly_the_last_n_uploaded_samples():
 def test_alignment_pulls_the_aux_gradient_towards_the_server_gradient():
     torch.manual_seed(0)
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
-    algo, s = _algo(64, steps=60), _state(split.server)
+    algo, s = _algo(64, steps=60), _state(split.server, split.aux)
     z = split.client(torch.randn(64, 1, 28, 28)).detach()
     y = torch.randint(0, 10, (64,))
     algo._buffer(s, 0, z, y)
-    s.aux[0] = split.aux
-    s.aux_optimizer[0] = torch.optim.Adam(split.aux.parameters(), lr=1e-3)
 
     def mismatch():
         zl = z.clone().requires_grad_(True)
@@ -65,18 +65,20 @@ def test_an_alignment_round_aligns_every_client_once_all_first_uploads_are_in():
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
     algo = _algo(64, steps=5)
     algo.cfg.align_interval, algo.cfg.align_lr, algo.cfg.grad_clip = 1, 1e-3, 0.0
-    algo.world = types.SimpleNamespace(num_clients=3)
+    algo.cfg.client_store = types.SimpleNamespace(slots=3)      # every client live: alignment is gathered
+    algo.world = types.SimpleNamespace(num_clients=3, num_client_ranks=3)
     uploads = [(split.client(torch.randn(16, 1, 28, 28)).detach(), torch.randint(0, 10, (16,))) for _ in range(3)]
 
     def server_state():
-        import copy
-        s = _state(copy.deepcopy(split.server))
-        s.optimizer = torch.optim.Adam(s.model.parameters(), lr=1e-3)
-        s.train_stats = torch.zeros(3, 3).numpy()
-        for cid in range(3):
-            s.aux[cid] = copy.deepcopy(split.aux)
-            s.aux_optimizer[cid] = torch.optim.Adam(s.aux[cid].parameters(), lr=1e-3)
-        return s
+        from mpisage.algorithms.fsl_sage import AuxClient, FslSageServer
+        from mpisage.runtime.client_store import ClientStore
+
+        def make(cid):
+            aux = copy.deepcopy(split.aux)
+            return AuxClient(aux, torch.optim.Adam(aux.parameters(), lr=1e-3))
+        server = copy.deepcopy(split.server)
+        return FslSageServer(server, torch.optim.Adam(server.parameters(), lr=1e-3), torch.zeros(3, 3).numpy(),
+                             clients=ClientStore(range(3), make, slots=3))
 
     gathered, one_by_one = server_state(), server_state()
     replies = [algo.on_upload(gathered, 0, cid, 0, z, y) for cid, (z, y) in enumerate(uploads)]
@@ -89,3 +91,43 @@ def test_an_alignment_round_aligns_every_client_once_all_first_uploads_are_in():
         for a, b in zip(gathered.aux[cid].parameters(), one_by_one.aux[cid].parameters()):
             assert torch.equal(a, b)
     assert not gathered.align_target
+
+
+def test_buffer_grows_only_as_samples_come_and_then_rings():
+    algo, s = _algo(10), _state()
+    algo._buffer(s, 0, torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64))
+    assert s.buffer_z[0].shape == (3, 2) and s.buffer_fill[0].tolist() == [3, 3]
+    algo._buffer(s, 0, torch.ones(9, 2), torch.ones(9, dtype=torch.int64))
+    assert s.buffer_z[0].shape == (10, 2) and s.buffer_fill[0].tolist() == [10, 2]
+    assert s.buffer_y[0].sum().item() == 9       # the 2 oldest zeros were overwritten, one remains
+
+
+def test_server_state_checkpoint_is_the_same_whatever_the_store_keeps_live(tmp_path):
+    """Buffers and alignments of three clients, interleaved, through a one-slot disk store and an all-live memory
+    store: the same S-server checkpoint."""
+    from mpisage.algorithms.fsl_sage import AuxClient, FslSageServer
+    from mpisage.runtime.client_store import ClientStore
+    from mpisage.runtime.state import flatten_state
+
+    def run(slots, backend):
+        torch.manual_seed(0)
+        split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
+
+        def make(cid):
+            aux = copy.deepcopy(split.aux)
+            return AuxClient(aux, torch.optim.Adam(aux.parameters(), lr=1e-3))
+        algo = _algo(12, steps=3)
+        s = FslSageServer(split.server, None, None, clients=ClientStore(range(3), make, slots=slots, backend=backend,
+                                                                        directory=str(tmp_path)))
+        g = torch.Generator().manual_seed(1)
+        for cid in [0, 1, 2, 1, 0, 1]:
+            z = split.client(torch.randn(5, 1, 28, 28, generator=g)).detach()
+            with algo.aux_of(s, [cid]):
+                algo._buffer(s, cid, z, torch.randint(0, 10, (5,), generator=g))
+                algo.align(s, cid)
+        return flatten_state(s.state_dict())[0]
+
+    a, b = run(1, "disk"), run(3, "memory")
+    assert a.keys() == b.keys() and len(a) > 30
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["clients/1/buffer_fill"].tolist() == [12, 3]      # 15 samples through a ring of 12

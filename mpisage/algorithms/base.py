@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from mpisage.algorithms.evaluation import Evaluation
 from mpisage.algorithms.training import count_correct, count_scored, make_optimizer, optimizer_step, task_loss
+from mpisage.runtime.client_store import ClientStore
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import fedavg
 from mpisage.runtime.stateful import Stateful, transient
@@ -76,7 +77,7 @@ class Algorithm:
 
     # ================================================================== hooks: client side
     def make_client(self, cid: int) -> ClientState:
-        split = self.world.build_model()
+        split = self.world.build_model(("client", "aux"))
         return self.new_client(cid, split.client, make_optimizer(split.client.parameters(), self.cfg), aux=split.aux)
 
     def client_step(self, c: ClientState, link: ClientLink, k: int, x: torch.Tensor,
@@ -154,6 +155,33 @@ class Algorithm:
         rows = torch.from_numpy(self.world.local_index[cid])
         return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
                            self.world.generator("client", cid), **parts)
+
+    def store(self, ids, make, *, in_use: int = 2, **kwargs) -> ClientStore:
+        """A store of per-client state (mpisage/runtime/client_store.py) laid out by the config's client_store;
+        `in_use`: how many clients are typically used at once (the slots when the config does not say)."""
+        cs = self.cfg.client_store
+        return ClientStore(ids, make, slots=cs.slots or max(2, in_use), backend=cs.backend, directory=cs.directory,
+                           device=self.world.device, **kwargs)
+
+    def server_slots(self) -> int:
+        """Live per-client states on the S-server: client_store.slots, else one per client rank (each client rank
+        trains one client at a time, so about that many are in use at once), at least 2."""
+        return self.cfg.client_store.slots or max(2, self.world.num_client_ranks)
+
+    def server_store(self, make) -> ClientStore:
+        """The S-server's per-client state, `server_slots()` of them live."""
+        return self.store(range(self.world.num_clients), make, in_use=self.server_slots())
+
+    def client_store(self, cids) -> ClientStore:
+        """This rank's hosted clients, idle ones packed: they differ at the start only in their data and random
+        stream; checkpoint keys `client<id>`."""
+        return self.store(cids, self.make_client, key=lambda cid: f"client{cid}",
+                          fresh=lambda cid: {"generator": self.world.generator("client", cid).get_state()},
+                          bind=self._bind_client)
+
+    def _bind_client(self, c: ClientState, cid: int) -> None:
+        rows = torch.from_numpy(self.world.local_index[cid])
+        c.cid, c.x, c.y = cid, self.world.data.train_x[rows], self.world.data.train_y[rows]
 
     def server_state(self, cls: type[ServerState], **fields) -> ServerState:
         """A fresh S-server state of class `cls`: the initial server part, its optimiser, and `fields`."""

@@ -15,7 +15,7 @@ class FedAvg(Algorithm):
     shared_parts = ("client", "server")
 
     def make_client(self, cid: int) -> ClientState:
-        split = self.world.build_model()
+        split = self.world.build_model(("client", "server"))
         return self.new_client(cid, split.client, make_optimizer(split.whole().parameters(), self.cfg),
                                server=split.server)
 

@@ -5,7 +5,8 @@ l rounds the S-server aligns each client's auxiliary model to its own true cut-l
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -14,9 +15,10 @@ import torch.nn as nn
 from mpisage.algorithms.alignment import align_clients, align_one, true_gradients
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState
 from mpisage.algorithms.training import count_correct, count_scored, make_optimizer, optimizer_step
+from mpisage.runtime.client_store import ClientStore, FieldView
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import load_packed, pack_state, state_nbytes
-from mpisage.runtime.stateful import transient
+from mpisage.runtime.stateful import Stateful, transient
 from mpisage.runtime.transport import Kind
 
 
@@ -32,17 +34,40 @@ def threads(n: int):
 
 
 @dataclass
+class AuxClient(Stateful):
+    """What the S-server keeps per client: an auxiliary copy with its own Adam (state persists across alignments)
+    and a ring of the last `align_buffer_size` uploaded samples (kept as uploaded: they go stale, as in the
+    paper). The ring grows to its size as samples come, so a client that uploaded little holds little."""
+    aux: nn.Module = None
+    aux_optimizer: torch.optim.Optimizer = None
+    buffer_z: torch.Tensor | None = None       # created at the client's first upload
+    buffer_y: torch.Tensor | None = None
+    buffer_fill: torch.Tensor | None = None    # [samples held, next write position]
+
+
+@dataclass
 class FslSageServer(ServerState):
-    """Per client: an auxiliary copy with its own Adam (state persists across alignments) and a ring of the last
-    `align_buffer_size` uploaded samples (kept as uploaded: they go stale, as in the paper)."""
-    aux: dict[int, nn.Module] = field(default_factory=dict)
-    aux_optimizer: dict[int, torch.optim.Optimizer] = field(default_factory=dict)
-    buffer_z: dict[int, torch.Tensor] = field(default_factory=dict)       # created at a client's first upload
-    buffer_y: dict[int, torch.Tensor] = field(default_factory=dict)
-    buffer_fill: dict[int, torch.Tensor] = field(default_factory=dict)    # [samples held, next write position]
+    """Every client's AuxClient, idle ones packed in a ClientStore (config client_store); `aux`, `aux_optimizer`,
+    `buffer_z`, `buffer_y`, `buffer_fill` read them as per-client mappings. A reference from them is valid until
+    another client is read: code working on several clients at once pins them with `aux_of`."""
+    clients: ClientStore = None
     align_loss: dict[int, tuple[float, float]] = transient(default_factory=dict)   # this round's (first, last)
     # true cut-layer gradients kept from a client's first upload of an alignment round until its aux steps run
     align_target: dict[int, torch.Tensor] = transient(default_factory=dict)
+
+    def __getattr__(self, name):          # the per-client views (only called for names not found otherwise)
+        if name in AUX_CLIENT_FIELDS and self.__dict__.get("clients") is not None:
+            return FieldView(self.clients, name)
+        raise AttributeError(name)
+
+
+AUX_CLIENT_FIELDS = tuple(f.name for f in fields(AuxClient))
+
+
+def one_client_server(model: nn.Module | None, aux: nn.Module | None = None,
+                      aux_optimizer: torch.optim.Optimizer | None = None) -> FslSageServer:
+    """An S-server state with one client (id 0) holding `aux` (for unit tests and the alignment benchmark)."""
+    return FslSageServer(model, None, None, clients=ClientStore([0], lambda cid: AuxClient(aux, aux_optimizer)))
 
 
 class FslSage(Algorithm):
@@ -74,31 +99,44 @@ class FslSage(Algorithm):
 
     # ------------------------------------------------------------------ S-server
     def make_server(self) -> FslSageServer:
-        s = self.server_state(FslSageServer)
-        for cid in range(self.world.num_clients):
-            s.aux[cid] = self.world.initial_part("aux")
-            s.aux_optimizer[cid] = make_optimizer(s.aux[cid].parameters(), self.cfg, lr=self.cfg.align_lr,
-                                                  weight_decay=0.0)
-        return s
+        return self.server_state(FslSageServer, clients=self.server_store(self._aux_client))
+
+    def _aux_client(self, cid: int) -> AuxClient:
+        aux = self.world.initial_part("aux")
+        return AuxClient(aux, make_optimizer(aux.parameters(), self.cfg, lr=self.cfg.align_lr, weight_decay=0.0))
+
+    @contextmanager
+    def aux_of(self, s: FslSageServer, cids):
+        """Pins the AuxClients of `cids` live for the block and yields them (in the order of `cids`)."""
+        with s.clients.use(cids) as held:
+            yield held
 
     def expected_uploads(self, cid: int) -> int:
         steps = self.world.steps_per_round(cid)
         return -(-steps // self.cfg.server_update_interval)
 
     def gathers_first_uploads(self, round: int) -> bool:
-        return self.is_align_round(round)
+        """Alignment rounds, when every client's aux fits in the S-server's live slots (client_store.slots >= the
+        number of clients, the default up to one client per client rank): all aux models are aligned at once.
+        With more clients than slots each is aligned at its own first upload, one at a time."""
+        return self.is_align_round(round) and self.server_slots() >= self.world.num_clients
 
     def on_upload(self, s, round, cid, seq, z, y):
-        """A server step on every upload. In an alignment round, a client's first upload also fixes its alignment
-        target (the true gradients of the server as it is then); once every client's has come, every aux model is
-        aligned at once (`align_many`) and sent back."""
+        """A server step on every upload. In an alignment round a client's first upload is also its alignment:
+        gathered (its target fixed now, every aux aligned at once when the last client's first upload is in) or,
+        when the clients' state does not all fit in memory, at once for this client alone."""
         self.server_step(s, cid, z, y)
-        self._buffer(s, cid, z, y)
-        if seq == 0 and self.is_align_round(round):
-            self.align_target(s, cid)
-            if len(s.align_target) == self.world.num_clients:
-                cids = sorted(s.align_target)
-                self.align_many(s, cids)
+        with self.aux_of(s, [cid]):
+            self._buffer(s, cid, z, y)
+            if seq == 0 and self.is_align_round(round):
+                if not self.gathers_first_uploads(round):
+                    self.align(s, cid)
+                    return [(Kind.AUX_MODEL, pack_state(s.aux[cid].state_dict()))]
+                self.align_target(s, cid)
+        if seq == 0 and len(s.align_target) == self.world.num_clients:
+            cids = sorted(s.align_target)
+            self.align_many(s, cids)
+            with self.aux_of(s, cids):
                 return [(c, Kind.AUX_MODEL, pack_state(s.aux[c].state_dict())) for c in cids]
         return []
 
@@ -106,12 +144,20 @@ class FslSage(Algorithm):
         """Keeps the last `align_buffer_size` samples in a ring (alignment uses the whole buffer as one batch, so
         the order inside it does not matter; a ring avoids re-copying the buffer on every upload)."""
         n = self.cfg.align_buffer_size
+        z, y = z[-n:], y[-n:]
         if cid not in s.buffer_z:
-            s.buffer_z[cid] = z.new_empty((n, *z.shape[1:]))
-            s.buffer_y[cid] = y.new_empty((n, *y.shape[1:]))    # token targets are [n, T]
+            s.buffer_z[cid] = z[:0].detach().clone()
+            s.buffer_y[cid] = y[:0].clone()                 # token targets are [n, T]
             s.buffer_fill[cid] = torch.zeros(2, dtype=torch.int64)
         bz, by, fill = s.buffer_z[cid], s.buffer_y[cid], s.buffer_fill[cid]
-        z, y = z[-n:], y[-n:]
+        if len(bz) < n:       # still filling: appended in arrival order, so rows [0, held) are the samples held
+            grow = min(len(y), n - len(bz))
+            bz = s.buffer_z[cid] = torch.cat([bz, z[:grow].detach()])
+            by = s.buffer_y[cid] = torch.cat([by, y[:grow]])
+            z, y = z[grow:], y[grow:]
+            fill[0], fill[1] = len(bz), len(bz) % n
+            if not len(y):
+                return
         pos = int(fill[1])
         first = min(len(y), n - pos)
         bz[pos:pos + first], by[pos:pos + first] = z[:first], y[:first]
@@ -148,7 +194,7 @@ class FslSage(Algorithm):
         time of the loop (benchmarks/batched_alignment.py); batched=None batches on accelerators only. Returns each
         client's last loss."""
         cids = list(cids)
-        with threads(self.cfg.align_threads):
+        with threads(self.cfg.align_threads), self.aux_of(s, cids):     # every aligned client live together
             return self._align_many(s, cids, batched)
 
     def _align_many(self, s: FslSageServer, cids: list[int], batched: bool | None) -> dict[int, float]:

@@ -21,7 +21,7 @@ class CseFsl(Algorithm):
         return self.cfg.server_update_interval
 
     def make_client(self, cid: int) -> ClientState:
-        split = self.world.build_model()
+        split = self.world.build_model(("client", "aux"))
         params = list(split.client.parameters()) + list(split.aux.parameters())
         return self.new_client(cid, split.client, make_optimizer(params, self.cfg), aux=split.aux)
 

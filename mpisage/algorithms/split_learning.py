@@ -9,16 +9,17 @@
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState
 from mpisage.algorithms.training import make_optimizer
+from mpisage.runtime.client_store import ClientStore
 from mpisage.runtime.protocol import ClientLink
-from mpisage.runtime.state import fedavg, load_packed, pack_state
+from mpisage.runtime.state import fedavg_states, load_packed
+from mpisage.runtime.stateful import Stateful
 from mpisage.runtime.transport import Kind
 
 
@@ -37,32 +38,41 @@ class SplitFedV2(Algorithm):
 
 
 @dataclass
+class ServerCopy(Stateful):
+    model: nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+
+
+@dataclass
 class SplitFedV1Server(ServerState):
-    copies: dict[int, nn.Module] = field(default_factory=dict)                     # client id -> its server copy
-    copy_optimizers: dict[int, torch.optim.Optimizer] = field(default_factory=dict)
+    copies: ClientStore = None      # client id -> its server copy and optimiser, idle ones packed (client_store)
 
 
 class SplitFedV1(SplitFedV2):
     name = "sl_multi_server"
 
     def make_server(self) -> SplitFedV1Server:
-        s = self.server_state(SplitFedV1Server)
-        s.copies = {cid: copy.deepcopy(s.model) for cid in range(self.world.num_clients)}
-        s.copy_optimizers = {cid: make_optimizer(m.parameters(), self.cfg) for cid, m in s.copies.items()}
-        return s
+        return self.server_state(SplitFedV1Server, copies=self.server_store(self._copy))
+
+    def _copy(self, cid: int) -> ServerCopy:
+        model = self.world.initial_part("server")        # the weights the S-server's own model starts from
+        return ServerCopy(model, make_optimizer(model.parameters(), self.cfg))
 
     def on_upload(self, s, round, cid, seq, z, y):
-        grad = self.server_step(s, cid, z, y, model=s.copies[cid], optimizer=s.copy_optimizers[cid], return_grad=True)
+        c = s.copies[cid]
+        grad = self.server_step(s, cid, z, y, model=c.model, optimizer=c.optimizer, return_grad=True)
         return [(Kind.GRADIENT, grad)]
 
     def end_server_round(self, s: SplitFedV1Server, round: int) -> None:
         """Average the server copies (weights n_i / n, whole state_dict) and give every copy the average;
         optimiser states stay per copy, as the client optimisers do."""
-        copies = [s.copies[cid] for cid in range(self.world.num_clients)]
-        weights = [self.world.num_samples(cid) for cid in range(self.world.num_clients)]
-        averaged = fedavg([pack_state(m.state_dict()) for m in copies], weights, s.model.state_dict())
-        for module in [s.model, *copies]:
-            load_packed(module, averaged)
+        cids = range(self.world.num_clients)
+        weights = [self.world.num_samples(cid) for cid in cids]
+        # one copy at a time: the copies never need to be live together
+        averaged = fedavg_states((s.copies[cid].model.state_dict() for cid in cids), weights, s.model.state_dict())
+        load_packed(s.model, averaged)
+        for cid in cids:
+            load_packed(s.copies[cid].model, averaged)
 
 
 class VanillaSL(SplitFedV2):

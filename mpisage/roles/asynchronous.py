@@ -64,15 +64,13 @@ class _ClientRank:
 
     def __init__(self, algo):
         self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
-        self.hosted = {cid: algo.make_client(cid) for cid in self.world.clients_of(self.world.rank)}
+        self.hosted = algo.client_store(self.world.clients_of(self.world.rank))   # idle clients packed (client_store)
         self.transform = train_transform(self.world.data, self.cfg.dataset.augment)
         self.parts = _models(algo)
         self.nbytes = self.parts[Kind.CLIENT_MODEL]
         self.uploads, self.busy = 0, 0.0
         if self.world.resume_from:
-            flat = restore_rank_state(self.world, f"rank{self.world.rank}")
-            for cid, c in self.hosted.items():
-                c.load_state_dict(flat, f"client{cid}", self.world.device)
+            self.hosted.load_state_dict(restore_rank_state(self.world, f"rank{self.world.rank}"))
 
     def take_start(self, first) -> dict[Kind, torch.Tensor]:
         """The global model a start message `first` begins: its client part and any other shared part."""
@@ -114,7 +112,7 @@ class _ClientRank:
     def finish(self) -> None:
         """Every hosted client's state for the stop checkpoint, then the rank's last report."""
         t = self.t
-        send_rank_state(t, {f"client{cid}": c.state_dict() for cid, c in self.hosted.items()}, FINAL)
+        send_rank_state(t, self.hosted.state_dict(), FINAL)
         send_report(t, F_SERVER, FINAL_CLIENT_REPORT, {"uploads": self.uploads, "wait_seconds": t.wait_seconds,
                                                        "busy_seconds": self.busy, "resident_bytes": resident_bytes()},
                     round=FINAL)
@@ -384,6 +382,7 @@ def run_async_fserver(algo, log) -> dict:
     nbytes = parts[Kind.CLIENT_MODEL]
     threshold = cfg.comm_threshold_mb * 1024 ** 2
     counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}   # latest reports
+    resident = np.zeros(t.size)                  # latest resident bytes per rank (client ranks: at their last model)
     rng = world.generator("fserver")
     global_model = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     version, requested = 0, 0
@@ -455,7 +454,8 @@ def run_async_fserver(algo, log) -> dict:
             returned = _recv_models(t, msg, parts)
             local = recv_report(t, src, CLIENT_ROUND, client=cid)
             local_stats[cid] += [local[name] for name, _ in CLIENT_ROUND.fields]
-            counters[src] = recv_report(t, src, RANK_REPORT, round=msg.round)["counters"]
+            rank_report = recv_report(t, src, RANK_REPORT, round=msg.round)
+            counters[src], resident[src] = rank_report["counters"], rank_report["resident_bytes"]
             participations[cid] += 1
             if simulated:
                 if step.update >= 0:
@@ -486,7 +486,7 @@ def run_async_fserver(algo, log) -> dict:
             continue
         if src != S_SERVER:
             raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")
-        summary = _record(t, counters, update_clock, local_stats, participations, log, cfg)
+        summary = _record(t, counters, resident, update_clock, local_stats, participations, log, cfg)
         stop = summary["round"] + 1 >= cfg.rounds or summary["comm_bytes"] >= threshold or \
             preemption.requested() is not None
         if stop:
@@ -513,7 +513,7 @@ def run_async_fserver(algo, log) -> dict:
     ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL)
     while held[-1]["round"] + 1 < requested:
         t.wait_any([Kind.EVAL], S_SERVER)
-        held.append(_record(t, counters, update_clock, local_stats, participations, log, cfg))
+        held.append(_record(t, counters, resident, update_clock, local_stats, participations, log, cfg))
     counters[S_SERVER] = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=FINAL)["counters"]
     t.flush()
     # The last row carries the totals of the whole run: every activation answered, every model counted.
@@ -549,14 +549,15 @@ def _totals(counters: dict, t) -> dict:
             "messages_by_kind": totals[2].sum(axis=1)}
 
 
-def _record(t, counters, update_clock, local_stats, participations, log, cfg) -> dict:
+def _record(t, counters, resident, update_clock, local_stats, participations, log, cfg) -> dict:
     """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Byte figures are
-    the sums of every rank's latest report."""
+    the sums of every rank's latest report; resident memory is each rank's latest."""
     msg = t.recv(Kind.EVAL, S_SERVER, shape=(EVAL_RESULT.size,), dtype=torch.float64)
     version = msg.round
     result = EVAL_RESULT.unpack(msg.tensor)
     s_rep = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=version)
     counters[S_SERVER] = s_rep["counters"]
+    resident[F_SERVER], resident[S_SERVER] = resident_bytes(), s_rep["resident_bytes"]
     test_loss, test_acc, eval_s = result["loss"], result["accuracy"], result["seconds"]
     wall, sim = update_clock[version]
     row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
@@ -564,7 +565,7 @@ def _record(t, counters, update_clock, local_stats, participations, log, cfg) ->
            "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
            "participations": participations.copy(), "client_train_seconds": local_stats[:, 3].copy(),
            "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
-           "generated_samples": s_rep["generated_samples"]}
+           "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy()}
     if version % cfg.log_interval == 0:
         log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
             f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")

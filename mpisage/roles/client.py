@@ -101,21 +101,22 @@ def _inject_nan(cid: int, round: int) -> bool:
 
 def run_client(algo: Algorithm) -> None:
     world, t = algo.world, algo.world.transport
-    clients = [algo.make_client(cid) for cid in world.clients_of(world.rank)]
+    cids = world.clients_of(world.rank)
+    clients = algo.client_store(cids)          # idle clients packed (config client_store)
     transform = train_transform(world.data, world.cfg.dataset.augment)
     if world.resume_from:
-        flat = restore_rank_state(world, f"rank{world.rank}")
-        for c in clients:
-            c.load_state_dict(flat, f"client{c.cid}", world.device)
+        clients.load_state_dict(restore_rank_state(world, f"rank{world.rank}"))
     for round in range(world.start_round, world.cfg.rounds):
         _inject_fault(world.rank, round)
-        if algo.schedule == "lockstep":
-            all_stats = train_lockstep(algo, clients, [ClientLink(t, c.cid, round) for c in clients], transform)
-            for c, stats in zip(clients, all_stats):
-                _send_round(algo, c, stats, round)
+        if algo.schedule == "lockstep":       # every hosted client at once: all live
+            with clients.use(cids) as live:
+                all_stats = train_lockstep(algo, live, [ClientLink(t, cid, round) for cid in cids], transform)
+                for c, stats in zip(live, all_stats):
+                    _send_round(algo, c, stats, round)
         else:
             all_stats = []
-            for c in clients:
+            for cid in cids:
+                c = clients[cid]
                 if algo.schedule == "sequential":         # take over the model the previous client trained
                     _load_from_fserver(algo, c, round)
                 all_stats.append(train_round(algo, c, ClientLink(t, c.cid, round), transform))
@@ -124,12 +125,11 @@ def run_client(algo: Algorithm) -> None:
         send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
                                                "resident_bytes": resident_bytes()}, round=round)
         if algo.averages_shared and algo.schedule != "sequential":         # the averages
-            for c in clients:
-                _load_from_fserver(algo, c, round)
+            for cid in cids:
+                _load_from_fserver(algo, clients[cid], round)
         stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
         if checkpoint_due(world.cfg, round, stop):
-            state = {f"client{c.cid}": c.state_dict() for c in clients}
-            send_rank_state(t, state, round)
+            send_rank_state(t, clients.state_dict(), round)
         if stop:
             break
     t.flush()

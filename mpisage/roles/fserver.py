@@ -16,7 +16,7 @@ from mpisage.runtime.checkpoint import checkpoint_due, recv_checkpoint, restore_
 from mpisage.runtime.environment import resident_bytes
 from mpisage.runtime.metrics import GIB
 from mpisage.runtime.protocol import CLIENT_ROUND, EVAL_RESULT, RANK_REPORT, recv_report, sserver_round_report
-from mpisage.runtime.state import flatten_state, pack_state, state_nbytes
+from mpisage.runtime.state import RunningAverage, flatten_state, pack_state, state_nbytes
 from mpisage.runtime.transport import NUM_KINDS, S_SERVER, Kind, role_of
 
 
@@ -27,6 +27,8 @@ def run_fserver(algo: Algorithm, log) -> dict:
     evaluated = eval_keys(algo, templates)     # (kind, client id) of what the S-server evaluates each round
     s_report = sserver_round_report(m, algo.server_report_fields())
     sequential = algo.schedule == "sequential"
+    streaming = (type(algo).aggregate is Algorithm.aggregate and algo.averages_shared and not sequential
+                 and all(cid < 0 for _, cid in eval_keys(algo, templates)))
     # the current global modules: the common initial weights until the first round is done
     current = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
     ready = 0.0    # when the previous round's averaged model was ready (seconds since start)
@@ -48,6 +50,9 @@ def run_fserver(algo: Algorithm, log) -> dict:
         # 1. every client's shared modules and local figures, in client id order (deterministic sums);
         #    a sequential method hands each client the modules the previous one trained instead
         packed = {kind: [] for kind in templates}
+        # plain FedAvg needs no client's modules once added: a running average keeps the F-server's memory flat
+        running = {kind: RunningAverage(module.state_dict(), [world.num_samples(c) for c in range(m)])
+                   for kind, module in templates.items()} if streaming else None
         client_rounds = []
         for cid in range(m):
             src = world.rank_of(cid)
@@ -55,10 +60,14 @@ def run_fserver(algo: Algorithm, log) -> dict:
                 for kind in templates:
                     t.send(src, kind, current[kind], round=round, client=cid)
             for kind, module in templates.items():
-                packed[kind].append(t.recv(carrier(algo, kind), src, round=round, client=cid,
-                                           nbytes=state_nbytes(module.state_dict())).tensor)
+                received = t.recv(carrier(algo, kind), src, round=round, client=cid,
+                                  nbytes=state_nbytes(module.state_dict())).tensor
+                if streaming:
+                    running[kind].add(received)
+                else:
+                    packed[kind].append(received)
                 if sequential:
-                    current[kind] = packed[kind][-1]
+                    current[kind] = received
             client_rounds.append(recv_report(t, src, CLIENT_ROUND, round=round, client=cid))
         client_stats = {name: np.array([c[name] for c in client_rounds]) for name, _ in CLIENT_ROUND.fields}
         rank_reports = {r: recv_report(t, r, RANK_REPORT, round=round) for r in world.client_ranks}
@@ -69,7 +78,8 @@ def run_fserver(algo: Algorithm, log) -> dict:
 
         # 2. average and send back; decide whether this was the last round
         if algo.averages_shared and not sequential:
-            current = {kind: algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
+            current = {kind: running[kind].packed() if streaming else
+                       algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
             for cid in range(m):
                 for kind in templates:
                     t.send(world.rank_of(cid), kind, current[kind], round=round, client=cid)

@@ -22,7 +22,7 @@ def shared_modules(algo: Algorithm, c: ClientState) -> dict[Kind, nn.Module]:
 
 def shared_templates(algo: Algorithm) -> dict[Kind, nn.Module]:
     """Modules laid out like `shared_modules`, with the common initial weights."""
-    split = algo.world.build_model()
+    split = algo.world.build_model(algo.shared_parts)
     return {PART_KINDS[part]: getattr(split, part) for part in algo.shared_parts}
 
 

@@ -110,7 +110,8 @@ def read_checkpoint(path: str, groups: list[str] | None = None) -> tuple[dict, d
 
 # Keys that may change between a checkpoint and its resumption without changing the computation.
 RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "log_interval", "comm_timeout_s", "checkpoint_interval",
-                     "keep_checkpoints", "torch_threads", "comm_threshold_mb", "eval_batch_size"}
+                     "keep_checkpoints", "torch_threads", "comm_threshold_mb", "eval_batch_size",
+                     "client_store.backend", "client_store.slots", "client_store.directory"}   # layout, not values
 
 
 def config_differences(stored_yaml: str, cfg) -> list[str]:

@@ -56,15 +56,40 @@ def load_packed(module: nn.Module, buf: torch.Tensor) -> None:
 def fedavg(packed: list[torch.Tensor], weights: list[float], template: dict[str, torch.Tensor]) -> torch.Tensor:
     """Weighted average of packed states over the WHOLE state_dict (BN running statistics included).
     Sums in float64 in the given (canonical) order; integer buffers (num_batches_tracked) are rounded."""
-    total = float(sum(weights))
-    states = [unpack_state(p, template) for p in packed]
-    averaged = {}
-    for name, t in template.items():
-        acc = torch.zeros(t.shape, dtype=torch.float64)
-        for s, w in zip(states, weights):
-            acc += s[name].to(torch.float64) * (w / total)
-        averaged[name] = acc.round().to(t.dtype) if not t.dtype.is_floating_point else acc.to(t.dtype)
-    return pack_state(averaged)
+    return fedavg_states((unpack_state(p, template) for p in packed), weights, template)
+
+
+def fedavg_states(states, weights: list[float], template: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`fedavg` over an iterable of state_dicts, consumed one at a time (so they need not all exist at once), with
+    the same arithmetic: the result is bit-identical."""
+    acc = RunningAverage(template, weights)
+    for s in states:
+        acc.add(s)
+    return acc.packed()
+
+
+class RunningAverage:
+    """`fedavg` one state at a time, in the order given (float64 sums, so only one state need exist at once)."""
+
+    def __init__(self, template: dict[str, torch.Tensor], weights: list[float]):
+        self.template, self.weights, self.total = template, list(weights), float(sum(weights))
+        self.acc = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in template.items()}
+        self.count = 0
+
+    def add(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        """Adds the next state (a state_dict, or one packed like the template)."""
+        if isinstance(state, torch.Tensor):
+            state = unpack_state(state, self.template)
+        w = self.weights[self.count]
+        for name in self.template:
+            self.acc[name] += state[name].detach().to("cpu", torch.float64) * (w / self.total)
+        self.count += 1
+
+    def packed(self) -> torch.Tensor:
+        if self.count != len(self.weights):
+            raise ValueError(f"averaged {self.count} states of {len(self.weights)}")
+        return pack_state({name: a.round().to(t.dtype) if not t.dtype.is_floating_point else a.to(t.dtype)
+                           for (name, t), a in zip(self.template.items(), self.acc.values())})
 
 
 # ---------------------------------------------------------------- named states (checkpoints)

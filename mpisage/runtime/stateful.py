@@ -51,7 +51,7 @@ def load_value(value, flat: dict[str, torch.Tensor], key: str, device=None):
     elif hasattr(value, "load_state_dict") and not isinstance(value, dict):
         value.load_state_dict(flat, key)
     elif isinstance(value, torch.Generator):
-        value.set_state(_get(flat, key))
+        value.set_state(_get(flat, key).clone())   # a view into a packed buffer crashes set_state
     elif isinstance(value, torch.Tensor):
         return _get(flat, key).clone().to(value.device)
     elif isinstance(value, int):

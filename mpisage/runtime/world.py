@@ -15,6 +15,7 @@ from mpisage.models import SplitModel, build_split
 from mpisage.runtime.transport import F_SERVER, FIRST_CLIENT_RANK, S_SERVER, Transport
 
 STREAMS = {"init": 0, "client": 1, "server": 2, "fserver": 3}
+PARTS = ("client", "server", "aux")
 
 
 def derive_seed(seed: int, stream: str, index: int = 0) -> int:
@@ -81,10 +82,27 @@ class World:
         epoch = [b] * (n // b) + ([n % b] if n % b else [])
         return epoch * self.cfg.local_epochs
 
-    def build_model(self) -> SplitModel:
-        """A fresh copy of the initial split: the same weights on every rank and for every client (the paper
-        starts all clients from one). Built once per rank, copied after."""
-        return copy.deepcopy(self._initial_split())
+    def build_model(self, parts: tuple[str, ...] = PARTS) -> SplitModel:
+        """A fresh copy of the named parts of the initial split (the others None): the same weights on every rank
+        and for every client (the paper starts all clients from one). Built once per rank, copied after."""
+        split = self._initial_split()
+        return SplitModel(**{p: copy.deepcopy(self._part(split, p)) if p in parts else None for p in PARTS})
+
+    def release_parts(self, keep) -> None:
+        """Frees the parts of the initial split this rank's role never copies again (a client rank of most methods
+        never needs the server part: 40 MB for ResNet-18, most of GPT-2 medium). The split is still built whole
+        once, from one seeded stream, so every part has the same weights as on the ranks that keep it."""
+        split = self._initial_split()
+        for p in PARTS:
+            if p not in keep:
+                setattr(split, p, None)
+
+    def _part(self, split: SplitModel, part: str) -> torch.nn.Module:
+        module = getattr(split, part)
+        if module is None:
+            raise RuntimeError(f"rank {self.rank} released the initial {part} part (World.release_parts): its role "
+                               f"was declared not to need it; keep it there")
+        return module
 
     def _initial_split(self) -> SplitModel:
         if self._initial is None:
@@ -113,7 +131,7 @@ class World:
 
     def initial_part(self, part: str) -> torch.nn.Module:
         """A fresh copy of one part ("client", "server" or "aux") of the initial split, without copying the rest."""
-        return copy.deepcopy(getattr(self._initial_split(), part))
+        return copy.deepcopy(self._part(self._initial_split(), part))
 
     def generator(self, stream: str, index: int = 0) -> torch.Generator:
         g = torch.Generator(device="cpu")
