@@ -165,6 +165,14 @@ def test_zero_steps_leave_everything_untouched():
         assert all(torch.equal(t, b[k]) for k, t in a.state_dict().items())
 
 
+def _server(model, clients: int = 3) -> FslSageServer:
+    """An S-server state whose clients' aux state is all live (the test assigns each client's aux and Adam)."""
+    from mpisage.algorithms.fsl_sage import AuxClient
+    from mpisage.runtime.client_store import ClientStore
+    return FslSageServer(model, None, None, clients=ClientStore(range(clients), lambda cid: AuxClient(),
+                                                                slots=clients))
+
+
 def _algo(buffer_size, steps):
     algo = FslSage.__new__(FslSage)    # the hooks under test need only the config
     algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps, align_threads=1)
@@ -180,7 +188,7 @@ def test_align_many_equals_align_client_by_client(float64, monkeypatch):
     algo = _algo(buffer_size=6, steps=3)
     states = []
     for _ in range(2):
-        s = FslSageServer(copy.deepcopy(split.server), None, None)
+        s = _server(copy.deepcopy(split.server))
         states.append(s)
     for cid in range(3):
         z, y = torch.randn(6 if cid else 4, 32, 8, 8), torch.randint(0, 10, (6 if cid else 4,))
@@ -212,7 +220,7 @@ def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64
     algo = _algo(buffer_size=6, steps=2)
     states = []
     for _ in range(2):
-        s = FslSageServer(copy.deepcopy(split.server), None, None)
+        s = _server(copy.deepcopy(split.server))
         states.append(s)
     uploads = [(torch.randn(6, 32, 8, 8), torch.randint(0, 10, (6,))) for _ in range(3)]
     for s in states:

@@ -224,7 +224,7 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
         r = read_rounds(os.path.join(run_dir, "metrics.h5"))
         paper, msgs = r["paper_bytes_by_kind"][-1], r["messages_by_kind"][-1]
         return [len(r["round"]), paper[Kind.ACTIVATION], paper[Kind.GRADIENT], msgs[Kind.ACTIVATION],
-                paper[Kind.CLIENT_MODEL], msgs[Kind.CLIENT_MODEL], r["participations"][-1].sum(),
+                paper[Kind.CLIENT_MODEL], msgs[Kind.CLIENT_MODEL], r["participations_by_client"][-1].sum(),
                 r["generated_samples"][-1], np.all(np.diff(r["simulated_time"]) >= 0), np.isfinite(r["test_acc"]).all(),
                 any(f.startswith("checkpoint_") for f in os.listdir(run_dir))]
 
@@ -296,10 +296,10 @@ def _gas_progress(run_dir: str) -> list:
     from mpisage.runtime.metrics import read_rounds
     r = read_rounds(os.path.join(run_dir, "metrics.h5"))
     monotone = all(np.all(np.diff(r[key], axis=0) >= 0) for key in ("comm_bytes", "wire_bytes", "wall_time",
-                                                                     "simulated_time", "participations"))
+                                                                     "simulated_time", "participations_by_client"))
     rounds = list(r["round"]) + [-1] * (6 - len(r["round"]))
     return [*rounds[:6], monotone, bool(np.all(np.diff(r["server_steps"]) >= 0)), r["comm_bytes"][-1],
-            r["participations"][-1].sum()]
+            r["participations_by_client"][-1].sum()]
 
 
 def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist, shared_tmp, monkeypatch):
@@ -357,13 +357,13 @@ def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist
     def check_metrics():
         from mpisage.runtime.metrics import read_rounds
         a, b = (read_rounds(os.path.join(d, "metrics.h5")) for d in runs)
-        differ = [k for k in ("test_acc", "test_loss", "simulated_time", "participations", "server_steps",
+        differ = [k for k in ("test_acc", "test_loss", "simulated_time", "participations_by_client", "server_steps",
                               "generated_samples", "comm_bytes") if not np.array_equal(a[k], b[k])]
         same = not differ
         if differ:
             print("differ between the two runs:", {k: (a[k].tolist(), b[k].tolist()) for k in differ}, flush=True)
         schedule = schedules[0]
-        counts = a["participations"][-1]
+        counts = a["participations_by_client"][-1]
         return [same, np.allclose(a["simulated_time"], schedule.update_times, rtol=1e-12),
                 np.array_equal(counts, schedule.participations(4)), counts[0] == counts.max() > np.median(counts)]
 
@@ -388,7 +388,7 @@ def test_fed_buff_moves_whole_models_only_and_averages_every_qc_returns(fmnist, 
         paper = fb["paper_bytes_by_kind"][-1]
         client_msgs = paper[Kind.CLIENT_MODEL] / state_bytes(split.client)
         server_msgs = paper[Kind.SERVER_MODEL] / state_bytes(split.server)
-        returned = fb["participations"][-1].sum()
+        returned = fb["participations_by_client"][-1].sum()
         return [paper[Kind.ACTIVATION], paper[Kind.GRADIENT], client_msgs, server_msgs, returned,
                 len(fb["round"]), np.isfinite(fb["test_acc"]).all(),
                 (np.diff(fb["simulated_time"]) >= 0).all() and fb["simulated_time"][-1] > fb["simulated_time"][0]]

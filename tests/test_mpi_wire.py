@@ -52,8 +52,13 @@ def test_every_algorithm_runs_a_round_in_every_wire_format(algorithm, fmnist, sh
             out = [len(r["test_acc"]), np.isfinite(r["test_acc"]).all(), msgs[Kind.ACTIVATION]]
             for kind, fmt in ((Kind.ACTIVATION, activations), (Kind.GRADIENT, gradients)):
                 per_message = WIRE_FORMATS[fmt].payload_nbytes((B, *per_sample))
-                out += [paper[kind] == msgs[kind] * per_message,
-                        wire_b[kind] == paper[kind] + HEADER_BYTES * msgs[kind]]
+                if algorithm == "sglr" and kind == Kind.GRADIENT:
+                    # SplitAvg's mean gradient is one broadcast payload: counted once in the paper figure however
+                    # many active clients receive a copy, so some copies are wire-only
+                    paper_ok = paper[kind] % per_message == 0 and 0 < paper[kind] < msgs[kind] * per_message
+                else:
+                    paper_ok = paper[kind] == msgs[kind] * per_message
+                out += [paper_ok, wire_b[kind] == (per_message + HEADER_BYTES) * msgs[kind]]
             return out
 
         results.append((activations, gradients, on_root(check)))
@@ -63,7 +68,7 @@ def test_every_algorithm_runs_a_round_in_every_wire_format(algorithm, fmnist, sh
         assert got[2] > 0, f"{setting}: no activation was sent"
         assert got[3], f"{setting}: activation bytes are not (messages x {activations} size of a batch)"
         assert got[5], f"{setting}: gradient bytes are not (messages x {gradients} size of a batch)"
-        assert got[4] and got[6], f"{setting}: wire bytes of activations/gradients are not payload + headers"
+        assert got[4] and got[6], f"{setting}: wire bytes are not messages x (encoded batch + header)"
 
 
 def test_a_deterministic_run_in_int8_is_bit_identical_run_to_run(fmnist, shared_tmp):

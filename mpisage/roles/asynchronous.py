@@ -563,7 +563,7 @@ def _record(t, counters, resident, update_clock, local_stats, participations, lo
     row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
            "wall_time": wall, "simulated_time": sim, "eval_seconds": eval_s,
            "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
-           "participations": participations.copy(), "client_train_seconds": local_stats[:, 3].copy(),
+           "participations_by_client": participations.copy(), "client_train_seconds": local_stats[:, 3].copy(),
            "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
            "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy()}
     if version % cfg.log_interval == 0:
