@@ -289,3 +289,12 @@ def test_niidbench_dirichlet_split_refuses_more_clients_than_its_floor_allows():
     from mpisage.data import partition
     with pytest.raises(ValueError, match="at least 10 samples.*lower num_clients"):
         partition(np.arange(100) % 10, 11, "dirichlet_niidbench", alpha=0.5)
+
+
+@pytest.mark.parametrize("name", ["sglr", "gas", "fed_buff"])
+def test_image_only_methods_refuse_a_language_modelling_dataset(name):
+    from mpisage.algorithms import REGISTRY
+    from mpisage.config import ConfigError
+    world = types.SimpleNamespace(is_token_task=True, data=types.SimpleNamespace(name="e2e"))
+    with pytest.raises(ConfigError, match=f"{name} is defined for image classification; e2e"):
+        REGISTRY[name](world)

@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState
-from mpisage.config import ConfigError
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import fedavg, state_nbytes
 from mpisage.runtime.world import derive_seed
@@ -161,12 +160,10 @@ class AsyncAlgorithm(Algorithm):
     activation goes up; the S-server only evaluates)."""
     schedule = "async"
     uses_sserver = True
+    images_only = True
 
     def __init__(self, world):
         super().__init__(world)
-        if world.is_token_task:
-            raise ConfigError(f"{self.name} is defined for image classification; {world.data.name} is a "
-                              f"language-modelling dataset (use fsl_sage or a baseline)")
         cfg, m = self.cfg, world.num_clients
         self.active = min(cfg.active_clients or m, m)           # C
         self.model_buffer = cfg.model_buffer or self.active     # Q_c

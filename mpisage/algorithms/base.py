@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from mpisage.algorithms.evaluation import Evaluation
 from mpisage.algorithms.training import count_correct, count_scored, make_optimizer, optimizer_step, task_loss
+from mpisage.config import ConfigError
 from mpisage.runtime.client_store import ClientStore
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import fedavg
@@ -65,8 +66,13 @@ class Algorithm:
     # False: the shared parts are never averaged; they go to the F-server (as EVAL traffic, outside the paper
     # figure) only so the S-server can evaluate them (SGLR).
     averages_shared = True
+    # True: defined for image classification only (a language-modelling dataset is refused at start-up)
+    images_only = False
 
     def __init__(self, world: World):
+        if self.images_only and world.is_token_task:
+            raise ConfigError(f"{self.name} is defined for image classification; {world.data.name} is a "
+                              f"language-modelling dataset (use fsl_sage or a baseline)")
         self.world = world
         self.cfg = world.cfg
         client = world.initial_part("client").eval()

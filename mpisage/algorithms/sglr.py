@@ -47,12 +47,10 @@ class Sglr(Algorithm):
     name = "sglr"
     schedule = "lockstep"
     averages_shared = False
+    images_only = True
 
     def __init__(self, world):
         super().__init__(world)
-        if world.is_token_task:
-            raise ConfigError(f"sglr is defined for image classification; {world.data.name} is a language-modelling "
-                              f"dataset (use fsl_sage or a baseline)")
         if len({tuple(world.batch_sizes(cid)) for cid in range(world.num_clients)}) > 1:
             raise ConfigError("sglr concatenates the k-th batch of every client, so every client needs the same "
                               "number of samples: use dataset.samples_per_client=N with dataset.distribution=iid "
