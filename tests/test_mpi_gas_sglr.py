@@ -357,8 +357,10 @@ def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist
     def check_metrics():
         from mpisage.runtime.metrics import read_rounds
         a, b = (read_rounds(os.path.join(d, "metrics.h5")) for d in runs)
+        # everything the schedule fixes; byte counters in a row are the ranks' latest reports when the row is
+        # recorded (a wall-clock cut), so they are not compared here
         differ = [k for k in ("test_acc", "test_loss", "simulated_time", "participations_by_client", "server_steps",
-                              "generated_samples", "comm_bytes") if not np.array_equal(a[k], b[k])]
+                              "generated_samples") if not np.array_equal(a[k], b[k])]
         same = not differ
         if differ:
             print("differ between the two runs:", {k: (a[k].tolist(), b[k].tolist()) for k in differ}, flush=True)

@@ -216,8 +216,10 @@ class _Evaluations:
     """The S-server's queue of global models to evaluate, one test batch at a time in its idle moments, and its
     reports: each result goes to the F-server with the S-server's counters."""
 
-    def __init__(self, algo, s, server_for):
-        """`server_for(version)` -> the server model to evaluate global model `version` with."""
+    def __init__(self, algo, s, server_for, steps_for=None):
+        """`server_for(version)` -> the server model to evaluate global model `version` with; `steps_for(version)`
+        -> (server steps, generated samples) as of that update (default: as they are when the result goes out)."""
+        self.steps_for = steps_for
         self.algo, self.world, self.t, self.s, self.server_for = algo, algo.world, algo.world.transport, s, server_for
         self.parts = _models(algo)
         self.queue: list[tuple[int, dict]] = []     # (version, global model parts) waiting
@@ -250,16 +252,17 @@ class _Evaluations:
             loss, accuracy, seconds = self.running.result()
             send_report(self.t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
                         round=self.version, kind=Kind.EVAL)
-            self.report_counters(self.version)
+            self.report_counters(self.version, *(self.steps_for(self.version) if self.steps_for else ()))
             self.running, self.done = None, self.done + 1
         return True
 
-    def report_counters(self, round: int) -> None:
+    def report_counters(self, round: int, steps: int | None = None, generated: int | None = None) -> None:
         t, s = self.t, self.s
         send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
             "wait_seconds": t.wait_seconds, "busy_seconds": self.busy,
             "elapsed_seconds": time.perf_counter() - self.start,
-            "server_steps": getattr(s, "steps", 0), "generated_samples": getattr(s, "generated", 0),
+            "server_steps": getattr(s, "steps", 0) if steps is None else steps,
+            "generated_samples": getattr(s, "generated", 0) if generated is None else generated,
             "resident_bytes": resident_bytes()}, round=round)
 
 
@@ -314,7 +317,10 @@ def _run_simulated_sserver(algo) -> None:
         s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
     schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
     snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
-    evals = _Evaluations(algo, s, snapshots.pop)
+    steps_at: dict[int, tuple[int, int]] = {}        # version -> (server steps, generated samples) at that update
+    # (a method whose S-server only evaluates, FedBuff, has no snapshots: its steps are those of now, none)
+    evals = _Evaluations(algo, s, snapshots.pop,
+                         lambda v: steps_at.pop(v, (getattr(s, "steps", 0), getattr(s, "generated", 0))))
     expected_evaluations = None
     sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
     served = dict.fromkeys(world.client_ranks, 0)
@@ -353,6 +359,7 @@ def _run_simulated_sserver(algo) -> None:
             served[r] += 1
             if step.update >= 0 and world.start_round + step.update < cfg.rounds:
                 snapshots[world.start_round + step.update] = copy.deepcopy(s.model)
+                steps_at[world.start_round + step.update] = (getattr(s, "steps", 0), getattr(s, "generated", 0))
             evals.busy += time.perf_counter() - t0
             evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
             break
@@ -392,6 +399,7 @@ def run_async_fserver(algo, log) -> dict:
     inactive = list(range(m))
     buffer: list[tuple[dict, int]] = []           # (returned parts, client id)
     update_clock: dict[int, tuple[float, float]] = {}     # version -> (wall seconds, simulated seconds)
+    participations_at: dict[int, np.ndarray] = {}         # version -> returned models per client at that update
     local_stats = np.zeros((m, 4))
     start = time.perf_counter()
     held: list[dict] = []       # metrics rows from the stop on
@@ -468,6 +476,7 @@ def run_async_fserver(algo, log) -> dict:
                                                           template) for kind, template in templates.items()}
                 buffer.clear()
                 update_clock[version] = (time.perf_counter() - start, sim_now)
+                participations_at[version] = participations.copy()
                 if requested < cfg.rounds:
                     for kind, packed in global_model.items():
                         t.send(S_SERVER, Kind.EVAL, packed, round=version, part=int(kind))
@@ -486,7 +495,7 @@ def run_async_fserver(algo, log) -> dict:
             continue
         if src != S_SERVER:
             raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")
-        summary = _record(t, counters, resident, update_clock, local_stats, participations, log, cfg)
+        summary = _record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg)
         stop = summary["round"] + 1 >= cfg.rounds or summary["comm_bytes"] >= threshold or \
             preemption.requested() is not None
         if stop:
@@ -513,7 +522,7 @@ def run_async_fserver(algo, log) -> dict:
     ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL)
     while held[-1]["round"] + 1 < requested:
         t.wait_any([Kind.EVAL], S_SERVER)
-        held.append(_record(t, counters, resident, update_clock, local_stats, participations, log, cfg))
+        held.append(_record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg))
     counters[S_SERVER] = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=FINAL)["counters"]
     t.flush()
     # The last row carries the totals of the whole run: every activation answered, every model counted.
@@ -549,9 +558,10 @@ def _totals(counters: dict, t) -> dict:
             "messages_by_kind": totals[2].sum(axis=1)}
 
 
-def _record(t, counters, resident, update_clock, local_stats, participations, log, cfg) -> dict:
-    """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Byte figures are
-    the sums of every rank's latest report; resident memory is each rank's latest."""
+def _record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg) -> dict:
+    """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Participations and
+    the S-server's step counts are as of the update (with the simulated schedule, the same every run); byte figures
+    are the sums of every rank's latest report when the row is recorded, and resident memory each rank's latest."""
     msg = t.recv(Kind.EVAL, S_SERVER, shape=(EVAL_RESULT.size,), dtype=torch.float64)
     version = msg.round
     result = EVAL_RESULT.unpack(msg.tensor)
@@ -563,7 +573,7 @@ def _record(t, counters, resident, update_clock, local_stats, participations, lo
     row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
            "wall_time": wall, "simulated_time": sim, "eval_seconds": eval_s,
            "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
-           "participations_by_client": participations.copy(), "client_train_seconds": local_stats[:, 3].copy(),
+           "participations_by_client": participations_at.pop(version), "client_train_seconds": local_stats[:, 3].copy(),
            "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
            "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy()}
     if version % cfg.log_interval == 0:
