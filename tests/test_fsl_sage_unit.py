@@ -131,3 +131,19 @@ def test_server_state_checkpoint_is_the_same_whatever_the_store_keeps_live(tmp_p
     assert a.keys() == b.keys() and len(a) > 30
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["clients/1/buffer_fill"].tolist() == [12, 3]      # 15 samples through a ring of 12
+
+
+def test_alignment_rounds_gather_only_with_one_client_per_rank_and_every_aux_live():
+    """A rank runs its clients one after another: with two clients on a rank the second's first upload comes only
+    after the first has its aux, so gathering would wait forever; too few live slots cannot hold every aux."""
+    algo = _algo()
+    algo.cfg.align_interval = 10
+
+    def gathers(clients, ranks, slots):
+        algo.cfg.client_store = types.SimpleNamespace(slots=slots)
+        algo.world = types.SimpleNamespace(num_clients=clients, num_client_ranks=ranks)
+        return algo.gathers_first_uploads(0), algo.gathers_first_uploads(5)
+
+    assert gathers(4, 4, None) == (True, False)       # the default job: one client per rank, one slot each
+    assert gathers(8, 4, 100) == (False, False)       # two clients per rank
+    assert gathers(4, 4, 2) == (False, False)         # not every aux live

@@ -116,10 +116,12 @@ class FslSage(Algorithm):
         return -(-steps // self.cfg.server_update_interval)
 
     def gathers_first_uploads(self, round: int) -> bool:
-        """Alignment rounds, when every client's aux fits in the S-server's live slots (client_store.slots >= the
-        number of clients, the default up to one client per client rank): all aux models are aligned at once.
-        With more clients than slots each is aligned at its own first upload, one at a time."""
-        return self.is_align_round(round) and self.server_slots() >= self.world.num_clients
+        """Alignment rounds with one client per client rank whose aux models all fit in the S-server's live slots
+        (the default job): all aux models are aligned at once. Otherwise each client is aligned at its own first
+        upload: a rank runs its clients one after another, so its second client's first upload comes only after its
+        first client has had its aux, and gathering them would wait forever."""
+        return (self.is_align_round(round) and self.world.num_clients <= self.world.num_client_ranks
+                and self.server_slots() >= self.world.num_clients)
 
     def on_upload(self, s, round, cid, seq, z, y):
         """A server step on every upload. In an alignment round a client's first upload is also its alignment:
