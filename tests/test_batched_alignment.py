@@ -186,10 +186,7 @@ def test_align_many_equals_align_client_by_client(float64, monkeypatch):
     torch.manual_seed(5)
     split = _resnet16()
     algo = _algo(buffer_size=6, steps=3)
-    states = []
-    for _ in range(2):
-        s = _server(copy.deepcopy(split.server))
-        states.append(s)
+    states = [_server(copy.deepcopy(split.server)) for _ in range(2)]
     for cid in range(3):
         z, y = torch.randn(6 if cid else 4, 32, 8, 8), torch.randint(0, 10, (6 if cid else 4,))
         aux = copy.deepcopy(split.aux)
@@ -218,10 +215,7 @@ def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64
     torch.manual_seed(6)
     split = _resnet16()
     algo = _algo(buffer_size=6, steps=2)
-    states = []
-    for _ in range(2):
-        s = _server(copy.deepcopy(split.server))
-        states.append(s)
+    states = [_server(copy.deepcopy(split.server)) for _ in range(2)]
     uploads = [(torch.randn(6, 32, 8, 8), torch.randint(0, 10, (6,))) for _ in range(3)]
     for s in states:
         for cid, (z, y) in enumerate(uploads):
