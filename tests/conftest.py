@@ -1,6 +1,7 @@
 """Shared test helpers. Multi-rank tests run in one `mpirun -n 4 pytest --with-mpi -m mpi` launch; each job gets
 its own duplicated communicator so message streams of different tests never mix."""
 import os
+import shutil
 import sys
 import tempfile
 
@@ -56,6 +57,9 @@ def shared_tmp():
     path = raw.rstrip(b"\0").decode()
     yield path
     comm.Barrier()
+    if comm.Get_rank() == 0:
+        # Jobs' checkpoints run to hundreds of MB: a suite that keeps them fills the disk in a few runs.
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_job(overrides: list[str], ranks: int | None = None) -> dict | None:

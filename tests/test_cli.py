@@ -162,6 +162,33 @@ def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
     assert attrs["round"] >= 0
 
 
+def test_gas_killed_mid_run_keeps_its_mid_run_checkpoint_and_resumes(tmp_path):
+    """An asynchronous run checkpoints every checkpoint_interval updates while it goes on: kill -9 of a client rank
+    after the first one ends the job (non-zero), the checkpoint is there and verifies, and the resumed run
+    completes."""
+    import signal
+
+    from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
+    gas = ["algorithm=gas", "model=alexnet", "active_clients=2", "local_iters=2", "optimizer=sgd", "lr=0.01",
+           "covariance=diag", "eval_samples=20", "checkpoint_interval=2"]
+    job = [a for a in _tiny_job(tmp_path, 10_000) if not a.startswith(("num_clients", "checkpoint_interval"))]
+    job = ["num_clients=4", *job, *gas]
+    proc = _start(job)
+    _wait_for_line(proc, "checkpoint after update 2:")
+    os.kill(_rank_pid(tmp_path, 3), signal.SIGKILL)
+    start = time.monotonic()
+    proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60, "the job outlived a dead rank by more than a minute"
+    attrs, _ = read_checkpoint(list_checkpoints(str(tmp_path / "run"))[-1])
+    stopped_at = int(attrs["round"])
+    assert stopped_at >= 1 and (stopped_at + 1) % 2 == 0            # a mid-run checkpoint, not a stop's
+    proc = _start([a if not a.startswith("rounds=") else f"rounds={stopped_at + 3}" for a in job] + ["resume=auto"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"resuming after update {stopped_at + 1}" in out and f"update {stopped_at + 3:4d}/" in out
+
+
 def test_frozen_rank_is_named_and_ends_the_job(tmp_path):
     """A rank that stops answering without dying (SIGSTOP here; a hung node in life) is caught by the heartbeat."""
     import signal

@@ -400,3 +400,54 @@ def test_fed_buff_moves_whole_models_only_and_averages_every_qc_returns(fmnist, 
     assert client_msgs == server_msgs and client_msgs == int(client_msgs), (client_msgs, server_msgs)
     assert returned >= 3 * 2 and client_msgs >= 2 * returned, "every return and every start carries the model"
     assert rows == 3 and finite and forward
+
+
+def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist, shared_tmp):
+    """checkpoint_interval=2 of 6 updates: checkpoints after updates 2 and 4 while the run goes on, each cut where
+    the update completes (the S-server's step count and the F-server's participations in it are those of the
+    update's metrics row, not of later); resumed from the first, the run completes without a gap. A budget stop
+    that comes after the ranks sent their state for a later cut, and FedBuff (an S-server that only evaluates),
+    finish too."""
+    from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
+    common = ["model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=2", "local_iters=2",
+              "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag", "eval_samples=20", "keep_checkpoints=10"]
+    run_dir, resumed = os.path.join(shared_tmp, "gas_cuts"), os.path.join(shared_tmp, "gas_cuts_resumed")
+    run_job(["algorithm=gas", "rounds=6", "checkpoint_interval=2", f"run_dir={run_dir}", *common])
+
+    def check_cuts():
+        import shutil
+
+        from mpisage.runtime.metrics import read_rounds
+        r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+        files = list_checkpoints(run_dir)
+        out = [[int(read_checkpoint(f, [])[0]["round"]) for f in files] == [1, 3, 5]]
+        for path, update in zip(files, (1, 3)):
+            _, state = read_checkpoint(path, ["fserver", "rank1"])
+            out += [int(state["rank1"]["server/steps"]) == r["server_steps"][update],
+                    np.array_equal(state["fserver"]["schedule/participations"].numpy(),
+                                   r["participations_by_client"][update]),
+                    len(state["fserver"]["metrics/round"]) == update + 1,
+                    r["checkpoint_bytes_by_rank"][update].min() > 0]
+        out.append(r["checkpoint_bytes_by_rank"][[0, 2, 4]].max() == 0)     # no checkpoint after those updates
+        os.makedirs(resumed)
+        shutil.copy(files[0], resumed)
+        return out
+
+    assert all(on_root(check_cuts))
+    run_job(["algorithm=gas", "rounds=6", "checkpoint_interval=2", f"run_dir={resumed}", "resume=auto", *common])
+    assert list(on_root(lambda: _gas_progress(resumed)))[:7] == [0, 1, 2, 3, 4, 5, True]
+
+    stopped = os.path.join(shared_tmp, "gas_budget")
+    run_job(["algorithm=gas", "rounds=50", "checkpoint_interval=1", "comm_threshold_mb=4", f"run_dir={stopped}",
+             *common])
+    fed_buff = os.path.join(shared_tmp, "fed_buff_cuts")
+    run_job(["algorithm=fed_buff", "rounds=3", "checkpoint_interval=1", f"run_dir={fed_buff}", *common])
+
+    def check_stops():
+        from mpisage.runtime.metrics import read_rounds
+        r = read_rounds(os.path.join(stopped, "metrics.h5"))
+        last = [int(read_checkpoint(list_checkpoints(d)[-1], [])[0]["round"]) for d in (stopped, fed_buff)]
+        return [1 <= len(r["round"]) < 50, last[0] == r["round"][-1], last[1] == 2,
+                len(list_checkpoints(fed_buff)) == 3]
+
+    assert all(on_root(check_stops))

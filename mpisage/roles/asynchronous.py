@@ -12,6 +12,10 @@ each client rank how many starts it sent; a client rank takes them all, reports 
 stops; then the S-server is told how many evaluations to finish. Nothing is left in flight. The stop writes one
 checkpoint of every rank (global model, schedule and clocks, server model and statistics, every client's optimiser,
 counters, metrics), and `resume=` continues from it: asynchrony makes the continuation a valid run, not a replay.
+With the simulated schedule a run also checkpoints every `checkpoint_interval` updates while it goes on, cut at
+the step that completes the update (`_cuts`): each rank sends its state when it has done its part of the schedule
+up to that step, the F-server writes once the update's metrics row is in. With `async_schedule=arrival` there is
+no such cut without stopping the streams, so only the stop writes one.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from mpisage.algorithms.base import PART_KINDS
 from mpisage.roles.shared import open_metrics, shared_modules, shared_templates
 from mpisage.roles.sserver import recv_labels
 from mpisage.runtime import preemption
-from mpisage.runtime.checkpoint import (recv_checkpoint, restore_rank_state, restore_transport, send_rank_state,
-                                        transport_state, write_checkpoint)
+from mpisage.runtime.checkpoint import (midrun_checkpoint_due, recv_checkpoint, restore_rank_state,
+                                        restore_transport, send_rank_state, transport_state, write_checkpoint)
 from mpisage.runtime.environment import resident_bytes
 from mpisage.runtime.metrics import GIB
 from mpisage.runtime.protocol import (ASYNC_SSERVER_REPORT, CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT,
@@ -45,6 +49,16 @@ def _models(algo) -> dict[Kind, int]:
     """The model parts a participation starts from and sends back (GAS: the client part; FedBuff: client and
     server), by message kind, in the order they travel, with their sizes in bytes."""
     return {kind: state_nbytes(module.state_dict()) for kind, module in shared_templates(algo).items()}
+
+
+def _cuts(algo, schedule) -> list[tuple[int, int]]:
+    """The mid-run checkpoints of a simulated schedule, as (step index, global update): each is cut at the step
+    whose returned model completes its update. Every rank keeps its state as it is when it has done all its work
+    of the steps up to the cut and none after, so the checkpoint holds every message before the cut time, none
+    after."""
+    start = algo.world.start_round
+    return [(i, start + step.update) for i, step in enumerate(schedule.steps)
+            if step.update >= 0 and midrun_checkpoint_due(algo.cfg, start + step.update)]
 
 
 def _recv_models(t, first, parts: dict[Kind, int], **expect) -> dict[Kind, torch.Tensor]:
@@ -169,12 +183,21 @@ def _run_simulated_client(algo) -> None:
     early: dict = {}                    # client id -> its start message, taken before its turn
     starts = sent = 0
     announced = None
+    cuts = _cuts(algo, schedule)
+
+    def pass_cuts(before: int) -> None:
+        """This rank's state for every mid-run checkpoint cut before step `before` (its steps up to the cut done)."""
+        while cuts and cuts[0][0] < before:
+            send_rank_state(t, hosted.state_dict(), cuts.pop(0)[1])
 
     def take_stop() -> None:
         nonlocal announced
         announced = int(t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64).tensor.item())
 
-    for step in (s for s in schedule.steps if s.client in hosted):
+    for i, step in enumerate(schedule.steps):
+        if step.client not in hosted:
+            continue
+        pass_cuts(i)
         cid, version, c = step.client, world.start_round + step.version, hosted[step.client]
         if step.seq == 0:
             # starts come in the order the F-server drew them; two of this rank's clients may begin their first
@@ -201,6 +224,8 @@ def _run_simulated_client(algo) -> None:
         sent += algo.uses_sserver           # activations sent
         if step.seq + 1 == cfg.local_iters:
             rank.give_back(cid, version, stats.pop(cid))
+    else:
+        pass_cuts(len(schedule.steps))
     if announced is None:
         t.wait_any([Kind.CONTROL], F_SERVER)
         take_stop()
@@ -324,12 +349,16 @@ def _run_simulated_sserver(algo) -> None:
     expected_evaluations = None
     sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
     served = dict.fromkeys(world.client_ranks, 0)
+    cuts = _cuts(algo, schedule)
 
     def take(kind: Kind, src: int) -> None:
         """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
         nonlocal expected_evaluations
         if kind == Kind.EVAL:
             evals.take_request()
+            # a server that only evaluates (FedBuff) has nothing of its own at a cut: its state goes with the request
+            while not algo.uses_sserver and cuts and cuts[0][1] <= evals.queue[-1][0]:
+                send_rank_state(t, {"server": s.state_dict()}, cuts.pop(0)[1])
         elif src == F_SERVER:
             msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
             expected_evaluations = int(msg.tensor.item())
@@ -340,7 +369,7 @@ def _run_simulated_sserver(algo) -> None:
                                     f"{served[src]} were answered")
 
     from_fserver = [(Kind.EVAL, F_SERVER), (Kind.CONTROL, F_SERVER)]
-    for step in schedule.steps if algo.uses_sserver else ():
+    for i, step in enumerate(schedule.steps if algo.uses_sserver else ()):
         r = world.rank_of(step.client)
         while sent_by[r] is None or served[r] < sent_by[r]:     # else: r stopped before this step
             kind, src = t.wait_first([(Kind.ACTIVATION, r), *from_fserver,
@@ -360,6 +389,8 @@ def _run_simulated_sserver(algo) -> None:
             if step.update >= 0 and world.start_round + step.update < cfg.rounds:
                 snapshots[world.start_round + step.update] = copy.deepcopy(s.model)
                 steps_at[world.start_round + step.update] = (getattr(s, "steps", 0), getattr(s, "generated", 0))
+            if cuts and cuts[0][0] == i:
+                send_rank_state(t, {"server": s.state_dict()}, cuts.pop(0)[1])
             evals.busy += time.perf_counter() - t0
             evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
             break
@@ -433,6 +464,31 @@ def run_async_fserver(algo, log) -> dict:
         next_return = next(returns, None)
         sim_offset = sim_now
 
+    cut_states: dict[int, dict] = {}     # update -> this rank's state at that mid-run checkpoint's cut
+    cuts = {u for _, u in _cuts(algo, schedule)} if simulated else set()
+
+    def own_state() -> dict:
+        """The F-server's part of a checkpoint, as it is now: the global model, the schedule's state and clocks."""
+        return {**{_part_name(kind): {"packed": packed.clone()} for kind, packed in global_model.items()},
+                "transport": transport_state(t),
+                "schedule": {"participations": torch.from_numpy(participations.copy()),
+                             "local_stats": torch.from_numpy(local_stats.copy()),
+                             "clock": torch.tensor([sim_now, time.perf_counter() - start], dtype=torch.float64),
+                             "rng": rng.get_state(),
+                             "reports": torch.from_numpy(np.stack([counters[r] for r in range(1, t.size)]))}}
+
+    def write(update: int, ranks: dict, own: dict, row: dict) -> None:
+        """One checkpoint of every rank after global update `update`, its cost in `row` (the update's metrics)."""
+        began = time.perf_counter()
+        ranks["fserver"] = flatten_state({**own, "metrics": {k: torch.from_numpy(v)
+                                                             for k, v in metrics.history().items()}})
+        write_checkpoint(cfg.run_dir, update, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+        sizes = np.array([state_nbytes(ranks[f"rank{r}" if r else "fserver"][0]) for r in range(t.size)])
+        row["checkpoint_bytes_by_rank"], row["checkpoint_seconds"] = sizes, time.perf_counter() - began
+        metrics.update_last({k: row[k] for k in ("checkpoint_bytes_by_rank", "checkpoint_seconds")})
+        log(f"[mpisage] checkpoint after update {update + 1}: {sizes.sum() / 1024 ** 2:.1f} MiB, gathered and "
+            f"written in {row['checkpoint_seconds']:.1f} s")
+
     def draw() -> int:
         return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
 
@@ -481,6 +537,8 @@ def run_async_fserver(algo, log) -> dict:
                     for kind, packed in global_model.items():
                         t.send(S_SERVER, Kind.EVAL, packed, round=version, part=int(kind))
                     requested += 1
+                if version in cuts:
+                    cut_states[version] = own_state()
                 version += 1
             # The replacement starts from the newest global model; the finished client may be drawn again later
             # (at once when every client is active, C = K: then it is the only one to draw).
@@ -500,8 +558,12 @@ def run_async_fserver(algo, log) -> dict:
             preemption.requested() is not None
         if stop:
             held.append(summary)          # written after the drain, with the final counters
-        else:
-            metrics.append(summary)
+            continue
+        metrics.append(summary)
+        if summary["round"] in cut_states:   # every row up to the cut is in: gather the other ranks' cut states
+            update = int(summary["round"])
+            ranks = {f"rank{r}": recv_checkpoint(t, r, update) for r in (*world.client_ranks, S_SERVER)}
+            write(update, ranks, cut_states.pop(update), summary)
 
     # drain: every client rank takes the starts in flight and reports; then the S-server finishes its evaluations
     for r in world.client_ranks:
@@ -516,10 +578,11 @@ def run_async_fserver(algo, log) -> dict:
             counters[r] = (FINAL_CLIENT_REPORT if msg.round == FINAL else RANK_REPORT).unpack(msg.tensor)["counters"]
             if msg.round == FINAL:
                 break
-    ranks = {f"rank{r}": recv_checkpoint(t, r, FINAL) for r in world.client_ranks}
+    # (a rank may have sent its state for a mid-run checkpoint that the stop came before: dropped)
+    ranks = {f"rank{r}": recv_checkpoint(t, r, FINAL, drop_others=True) for r in world.client_ranks}
     sent = requested - world.start_round       # evaluations this run asked for (a resumed run starts later)
     t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
-    ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL)
+    ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL, drop_others=True)
     while held[-1]["round"] + 1 < requested:
         t.wait_any([Kind.EVAL], S_SERVER)
         held.append(_record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg))
@@ -531,14 +594,7 @@ def run_async_fserver(algo, log) -> dict:
         metrics.append(row)
     summary = held[-1]
     last = int(summary["round"])
-    schedule = {"participations": torch.from_numpy(participations), "local_stats": torch.from_numpy(local_stats),
-                "clock": torch.tensor([sim_now, time.perf_counter() - start], dtype=torch.float64),
-                "rng": rng.get_state(), "reports": torch.from_numpy(np.stack([counters[r] for r in range(1, t.size)]))}
-    ranks["fserver"] = flatten_state({**{_part_name(kind): {"packed": packed} for kind, packed in global_model.items()},
-                                      "transport": transport_state(t),
-                                      "schedule": schedule,
-                                      "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
-    write_checkpoint(cfg.run_dir, last, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+    write(last, ranks, own_state(), summary)
     if preemption.requested() and last < cfg.rounds - 1:
         log(f"[mpisage] {preemption.requested()}: stopped after update {last + 1} with a checkpoint; run again with "
             f"resume=auto to continue")
@@ -575,7 +631,9 @@ def _record(t, counters, resident, update_clock, local_stats, participations_at,
            "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
            "participations_by_client": participations_at.pop(version), "client_train_seconds": local_stats[:, 3].copy(),
            "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
-           "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy()}
+           "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy(),
+           # filled in once the update's checkpoint (if any) is written: bytes of each rank's state, seconds
+           "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0}
     if version % cfg.log_interval == 0:
         log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
             f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")

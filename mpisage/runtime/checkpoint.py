@@ -29,9 +29,22 @@ def checkpoint_due(cfg, round: int, stop: bool) -> bool:
     return stop or round == cfg.rounds - 1 or (round + 1) % cfg.checkpoint_interval == 0
 
 
-def recv_checkpoint(t: Transport, source: int, round: int) -> tuple[dict[str, torch.Tensor], dict]:
-    manifest = t.recv(Kind.CHECKPOINT, source, round=round, seq=0, dtype=torch.uint8, max_nbytes=1 << 28)
-    payload = t.recv(Kind.CHECKPOINT, source, round=round, seq=1, dtype=torch.uint8)
+def midrun_checkpoint_due(cfg, round: int) -> bool:
+    """An asynchronous run's checkpoint after global update `round` while it goes on (its last update's checkpoint
+    is the stop's)."""
+    return cfg.checkpoint_interval > 0 and (round + 1) % cfg.checkpoint_interval == 0 and round < cfg.rounds - 1
+
+
+def recv_checkpoint(t: Transport, source: int, round: int,
+                    drop_others: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """A rank's state for the checkpoint of `round`. `drop_others`: states the rank made for other checkpoints
+    (an asynchronous rank's mid-run cuts, sent ahead of a stop that came first) are received and dropped."""
+    while True:
+        manifest = t.recv(Kind.CHECKPOINT, source, round=None if drop_others else round, seq=0, dtype=torch.uint8,
+                          max_nbytes=1 << 28)
+        payload = t.recv(Kind.CHECKPOINT, source, round=manifest.round, seq=1, dtype=torch.uint8)
+        if manifest.round == round:
+            break
     try:
         return unpack_named(manifest.tensor, payload.tensor)
     except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as e:
