@@ -400,8 +400,9 @@ def main_seeds(args, overrides: list[str], argv: list[str], methods: list[str], 
 
     done: dict[str, dict[int, str]] = {m: {} for m in methods}
     failed = []
-    for method in methods:
-        for seed in seeds:
+    # seed-major: a comparison stopped part-way has every method on the seeds it finished (paired figures)
+    for seed in seeds:
+        for method in methods:
             run_dir = seed_run_dir(args.out, method, seed)
             try:
                 cfg = requested_config(overrides, method, seed, run_dir)
