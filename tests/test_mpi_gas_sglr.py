@@ -405,7 +405,8 @@ def test_fed_buff_moves_whole_models_only_and_averages_every_qc_returns(fmnist, 
 def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist, shared_tmp):
     """checkpoint_interval=2 of 6 updates: checkpoints after updates 2 and 4 while the run goes on, each cut where
     the update completes (the S-server's step count and the F-server's participations in it are those of the
-    update's metrics row, not of later); resumed from the first, the run completes without a gap. A budget stop
+    update's metrics row, not of later); resumed from the first, the run completes without a gap; the same in
+    arrival order (the client ranks paused at the update). A budget stop
     that comes after the ranks sent their state for a later cut, and FedBuff (an S-server that only evaluates),
     finish too."""
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
@@ -436,6 +437,24 @@ def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist
     assert all(on_root(check_cuts))
     run_job(["algorithm=gas", "rounds=6", "checkpoint_interval=2", f"run_dir={resumed}", "resume=auto", *common])
     assert list(on_root(lambda: _gas_progress(resumed)))[:7] == [0, 1, 2, 3, 4, 5, True]
+
+    # arrival order: the F-server pauses the client ranks at the update and lets them go on after writing
+    arrival, arrival_resumed = (os.path.join(shared_tmp, f"gas_arrival{i}") for i in range(2))
+    run_job(["algorithm=gas", "async_schedule=arrival", "rounds=5", "checkpoint_interval=2", f"run_dir={arrival}",
+             *common])
+
+    def check_arrival():
+        import shutil
+        files = list_checkpoints(arrival)
+        os.makedirs(arrival_resumed)
+        shutil.copy(files[0], arrival_resumed)
+        _, state = read_checkpoint(files[0], ["fserver"])
+        return [int(read_checkpoint(f, [])[0]["round"]) for f in files] + [len(state["fserver"]["metrics/round"])]
+
+    assert list(on_root(check_arrival)) == [1, 3, 4, 2]
+    run_job(["algorithm=gas", "async_schedule=arrival", "rounds=5", "checkpoint_interval=2",
+             f"run_dir={arrival_resumed}", "resume=auto", *common])
+    assert list(on_root(lambda: _gas_progress(arrival_resumed)))[:6] == [0, 1, 2, 3, 4, -1]
 
     stopped = os.path.join(shared_tmp, "gas_budget")
     run_job(["algorithm=gas", "rounds=50", "checkpoint_interval=1", "comm_threshold_mb=4", f"run_dir={stopped}",

@@ -14,8 +14,9 @@ checkpoint of every rank (global model, schedule and clocks, server model and st
 counters, metrics), and `resume=` continues from it: asynchrony makes the continuation a valid run, not a replay.
 With the simulated schedule a run also checkpoints every `checkpoint_interval` updates while it goes on, cut at
 the step that completes the update (`_cuts`): each rank sends its state when it has done its part of the schedule
-up to that step, the F-server writes once the update's metrics row is in. With `async_schedule=arrival` there is
-no such cut without stopping the streams, so only the stop writes one.
+up to that step, the F-server writes once the update's metrics row is in. With `async_schedule=arrival` the F-server
+pauses every client rank at the update instead (a paused rank has no activation unanswered, and the S-server sends
+its state once every client rank has paused) and lets them go on once the checkpoint is written.
 """
 from __future__ import annotations
 
@@ -158,8 +159,16 @@ def run_async_client(algo) -> None:
         if ready is not None:
             if ready[0] == Kind.CLIENT_MODEL:
                 take_start()
-            else:
-                msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
+                continue
+            msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
+            if msg.round != FINAL:
+                # a pause for the mid-run checkpoint of update msg.round: no activation of this rank is unanswered
+                # (an iteration waits for its gradient), so its state and the S-server's are a cut; the F-server
+                # says when to go on, or stops the run instead
+                send_rank_state(t, hosted.state_dict(), msg.round)
+                t.send(S_SERVER, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=msg.round)
+                msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
+            if msg.round == FINAL:
                 starts_announced = int(msg.tensor.item())
                 active.clear()          # participations in flight are abandoned: the run is over
             continue
@@ -300,6 +309,7 @@ def run_async_sserver(algo) -> None:
         s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
     evals = _Evaluations(algo, s, lambda version: copy.deepcopy(s.model))    # the server model as it is now
     expected_evaluations = None
+    paused: dict[int, int] = {}         # mid-run checkpoint -> client ranks paused for it so far
     while expected_evaluations is None or evals.done < expected_evaluations:
         if expected_evaluations is not None:         # stopping: finish what was asked, nothing else comes
             if not evals.step():
@@ -319,6 +329,13 @@ def run_async_sserver(algo) -> None:
             t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
             evals.busy += time.perf_counter() - t0
             evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
+        elif kind == Kind.CONTROL and src in world.client_ranks:
+            # a client rank paused for a mid-run checkpoint; once every one has, nothing is in flight to or from
+            # this rank and its state is the checkpoint's
+            update = t.recv(Kind.CONTROL, src, shape=(1,), dtype=torch.int64).round
+            paused[update] = paused.get(update, 0) + 1
+            if paused[update] == len(world.client_ranks):
+                send_rank_state(t, {"server": s.state_dict()}, update)
         elif src != F_SERVER:
             raise ProtocolError(f"{kind.name} message from rank {src}: only the F-server (rank 0) sends these")
         elif kind == Kind.EVAL:
@@ -465,7 +482,10 @@ def run_async_fserver(algo, log) -> dict:
         sim_offset = sim_now
 
     cut_states: dict[int, dict] = {}     # update -> this rank's state at that mid-run checkpoint's cut
-    cuts = {u for _, u in _cuts(algo, schedule)} if simulated else set()
+    # mid-run checkpoints: cut where the schedule completes the update (simulated), or by pausing every client rank
+    # from the update until its checkpoint is written (arrival)
+    cuts = ({u for _, u in _cuts(algo, schedule)} if simulated else
+            {u for u in range(world.start_round, cfg.rounds) if midrun_checkpoint_due(cfg, u)})
 
     def own_state() -> dict:
         """The F-server's part of a checkpoint, as it is now: the global model, the schedule's state and clocks."""
@@ -539,6 +559,8 @@ def run_async_fserver(algo, log) -> dict:
                     requested += 1
                 if version in cuts:
                     cut_states[version] = own_state()
+                    for r in () if simulated else world.client_ranks:
+                        t.send(r, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=version)    # pause
                 version += 1
             # The replacement starts from the newest global model; the finished client may be drawn again later
             # (at once when every client is active, C = K: then it is the only one to draw).
@@ -564,6 +586,8 @@ def run_async_fserver(algo, log) -> dict:
             update = int(summary["round"])
             ranks = {f"rank{r}": recv_checkpoint(t, r, update) for r in (*world.client_ranks, S_SERVER)}
             write(update, ranks, cut_states.pop(update), summary)
+            for r in () if simulated else world.client_ranks:
+                t.send(r, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=update)    # go on
 
     # drain: every client rank takes the starts in flight and reports; then the S-server finishes its evaluations
     for r in world.client_ranks:
