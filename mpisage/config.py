@@ -104,6 +104,9 @@ class Config:
     align_steps: int = 100               # Adam steps per alignment
     align_lr: float = 1e-3
     align_threads: int = 1               # torch threads of the S-server while it aligns (clients wait then)
+    # blocking: the paper's order (a client's first step of an alignment round waits for its aligned aux);
+    # overlap: the client steps on its previous aux until the aligned one arrives, switching at a step boundary
+    align_mode: Literal["blocking", "overlap"] = "blocking"
 
     # GAS (asynchronous; a "round" is one global client-model update of the F-server)
     active_clients: Optional[int] = None     # C: clients training at once (None: all of them)

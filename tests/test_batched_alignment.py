@@ -173,9 +173,10 @@ def _server(model, clients: int = 3) -> FslSageServer:
                                                                 slots=clients))
 
 
-def _algo(buffer_size, steps):
+def _algo(buffer_size, steps, mode="blocking"):
     algo = FslSage.__new__(FslSage)    # the hooks under test need only the config
-    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps, align_threads=1)
+    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps, align_threads=1,
+                                     align_mode=mode)
     algo.label_smoothing = 0.0
     return algo
 
@@ -230,7 +231,7 @@ def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64
             algo._buffer(s, cid, z, y)
         algo.align(now, cid)
         algo.align_target(deferred, cid)
-    kept_first = deferred.align_target[0].clone()
+    kept_first = deferred.align_target[0][2].clone()
     algo.align_many(deferred, range(3), batched=True)
     assert not deferred.align_target            # every kept target was used once
     for cid in range(3):
@@ -239,3 +240,27 @@ def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64
                      ([deferred.aux[cid]], [deferred.aux_optimizer[cid]], []), **TIGHT)
     # the kept targets matter: client 0's target on the server as it is after the last upload differs
     assert not torch.allclose(kept_first, true_gradients(deferred.model, *algo.buffered(deferred, 0), F.cross_entropy))
+
+
+def test_overlap_aligns_on_the_buffer_as_it_was_at_the_first_upload(float64):
+    """align_mode=overlap: a client keeps uploading while its alignment waits; an upload that overwrites its (full)
+    ring in place must not change what it is aligned on. Equal to aligning at the first upload; and the ring did
+    change, so aligning on the live buffer would differ."""
+    torch.manual_seed(7)
+    split = _resnet16()
+    algo = _algo(buffer_size=6, steps=2, mode="overlap")
+    now, deferred = (_server(copy.deepcopy(split.server), clients=1) for _ in range(2))
+    for s in (now, deferred):
+        s.aux[0] = copy.deepcopy(split.aux)
+        s.aux_optimizer[0] = torch.optim.Adam(s.aux[0].parameters(), lr=1e-3)
+    first, later = ((torch.randn(6, 32, 8, 8), torch.randint(0, 10, (6,))) for _ in range(2))
+    for s in (now, deferred):
+        algo._buffer(s, 0, *first)
+    algo.align(now, 0)
+    algo.align_target(deferred, 0)
+    algo._buffer(deferred, 0, *later)             # the client's next upload, before the alignment runs
+    assert torch.equal(algo.buffered(deferred, 0)[0], later[0])
+    algo.align_many(deferred, [0])
+    assert deferred.align_loss[0] == pytest.approx(now.align_loss[0], rel=1e-9)
+    _assert_same(([now.aux[0]], [now.aux_optimizer[0]], []), ([deferred.aux[0]], [deferred.aux_optimizer[0]], []),
+                 **TIGHT)

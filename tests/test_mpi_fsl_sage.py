@@ -44,12 +44,44 @@ def test_deterministic_runs_are_identical(shared_tmp):
         identical_weights = wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
         # the run really trained: accuracy moved and there are weights for every rank
         trained = len(ra["test_acc"]) == 3 and ra["test_acc"][-1] > 0.3 and any(k.startswith("rank3/") for k in wa)
-        return identical_metrics, identical_weights, trained
+        # blocking alignment (the paper's order): every client takes its aligned aux at step 0 of rounds 0 and 2
+        switch = ra["aux_switch_step"]
+        blocking = (switch[[0, 2]] == 0).all() and np.isnan(switch[1]).all() and switch.shape == (3, 3)
+        return identical_metrics, identical_weights, trained, blocking
 
-    identical_metrics, identical_weights, trained = on_root(compare)
+    identical_metrics, identical_weights, trained, blocking = on_root(compare)
+    assert blocking, "blocking alignment: a client did not take its aligned aux at step 0"
     assert trained, "the deterministic run did not train (accuracy or checkpoint missing)"
     assert identical_metrics, "two deterministic runs with the same seed gave different metrics"
     assert identical_weights, "two deterministic runs with the same seed ended with different weights"
+
+
+def test_overlapped_alignment_switches_at_a_step_boundary_and_trains(shared_tmp):
+    """align_mode=overlap, one client per client rank (gathered alignment): each client steps on its previous aux
+    until the aligned one arrives and reports the step it switched at; the run trains like a blocking one."""
+    from mpisage.data import write_fashion_mnist_fixture
+    data = os.path.join(shared_tmp, "fmnist")
+    write_on_root(write_fashion_mnist_fixture, data, 600, 100)
+    run_dir = os.path.join(shared_tmp, "overlap")
+    run_job([f"dataset.root={data}", "num_clients=2", "rounds=3", "batch_size=16", "align_interval=2",
+             "align_steps=20", "align_buffer_size=100", "align_mode=overlap", "checkpoint_interval=0",
+             f"run_dir={run_dir}"])
+
+    def check():
+        from mpisage.runtime.metrics import read_rounds
+        r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+        switch, steps = r["aux_switch_step"], 300 // 16 + 1        # 300 samples per client: 19 steps a round
+        aligned = switch[[0, 2]]
+        return [len(r["test_acc"]), r["test_acc"][-1], ((aligned >= 0) & (aligned <= steps)).all(),
+                aligned.max(), np.isnan(switch[1]).all(), (r["align_seconds"][[0, 2]] > 0).all(),
+                r["align_seconds"][1]]
+
+    rows, acc, in_range, latest, none_in_round_1, aligned_secs, secs_round_1 = on_root(check)
+    assert rows == 3 and acc > 0.3
+    assert in_range and none_in_round_1 and aligned_secs and secs_round_1 == 0
+    # the aux cannot be there at step 0 (the S-server aligns once every first upload is in): someone stepped on
+    # the old one first
+    assert latest > 0
 
 
 @pytest.mark.parametrize("wire", ["float32", "bfloat16", "int8"])

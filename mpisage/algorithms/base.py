@@ -2,7 +2,7 @@
 algorithm file holds only what makes the method different.
 
 A synchronous method's hooks, by role (all have defaults except the client's step):
-  client    make_client, client_step (lockstep methods: client_send + client_finish)
+  client    make_client, client_step (lockstep methods: client_send + client_finish), client_report
   S-server  make_server, expected_uploads, on_upload, end_server_round, evaluation, server_report
   F-server  aggregate
 Class attributes say how the loops run it: `schedule` (parallel | sequential | lockstep), `shared_parts` (what the
@@ -100,6 +100,15 @@ class Algorithm:
     def client_finish(self, c: ClientState, link: ClientLink, k: int, sent) -> tuple[float, int] | None:
         """Lockstep methods: the second half (the reply, backward, step); returns as client_step does."""
         raise NotImplementedError(f"{self.name}: a lockstep method implements client_send and client_finish")
+
+    def client_report_fields(self) -> dict[str, tuple[int, ...]]:
+        """Named figures of the algorithm's own that each client reports every round (name -> shape); each becomes
+        a metrics dataset of that name, one row per client."""
+        return {}
+
+    def client_report(self, c: ClientState, round: int) -> dict[str, np.ndarray | float]:
+        """Client `c`'s values of `client_report_fields` for `round`, sent with its round figures."""
+        return {}
 
     # ================================================================== hooks: S-server side
     def make_server(self) -> ServerState:

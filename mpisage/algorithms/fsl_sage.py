@@ -1,10 +1,17 @@
 """FSL-SAGE (Nair et al., ICML 2025): clients step on the gradient of an auxiliary model that stands in for the
 server; every Q-th step they upload the smashed batch and the S-server takes one step on it; at round 0 and every
 l rounds the S-server aligns each client's auxiliary model to its own true cut-layer gradients and sends it back.
+
+`align_mode=blocking` is the paper's order: a client's first step of an alignment round waits for its aligned aux.
+`align_mode=overlap` keeps the client stepping on its previous aux while the S-server aligns, and switches at the
+first step boundary after the aligned one has arrived (at the latest after its last step of the round); the step
+is reported per client and round (`aux_switch_step` in the metrics), so what each client did can be read back.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -52,8 +59,10 @@ class FslSageServer(ServerState):
     another client is read: code working on several clients at once pins them with `aux_of`."""
     clients: ClientStore = None
     align_loss: dict[int, tuple[float, float]] = transient(default_factory=dict)   # this round's (first, last)
-    # true cut-layer gradients kept from a client's first upload of an alignment round until its aux steps run
-    align_target: dict[int, torch.Tensor] = transient(default_factory=dict)
+    align_seconds: float = transient(default=0.0)                                   # this round's, reported
+    # (buffered z, y, true cut-layer gradients) kept from a client's first upload of an alignment round until its
+    # aux steps run
+    align_target: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = transient(default_factory=dict)
 
     def __getattr__(self, name):          # the per-client views (only called for names not found otherwise)
         if name in AUX_CLIENT_FIELDS and self.__dict__.get("clients") is not None:
@@ -73,6 +82,10 @@ def one_client_server(model: nn.Module | None, aux: nn.Module | None = None,
 class FslSage(Algorithm):
     name = "fsl_sage"
 
+    def __init__(self, world):
+        super().__init__(world)
+        self.switch_step: dict[int, int] = {}    # client -> the step of this round at which it took its aligned aux
+
     def is_align_round(self, round: int) -> bool:
         return round % self.cfg.align_interval == 0
 
@@ -84,8 +97,9 @@ class FslSage(Algorithm):
         z = c.model(x)
         if k % Q == 0:
             link.upload(z, y, seq=k // Q)
-        if k == 0 and self.is_align_round(link.round):
-            load_packed(c.aux, link.receive(Kind.AUX_MODEL, seq=0, nbytes=state_nbytes(c.aux.state_dict())))
+        aligning = self.is_align_round(link.round)
+        if aligning:
+            self._take_aligned_aux(c, link, k, wait=k == 0 and self.cfg.align_mode == "blocking")
         # The estimate of dL/dz: the auxiliary model's input gradient with the true labels, mean over the batch.
         z_leaf = z.detach().requires_grad_(True)
         c.aux.train()
@@ -95,7 +109,24 @@ class FslSage(Algorithm):
         c.optimizer.zero_grad(set_to_none=True)
         z.backward(g_hat)
         optimizer_step(c.optimizer, self.cfg)
+        if aligning and k + 1 == self.world.steps_per_round(c.cid):     # overlap: it must come before the round ends
+            self._take_aligned_aux(c, link, k + 1, wait=True)
         return loss.item() * count_scored(y), count_correct(logits, y)
+
+    def _take_aligned_aux(self, c: ClientState, link: ClientLink, k: int, wait: bool) -> None:
+        """Loads this alignment round's aligned aux if it has arrived (with `wait`: once it arrives) and the client
+        has not taken it yet; remembers the step k from which the client steps on it."""
+        if c.cid in self.switch_step or not (wait or link.ready(Kind.AUX_MODEL)):
+            return
+        load_packed(c.aux, link.receive(Kind.AUX_MODEL, seq=0, nbytes=state_nbytes(c.aux.state_dict())))
+        self.switch_step[c.cid] = k
+
+    def client_report_fields(self) -> dict:
+        return {"aux_switch_step": 1}
+
+    def client_report(self, c: ClientState, round: int) -> dict:
+        """The step at which the client took its aligned aux this round (0 when blocking; NaN: no alignment)."""
+        return {"aux_switch_step": self.switch_step.pop(c.cid, math.nan)}
 
     # ------------------------------------------------------------------ S-server
     def make_server(self) -> FslSageServer:
@@ -182,10 +213,15 @@ class FslSage(Algorithm):
         """The first half of an alignment, kept until `align_many` runs the second: client `cid`'s true cut-layer
         gradients on the current server model (train mode; scale 1/N). Called at the client's first upload of an
         alignment round, it gives `align_many` exactly the targets of a per-client `align` at that moment, however
-        long the aux steps are deferred (the client's buffer cannot change before it has its aligned aux)."""
+        long the aux steps are deferred: the buffer is kept with the target (copied with `align_mode=overlap`, where the
+        client's later uploads change the buffer before its aux steps run; blocking, it cannot change)."""
         z, y = self.buffered(s, cid)
+        if self.cfg.align_mode == "overlap":      # the client's later uploads may change its buffer meanwhile
+            z, y = z.clone(), y.clone()
+        start = time.perf_counter()
         with threads(self.cfg.align_threads):     # as align_many would compute it: the same sums, bit for bit
-            s.align_target[cid] = true_gradients(s.model, z, y, self.train_loss)
+            s.align_target[cid] = (z, y, true_gradients(s.model, z, y, self.train_loss))
+        s.align_seconds += time.perf_counter() - start
 
     def align_many(self, s: FslSageServer, cids, batched: bool | None = None) -> dict[int, float]:
         """`align` for several clients: the targets `align_target` kept for them (or, for clients without one,
@@ -195,15 +231,20 @@ class FslSage(Algorithm):
         are already compute-bound and the batched steps measured 1.3x (64-sample buffers) to 1.7x (448) the CPU
         time of the loop (benchmarks/batched_alignment.py); batched=None batches on accelerators only. Returns each
         client's last loss."""
-        cids = list(cids)
+        cids, start = list(cids), time.perf_counter()
         with threads(self.cfg.align_threads), self.aux_of(s, cids):     # every aligned client live together
-            return self._align_many(s, cids, batched)
+            losses = self._align_many(s, cids, batched)
+        s.align_seconds += time.perf_counter() - start
+        return losses
 
     def _align_many(self, s: FslSageServer, cids: list[int], batched: bool | None) -> dict[int, float]:
-        buffers = [self.buffered(s, cid) for cid in cids]
         kept = s.align_target
-        targets = [kept.pop(cid) if cid in kept else true_gradients(s.model, z, y, self.train_loss)
-                   for cid, (z, y) in zip(cids, buffers)]
+        for cid in cids:
+            if cid not in kept:
+                z, y = self.buffered(s, cid)
+                kept[cid] = (z, y, true_gradients(s.model, z, y, self.train_loss))
+        held = [kept.pop(cid) for cid in cids]
+        buffers, targets = [(z, y) for z, y, _ in held], [g for _, _, g in held]
         auxes = [s.aux[cid] for cid in cids]
         optimizers = [s.aux_optimizer[cid] for cid in cids]
         if batched is None:
@@ -222,13 +263,16 @@ class FslSage(Algorithm):
         return last
 
     def server_report_fields(self) -> dict:
-        return {"align_loss": (self.world.num_clients, 2)}
+        return {"align_loss": (self.world.num_clients, 2), "align_seconds": 1}
 
     def server_report(self, s: FslSageServer) -> dict:
-        """First and last alignment loss of each client aligned this round (NaN for the others)."""
+        """First and last alignment loss of each client aligned this round (NaN for the others), and the seconds
+        the S-server spent aligning."""
         report = {"align_loss": np.array([s.align_loss.get(cid, (np.nan, np.nan))
-                                          for cid in range(self.world.num_clients)])}
+                                          for cid in range(self.world.num_clients)]),
+                  "align_seconds": s.align_seconds}
         s.align_loss.clear()
+        s.align_seconds = 0.0
         return report
 
     def describe(self) -> dict:

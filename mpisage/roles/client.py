@@ -13,7 +13,7 @@ from mpisage.data import train_transform
 from mpisage.roles.shared import carrier, shared_modules
 from mpisage.runtime.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.runtime.environment import resident_bytes
-from mpisage.runtime.protocol import CLIENT_ROUND, RANK_REPORT, ClientLink, send_report
+from mpisage.runtime.protocol import CLIENT_ROUND, RANK_REPORT, ClientLink, client_round_report, send_report
 from mpisage.runtime.state import load_packed, pack_state, state_nbytes
 from mpisage.runtime.transport import F_SERVER, Kind
 
@@ -76,7 +76,8 @@ def _send_round(algo: Algorithm, c: ClientState, stats: dict, round: int) -> Non
     t = algo.world.transport
     for kind, module in shared_modules(algo, c).items():
         t.send(F_SERVER, carrier(algo, kind), pack_state(module.state_dict()), round=round, client=c.cid)
-    send_report(t, F_SERVER, CLIENT_ROUND, stats, round=round, client=c.cid)
+    send_report(t, F_SERVER, client_round_report(algo.client_report_fields()),
+                {**stats, **algo.client_report(c, round)}, round=round, client=c.cid)
 
 
 def _load_from_fserver(algo: Algorithm, c: ClientState, round: int) -> None:

@@ -15,7 +15,8 @@ from mpisage.runtime import preemption
 from mpisage.runtime.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
 from mpisage.runtime.environment import resident_bytes
 from mpisage.runtime.metrics import GIB
-from mpisage.runtime.protocol import CLIENT_ROUND, EVAL_RESULT, RANK_REPORT, recv_report, sserver_round_report
+from mpisage.runtime.protocol import (EVAL_RESULT, RANK_REPORT, client_round_report, recv_report,
+                                      sserver_round_report)
 from mpisage.runtime.state import RunningAverage, flatten_state, pack_state, state_nbytes
 from mpisage.runtime.transport import NUM_KINDS, S_SERVER, Kind, role_of
 
@@ -26,6 +27,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
     templates = shared_templates(algo)
     evaluated = eval_keys(algo, templates)     # (kind, client id) of what the S-server evaluates each round
     s_report = sserver_round_report(m, algo.server_report_fields())
+    c_report = client_round_report(algo.client_report_fields())
     sequential = algo.schedule == "sequential"
     streaming = (type(algo).aggregate is Algorithm.aggregate and algo.averages_shared and not sequential
                  and all(cid < 0 for _, cid in eval_keys(algo, templates)))
@@ -68,8 +70,8 @@ def run_fserver(algo: Algorithm, log) -> dict:
                     packed[kind].append(received)
                 if sequential:
                     current[kind] = received
-            client_rounds.append(recv_report(t, src, CLIENT_ROUND, round=round, client=cid))
-        client_stats = {name: np.array([c[name] for c in client_rounds]) for name, _ in CLIENT_ROUND.fields}
+            client_rounds.append(recv_report(t, src, c_report, round=round, client=cid))
+        client_stats = {name: np.array([c[name] for c in client_rounds]) for name, _ in c_report.fields}
         rank_reports = {r: recv_report(t, r, RANK_REPORT, round=round) for r in world.client_ranks}
         s_rep = recv_report(t, S_SERVER, s_report, round=round)
         last_counters[S_SERVER] = s_rep["counters"]
@@ -121,6 +123,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
                 "sserver_busy_seconds": s_rep["busy_seconds"], "sserver_round_seconds": s_rep["round_seconds"],
                 "wait_seconds_by_rank": round_wait,
                 **{name: s_rep[name] for name in algo.server_report_fields()},   # the algorithm's own figures
+                **{name: client_stats[name] for name in algo.client_report_fields()},   # per client
                 # filled in below once this round's checkpoint (if any) is written: bytes of each rank's state
                 "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0,
             }

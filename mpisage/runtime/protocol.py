@@ -76,6 +76,12 @@ class Schema:
 # ------------------------------------------------------------------------------------------- the schemas
 EVAL_RESULT = Schema.of("evaluation", loss=1, accuracy=1, seconds=1)
 CLIENT_ROUND = Schema.of("client round", loss_sum=1, correct=1, samples=1, seconds=1)
+
+
+def client_round_report(algorithm_fields: dict) -> Schema:
+    """A client's report of a synchronous round: CLIENT_ROUND and the algorithm's own per-client fields
+    (`Algorithm.client_report_fields`)."""
+    return CLIENT_ROUND.extended(**algorithm_fields)
 RANK_REPORT = Schema.of("rank", counters=COUNTERS_SHAPE, wait_seconds=1, busy_seconds=1, resident_bytes=1)
 FINAL_CLIENT_REPORT = Schema.of("final client rank", counters=COUNTERS_SHAPE, uploads=1, wait_seconds=1,
                                 busy_seconds=1, resident_bytes=1)
@@ -122,6 +128,11 @@ class ClientLink:
     def upload(self, z: torch.Tensor, y: torch.Tensor, seq: int) -> None:
         self.transport.send(S_SERVER, Kind.ACTIVATION, z, round=self.round, client=self.cid, seq=seq)
         self.transport.send(S_SERVER, Kind.LABELS, y, round=self.round, client=self.cid, seq=seq)
+
+    def ready(self, kind: Kind) -> bool:
+        """Whether a message of `kind` from the S-server has arrived for this rank (a rank trains one client at a
+        time, so a reply that is waiting is this client's; `receive` checks it)."""
+        return self.transport.probe([kind], S_SERVER) is not None
 
     def receive(self, kind: Kind, seq: int | None = None, **expect) -> torch.Tensor:
         return self.transport.recv(kind, S_SERVER, round=self.round, client=self.cid, seq=seq, **expect).tensor
