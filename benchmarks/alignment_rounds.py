@@ -1,0 +1,111 @@
+"""FSL-SAGE's S-server critical path, per round kind: seconds of normal and of alignment rounds, the S-server's
+alignment and evaluation seconds, and how much of a round the clients spend waiting.
+
+    python benchmarks/alignment_rounds.py [--variant NAME=key=value,key=value ...] [--tree DIR] [--ranks 12]
+        [--rounds 6] [-- key=value ...]
+
+The setting of the side-by-side comparison with the authors' code: ResNet-18 split, Fashion-MNIST written at
+32x32x3, 10 clients x 600 IID samples, 2,000 test images, B = 64, Q = 5, l = 3 (alignment rounds 0 and 3), Adam
+1e-3, 6 rounds, no checkpoints. Each variant is one job (`mpirun -n RANKS python -m mpisage.run`), run one after
+another in this sitting so that their ratios are comparable; `--tree DIR` runs every variant from another checkout
+(e.g. a `git worktree` of an older commit, for a before/after). Default variants: the paper's blocking order on one
+thread, then with the idle cores (`align_threads=2`), then `align_mode=overlap` with them.
+
+Per round kind it prints medians over the rounds of that kind (round 0 included: it is an alignment round, and
+its first-round costs are part of what a user waits for): round seconds, the S-server's alignment seconds
+(`align_seconds`, absent before it was recorded), its evaluation seconds, its busy seconds, the client ranks'
+idle fraction (waiting seconds over round seconds, mean over client ranks) and the physical bound of the round on
+this machine: (S-server busy + client ranks' busy seconds) / cores, the round's work if no core ever idled.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SETTING = ["model=resnet18", "dataset.name=fashion_mnist", "dataset.image_size=32", "dataset.channels=3",
+           "dataset.distribution=iid", "num_clients=10", "dataset.samples_per_client=600", "eval_samples=2000",
+           "batch_size=64", "server_update_interval=5", "align_interval=3", "optimizer=adam", "lr=0.001",
+           "checkpoint_interval=0"]
+DEFAULT_VARIANTS = ["blocking=align_mode=blocking", "blocking_2_threads=align_mode=blocking,align_threads=2",
+                    "overlap_2_threads=align_mode=overlap,align_threads=2"]
+
+
+def run_variant(args, name: str, overrides: list[str]) -> dict | None:
+    from mpisage.runtime.metrics import read_rounds
+    run_dir = tempfile.mkdtemp(prefix=f"mpisage-align-{name}-")
+    job = [*SETTING, f"rounds={args.rounds}", *args.overrides, *overrides, f"run_dir={run_dir}"]
+    env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": args.tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    argv = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(args.ranks), sys.executable, "-m",
+            "mpisage.run", *job]
+    start = time.monotonic()
+    proc = subprocess.run(argv, cwd=args.tree, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        print(f"{name}: failed after {wall:.0f} s\n{(proc.stdout + proc.stderr)[-2000:]}", flush=True)
+        return None
+    r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+    return {"rows": r, "wall": wall}
+
+
+def summarize(r: dict, align_interval: int, cores: int) -> dict[str, dict[str, float]]:
+    rounds = r["round"].astype(int)
+    seconds = r["round_seconds"]
+    client_wait = r["wait_seconds_by_rank"][:, 2:]
+    # wait_seconds_by_rank is per round; busy seconds of the client ranks = round seconds - wait (they only train)
+    idle = (client_wait / seconds[:, None]).mean(axis=1)
+    busy_clients = (seconds[:, None] - client_wait).clip(min=0).sum(axis=1)
+    bound = (r["sserver_busy_seconds"] + busy_clients) / cores
+    out = {}
+    for kind, rows in (("alignment", rounds % align_interval == 0), ("normal", rounds % align_interval != 0)):
+        if not rows.any():
+            continue
+        med = lambda a: float(np.median(a[rows]))   # noqa: E731
+        out[kind] = {"rounds": int(rows.sum()), "round_s": med(seconds),
+                     "align_s": med(r["align_seconds"]) if "align_seconds" in r else float("nan"),
+                     "eval_s": med(r["eval_seconds"]), "sserver_busy_s": med(r["sserver_busy_seconds"]),
+                     "client_idle": med(idle), "bound_s": med(bound)}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", action="append", help="NAME=key=value,key=value (repeatable)")
+    p.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   help="the checkout whose mpisage runs (default: this one)")
+    p.add_argument("--ranks", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("overrides", nargs="*", help="extra key=value settings for every variant")
+    args = p.parse_args()
+    args.tree = os.path.abspath(args.tree)
+    print(f"FSL-SAGE ResNet-18, 10 clients x 600 Fashion-MNIST 32x32x3, B=64, Q=5, l=3, {args.rounds} rounds, "
+          f"-n {args.ranks}, {args.cores} cores, code from {args.tree}; load average before: "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print("| variant | round kind | rounds | round s | align s | eval s | S-server busy s | client idle | "
+          "bound s | job s |", flush=True)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    failed = 0
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, _, settings = spec.partition("=")
+        result = run_variant(args, name, [s for s in settings.split(",") if s])
+        if result is None:
+            failed += 1
+            continue
+        for kind, f in summarize(result["rows"], 3, args.cores).items():
+            print(f"| {name} | {kind} | {f['rounds']} | {f['round_s']:.1f} | {f['align_s']:.1f} | {f['eval_s']:.1f} "
+                  f"| {f['sserver_busy_s']:.1f} | {f['client_idle']:.0%} | {f['bound_s']:.1f} | "
+                  f"{result['wall']:.0f} |", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
