@@ -1,14 +1,14 @@
 """FSL-SAGE's S-server critical path, per round kind: seconds of normal and of alignment rounds, the S-server's
 alignment and evaluation seconds, and how much of a round the clients spend waiting.
 
-    python benchmarks/alignment_rounds.py [--variant NAME=key=value,key=value ...] [--tree DIR] [--ranks 12]
-        [--rounds 6] [-- key=value ...]
+    python benchmarks/alignment_rounds.py [--variant NAME[@DIR]=key=value,key=value ...] [--tree DIR]
+        [--ranks 12] [--rounds 6] [-- key=value ...]
 
 The setting of the side-by-side comparison with the authors' code: ResNet-18 split, Fashion-MNIST written at
 32x32x3, 10 clients x 600 IID samples, 2,000 test images, B = 64, Q = 5, l = 3 (alignment rounds 0 and 3), Adam
 1e-3, 6 rounds, no checkpoints. Each variant is one job (`mpirun -n RANKS python -m mpisage.run`), run one after
-another in this sitting so that their ratios are comparable; `--tree DIR` runs every variant from another checkout
-(e.g. a `git worktree` of an older commit, for a before/after). Default variants: the paper's blocking order on one
+another in this sitting so that their ratios are comparable; `NAME@DIR` runs that variant from another checkout
+(e.g. a `git worktree` of an older commit, for a before/after), `--tree DIR` every variant without one. Default variants: the paper's blocking order on one
 thread, then with the idle cores (`align_threads=2`), then `align_mode=overlap` with them.
 
 Per round kind it prints medians over the rounds of that kind (round 0 included: it is an alignment round, and
@@ -36,17 +36,17 @@ DEFAULT_VARIANTS = ["blocking=align_mode=blocking", "blocking_2_threads=align_mo
                     "overlap_2_threads=align_mode=overlap,align_threads=2"]
 
 
-def run_variant(args, name: str, overrides: list[str]) -> dict | None:
+def run_variant(args, name: str, tree: str, overrides: list[str]) -> dict | None:
     from mpisage.runtime.metrics import read_rounds
     run_dir = tempfile.mkdtemp(prefix=f"mpisage-align-{name}-")
     job = [*SETTING, f"rounds={args.rounds}", *args.overrides, *overrides, f"run_dir={run_dir}"]
     env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": args.tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
     argv = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(args.ranks), sys.executable, "-m",
             "mpisage.run", *job]
     start = time.monotonic()
-    proc = subprocess.run(argv, cwd=args.tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         print(f"{name}: failed after {wall:.0f} s\n{(proc.stdout + proc.stderr)[-2000:]}", flush=True)
@@ -87,7 +87,7 @@ def main() -> int:
     args = p.parse_args()
     args.tree = os.path.abspath(args.tree)
     print(f"FSL-SAGE ResNet-18, 10 clients x 600 Fashion-MNIST 32x32x3, B=64, Q=5, l=3, {args.rounds} rounds, "
-          f"-n {args.ranks}, {args.cores} cores, code from {args.tree}; load average before: "
+          f"-n {args.ranks}, {args.cores} cores; load average before: "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     print("| variant | round kind | rounds | round s | align s | eval s | S-server busy s | client idle | "
           "bound s | job s |", flush=True)
@@ -95,7 +95,8 @@ def main() -> int:
     failed = 0
     for spec in args.variant or DEFAULT_VARIANTS:
         name, _, settings = spec.partition("=")
-        result = run_variant(args, name, [s for s in settings.split(",") if s])
+        name, _, tree = name.partition("@")
+        result = run_variant(args, name, os.path.abspath(tree or args.tree), [s for s in settings.split(",") if s])
         if result is None:
             failed += 1
             continue
