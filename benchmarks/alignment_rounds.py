@@ -13,8 +13,9 @@ thread, then with the idle cores (`align_threads=2`), then `align_mode=overlap` 
 
 Per round kind it prints medians over the rounds of that kind (round 0 included: it is an alignment round, and
 its first-round costs are part of what a user waits for): round seconds, the S-server's alignment seconds
-(`align_seconds`, absent before it was recorded), its evaluation seconds, its busy seconds, the client ranks'
-idle fraction (waiting seconds over round seconds, mean over client ranks) and the physical bound of the round on
+(`align_seconds`, absent before it was recorded), its evaluation seconds, how long after the round's end its
+progress line and metrics row appeared (`eval_lag_seconds`: the previous round's evaluation is what an alignment
+round could starve; absent before it was recorded), the S-server's busy seconds, the client ranks' idle fraction (waiting seconds over round seconds, mean over client ranks) and the physical bound of the round on
 this machine: (S-server busy + client ranks' busy seconds) / cores, the round's work if no core ever idled.
 """
 from __future__ import annotations
@@ -71,6 +72,9 @@ def summarize(r: dict, align_interval: int, cores: int) -> dict[str, dict[str, f
         out[kind] = {"rounds": int(rows.sum()), "round_s": med(seconds),
                      "align_s": med(r["align_seconds"]) if "align_seconds" in r else float("nan"),
                      "eval_s": med(r["eval_seconds"]), "sserver_busy_s": med(r["sserver_busy_seconds"]),
+                     # the row of the round BEFORE each round of this kind: what this kind of round delays
+                     "lag_s": float(np.median(r["eval_lag_seconds"][np.flatnonzero(rows) - 1][rounds[rows] > 0]))
+                     if "eval_lag_seconds" in r and (rounds[rows] > 0).any() else float("nan"),
                      "client_idle": med(idle), "bound_s": med(bound)}
     return out
 
@@ -89,9 +93,9 @@ def main() -> int:
     print(f"FSL-SAGE ResNet-18, 10 clients x 600 Fashion-MNIST 32x32x3, B=64, Q=5, l=3, {args.rounds} rounds, "
           f"-n {args.ranks}, {args.cores} cores; load average before: "
           f"{os.getloadavg()[0]:.1f}", flush=True)
-    print("| variant | round kind | rounds | round s | align s | eval s | S-server busy s | client idle | "
-          "bound s | job s |", flush=True)
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("| variant | round kind | rounds | round s | align s | eval s | previous row's lag s | S-server busy s | "
+          "client idle | bound s | job s |", flush=True)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     failed = 0
     for spec in args.variant or DEFAULT_VARIANTS:
         name, _, settings = spec.partition("=")
@@ -102,7 +106,7 @@ def main() -> int:
             continue
         for kind, f in summarize(result["rows"], 3, args.cores).items():
             print(f"| {name} | {kind} | {f['rounds']} | {f['round_s']:.1f} | {f['align_s']:.1f} | {f['eval_s']:.1f} "
-                  f"| {f['sserver_busy_s']:.1f} | {f['client_idle']:.0%} | {f['bound_s']:.1f} | "
+                  f"| {f['lag_s']:.1f} | {f['sserver_busy_s']:.1f} | {f['client_idle']:.0%} | {f['bound_s']:.1f} | "
                   f"{result['wall']:.0f} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
     return 1 if failed else 0

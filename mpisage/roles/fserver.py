@@ -99,6 +99,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
 
         # 3. the S-server's evaluation of the new global model
         result = recv_report(t, S_SERVER, EVAL_RESULT, round=round, kind=Kind.EVAL)
+        eval_lag = time.perf_counter() - start - ready     # how long the round's progress line waited for it
         test_loss, test_acc = result["loss"], result["accuracy"]
         totals = sum(last_counters.values()) + t.counters()
         waits = np.array([t.wait_seconds, s_rep["wait_seconds"]] +
@@ -109,7 +110,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
             row = {
                 "round": round, "test_acc": test_acc, "test_loss": test_loss,
                 "comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()), "wall_time": ready,
-                "round_seconds": round_s, "eval_seconds": result["seconds"],
+                "round_seconds": round_s, "eval_seconds": result["seconds"], "eval_lag_seconds": eval_lag,
                 "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
                 "messages_by_kind": totals[2].sum(axis=1),
                 "wire_bytes_by_link": _by_link(last_counters, t.counters()),
