@@ -28,11 +28,11 @@ sglr() {
 }
 
 # GAS vs its ablation vs FedBuff vs FedAvg: Fashion-MNIST shard = 2, K = 20, C = 10, E = 5, simulated schedule,
-# every method stopped at the same byte budget (GAS's 25 updates).
+# every method stopped at the same byte budget (GAS's 20 updates).
 gas() {
   compare --seed-list "$1" --out "$OUT/gas_shard2" --target 0.6,0.7 --reference gas \
     --methods "gas,gas:generative=false,fed_buff,fed_avg" \
-    -c configs/gas_alexnet_fmnist_shard2.yaml local_iters=5 rounds=25 comm_threshold_mb=1100 eval_samples=1000 \
+    -c configs/gas_alexnet_fmnist_shard2.yaml local_iters=5 rounds=20 comm_threshold_mb=880 eval_samples=1000 \
     checkpoint_interval=5
 }
 
@@ -48,23 +48,20 @@ fsl_sage() {   # $1 seeds, $2 distribution (iid | dirichlet), $3 name
 fsl_sage_iid() { fsl_sage "$1" iid fsl_sage_iid; }
 fsl_sage_dir1() { fsl_sage "$1" noniid_dirichlet fsl_sage_dir1; }
 
-# Each call names every seed so far (finished runs are reused without a launch), so each summary covers them all.
+# In groups, each seed-major: the two small claims first, then FSL-SAGE's IID and Dirichlet runs, so whatever time
+# there is gives paired seeds of whole claims. Each call names every seed so far (finished runs are reused without a
+# launch), so each summary covers them all.
+CLAIM_GROUPS=${CLAIM_GROUPS:-"sglr,gas fsl_sage_iid fsl_sage_dir1"}
 status=0
-done_seeds=""
-for seed in $SEEDS; do
-  done_seeds=${done_seeds:+$done_seeds,}$seed
-  for claim in $CLAIMS; do
-    [ "$claim" = fsl_sage_dir1 ] && continue        # last: after every other claim has its seeds
-    echo "[claims] $claim seed $seed ($(date -u +%H:%M:%S))"
-    "$claim" "$done_seeds" || status=1
-  done
-done
-if [[ " $CLAIMS " == *" fsl_sage_dir1 "* ]]; then
+for group in $CLAIM_GROUPS; do
   done_seeds=""
   for seed in $SEEDS; do
     done_seeds=${done_seeds:+$done_seeds,}$seed
-    echo "[claims] fsl_sage_dir1 seed $seed ($(date -u +%H:%M:%S))"
-    fsl_sage_dir1 "$done_seeds" || status=1
+    for claim in ${group//,/ }; do
+      [[ " $CLAIMS " == *" $claim "* ]] || continue
+      echo "[claims] $claim seed $seed ($(date -u +%H:%M:%S))"
+      "$claim" "$done_seeds" || status=1
+    done
   done
-fi
+done
 exit $status
