@@ -15,8 +15,11 @@ Per round kind it prints medians over the rounds of that kind (round 0 included:
 its first-round costs are part of what a user waits for): round seconds, the S-server's alignment seconds
 (`align_seconds`, absent before it was recorded), its evaluation seconds, how long after the round's end its
 progress line and metrics row appeared (`eval_lag_seconds`: the previous round's evaluation is what an alignment
-round could starve; absent before it was recorded), the S-server's busy seconds, the client ranks' idle fraction (waiting seconds over round seconds, mean over client ranks) and the physical bound of the round on
-this machine: (S-server busy + client ranks' busy seconds) / cores, the round's work if no core ever idled.
+round could starve; absent before it was recorded), the S-server's busy seconds, the client ranks' idle fraction
+(`client_idle_seconds_by_rank` over round seconds, mean over client ranks; the last round's lacks the wait for its
+averages). The physical bound of an alignment round on C cores is a normal round plus the alignment's CPU seconds
+over C (the alignment's work spread over every core, the clients' work unchanged): the alignment's CPU seconds are
+the one-thread `align s` of a blocking variant, during which the clients wait.
 """
 from __future__ import annotations
 
@@ -56,14 +59,14 @@ def run_variant(args, name: str, tree: str, overrides: list[str]) -> dict | None
     return {"rows": r, "wall": wall}
 
 
-def summarize(r: dict, align_interval: int, cores: int) -> dict[str, dict[str, float]]:
+def summarize(r: dict, align_interval: int) -> dict[str, dict[str, float]]:
     rounds = r["round"].astype(int)
     seconds = r["round_seconds"]
-    client_wait = r["wait_seconds_by_rank"][:, 2:]
-    # wait_seconds_by_rank is per round; busy seconds of the client ranks = round seconds - wait (they only train)
+    # idle seconds by the round they belong to; before they were recorded (older checkouts), the waits as reported,
+    # which count a round's wait for its averages in the next round
+    client_wait = r["client_idle_seconds_by_rank" if "client_idle_seconds_by_rank" in r else
+                    "wait_seconds_by_rank"][:, 2:]
     idle = (client_wait / seconds[:, None]).mean(axis=1)
-    busy_clients = (seconds[:, None] - client_wait).clip(min=0).sum(axis=1)
-    bound = (r["sserver_busy_seconds"] + busy_clients) / cores
     out = {}
     for kind, rows in (("alignment", rounds % align_interval == 0), ("normal", rounds % align_interval != 0)):
         if not rows.any():
@@ -75,7 +78,7 @@ def summarize(r: dict, align_interval: int, cores: int) -> dict[str, dict[str, f
                      # the row of the round BEFORE each round of this kind: what this kind of round delays
                      "lag_s": float(np.median(r["eval_lag_seconds"][np.flatnonzero(rows) - 1][rounds[rows] > 0]))
                      if "eval_lag_seconds" in r and (rounds[rows] > 0).any() else float("nan"),
-                     "client_idle": med(idle), "bound_s": med(bound)}
+                     "client_idle": med(idle)}
     return out
 
 
@@ -94,8 +97,8 @@ def main() -> int:
           f"-n {args.ranks}, {args.cores} cores; load average before: "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     print("| variant | round kind | rounds | round s | align s | eval s | previous row's lag s | S-server busy s | "
-          "client idle | bound s | job s |", flush=True)
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+          "client idle | job s |", flush=True)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     failed = 0
     for spec in args.variant or DEFAULT_VARIANTS:
         name, _, settings = spec.partition("=")
@@ -104,9 +107,9 @@ def main() -> int:
         if result is None:
             failed += 1
             continue
-        for kind, f in summarize(result["rows"], 3, args.cores).items():
+        for kind, f in summarize(result["rows"], 3).items():
             print(f"| {name} | {kind} | {f['rounds']} | {f['round_s']:.1f} | {f['align_s']:.1f} | {f['eval_s']:.1f} "
-                  f"| {f['lag_s']:.1f} | {f['sserver_busy_s']:.1f} | {f['client_idle']:.0%} | {f['bound_s']:.1f} | "
+                  f"| {f['lag_s']:.1f} | {f['sserver_busy_s']:.1f} | {f['client_idle']:.0%} | "
                   f"{result['wall']:.0f} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
     return 1 if failed else 0

@@ -47,10 +47,14 @@ def test_deterministic_runs_are_identical(shared_tmp):
         # blocking alignment (the paper's order): every client takes its aligned aux at step 0 of rounds 0 and 2
         switch = ra["aux_switch_step"]
         blocking = (switch[[0, 2]] == 0).all() and np.isnan(switch[1]).all() and switch.shape == (3, 3)
+        # idle seconds by round: never negative, and together the waits the client ranks reported less their
+        # start-up (so never more)
+        idle, waits = ra["client_idle_seconds_by_rank"][:, 2:], ra["wait_seconds_by_rank"][:, 2:]
+        blocking &= bool((idle >= 0).all() and (idle.sum(0) <= waits.sum(0) + 1e-9).all() and idle.sum() > 0)
         return identical_metrics, identical_weights, trained, blocking
 
     identical_metrics, identical_weights, trained, blocking = on_root(compare)
-    assert blocking, "blocking alignment: a client did not take its aligned aux at step 0"
+    assert blocking, "blocking alignment: a client did not take its aligned aux at step 0, or idle seconds are off"
     assert trained, "the deterministic run did not train (accuracy or checkpoint missing)"
     assert identical_metrics, "two deterministic runs with the same seed gave different metrics"
     assert identical_weights, "two deterministic runs with the same seed ended with different weights"

@@ -13,7 +13,7 @@ from mpisage.data import train_transform
 from mpisage.roles.shared import carrier, shared_modules
 from mpisage.runtime.checkpoint import checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.runtime.environment import resident_bytes
-from mpisage.runtime.protocol import CLIENT_ROUND, RANK_REPORT, ClientLink, client_round_report, send_report
+from mpisage.runtime.protocol import CLIENT_ROUND, RANK_ROUND, ClientLink, client_round_report, send_report
 from mpisage.runtime.state import load_packed, pack_state, state_nbytes
 from mpisage.runtime.transport import F_SERVER, Kind
 
@@ -108,6 +108,7 @@ def run_client(algo: Algorithm) -> None:
     if world.resume_from:
         clients.load_state_dict(restore_rank_state(world, f"rank{world.rank}"))
     for round in range(world.start_round, world.cfg.rounds):
+        round_start_wait = t.wait_seconds
         _inject_fault(world.rank, round)
         if algo.schedule == "lockstep":       # every hosted client at once: all live
             with clients.use(cids) as live:
@@ -123,8 +124,9 @@ def run_client(algo: Algorithm) -> None:
                 all_stats.append(train_round(algo, c, ClientLink(t, c.cid, round), transform))
                 _send_round(algo, c, all_stats[-1], round)    # at once: a sequential F-server waits for it
         busy = sum(stats["seconds"] for stats in all_stats)
-        send_report(t, F_SERVER, RANK_REPORT, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
-                                               "resident_bytes": resident_bytes()}, round=round)
+        send_report(t, F_SERVER, RANK_ROUND, {"wait_seconds": t.wait_seconds, "busy_seconds": busy,
+                                              "round_start_wait_seconds": round_start_wait,
+                                              "resident_bytes": resident_bytes()}, round=round)
         if algo.averages_shared and algo.schedule != "sequential":         # the averages
             for cid in cids:
                 _load_from_fserver(algo, clients[cid], round)

@@ -15,7 +15,7 @@ from mpisage.runtime import preemption
 from mpisage.runtime.checkpoint import checkpoint_due, recv_checkpoint, restore_transport, transport_state, write_checkpoint
 from mpisage.runtime.environment import resident_bytes
 from mpisage.runtime.metrics import GIB
-from mpisage.runtime.protocol import (EVAL_RESULT, RANK_REPORT, client_round_report, recv_report,
+from mpisage.runtime.protocol import (EVAL_RESULT, RANK_ROUND, client_round_report, recv_report,
                                       sserver_round_report)
 from mpisage.runtime.state import RunningAverage, flatten_state, pack_state, state_nbytes
 from mpisage.runtime.transport import NUM_KINDS, S_SERVER, Kind, role_of
@@ -48,6 +48,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
     last_counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
     start = time.perf_counter() - ready
     summary = {}
+    last_idle = np.zeros(t.size)     # the previous row's client idle seconds, completed once this round's reports come
     for round in range(world.start_round, cfg.rounds):
         # 1. every client's shared modules and local figures, in client id order (deterministic sums);
         #    a sequential method hands each client the modules the previous one trained instead
@@ -72,7 +73,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
                     current[kind] = received
             client_rounds.append(recv_report(t, src, c_report, round=round, client=cid))
         client_stats = {name: np.array([c[name] for c in client_rounds]) for name, _ in c_report.fields}
-        rank_reports = {r: recv_report(t, r, RANK_REPORT, round=round) for r in world.client_ranks}
+        rank_reports = {r: recv_report(t, r, RANK_ROUND, round=round) for r in world.client_ranks}
         s_rep = recv_report(t, S_SERVER, s_report, round=round)
         last_counters[S_SERVER] = s_rep["counters"]
         for r, rep in rank_reports.items():
@@ -104,6 +105,13 @@ def run_fserver(algo: Algorithm, log) -> dict:
         totals = sum(last_counters.values()) + t.counters()
         waits = np.array([t.wait_seconds, s_rep["wait_seconds"]] +
                          [rank_reports[r]["wait_seconds"] for r in world.client_ranks])
+        # client ranks' idle seconds, by the round they belong to: the waits inside this round (an alignment round's
+        # wait for the aux) here, and the wait for the previous round's averages added to the previous row
+        started = np.zeros(t.size)
+        started[world.client_ranks] = [rank_reports[r]["round_start_wait_seconds"] for r in world.client_ranks]
+        idle, idle_before = np.zeros(t.size), np.zeros(t.size)
+        idle[world.client_ranks] = (waits - started)[world.client_ranks]
+        idle_before[world.client_ranks] = (started - prev_wait)[world.client_ranks]
         round_wait, prev_wait = waits - prev_wait, waits
         s_train = s_rep["train_stats"]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -122,13 +130,17 @@ def run_fserver(algo: Algorithm, log) -> dict:
                 "resident_bytes_by_rank": np.array([resident_bytes(), s_rep["resident_bytes"]] +
                                                    [rank_reports[r]["resident_bytes"] for r in world.client_ranks]),
                 "sserver_busy_seconds": s_rep["busy_seconds"], "sserver_round_seconds": s_rep["round_seconds"],
-                "wait_seconds_by_rank": round_wait,
+                "wait_seconds_by_rank": round_wait, "client_idle_seconds_by_rank": idle,
                 **{name: s_rep[name] for name in algo.server_report_fields()},   # the algorithm's own figures
                 **{name: client_stats[name] for name in algo.client_report_fields()},   # per client
                 # filled in below once this round's checkpoint (if any) is written: bytes of each rank's state
                 "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0,
             }
+        if round > world.start_round:     # (a resumed run's first wait includes its start-up: not attributed)
+            last_idle = last_idle + idle_before
+            metrics.update_last({"client_idle_seconds_by_rank": last_idle})
         metrics.append(row)
+        last_idle = idle
         if round % cfg.log_interval == 0 or stop:
             log(f"round {round + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
                 f"{row['comm_bytes'] / GIB:8.3f} GiB | {round_s:6.2f} s/round")

@@ -83,6 +83,9 @@ def client_round_report(algorithm_fields: dict) -> Schema:
     (`Algorithm.client_report_fields`)."""
     return CLIENT_ROUND.extended(**algorithm_fields)
 RANK_REPORT = Schema.of("rank", counters=COUNTERS_SHAPE, wait_seconds=1, busy_seconds=1, resident_bytes=1)
+# a client rank's report of a synchronous round adds its waiting seconds when the round began (after the previous
+# round's averages), so the wait for those averages is counted in the round it belongs to
+RANK_ROUND = RANK_REPORT.extended(round_start_wait_seconds=1)
 FINAL_CLIENT_REPORT = Schema.of("final client rank", counters=COUNTERS_SHAPE, uploads=1, wait_seconds=1,
                                 busy_seconds=1, resident_bytes=1)
 
