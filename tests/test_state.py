@@ -69,3 +69,20 @@ def test_checkpoint_is_atomic_checksummed_and_pruned(tmp_path):
         f.truncate(size // 2)
     with pytest.raises(CheckpointError, match="truncated"):
         read_checkpoint(paths[-2])
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default():
+    """A key the checkpoint's config lacks (added since) counts as its default; any other value is a difference."""
+    from omegaconf import OmegaConf
+
+    from mpisage.config import load_config, to_yaml
+    from mpisage.runtime.checkpoint import config_differences
+    old = OmegaConf.create(to_yaml(load_config(None, [])))
+    del old["align_mode"]                  # as written before align_mode existed
+    del old["client_store"]["backend"]     # a nested one too
+    stored = OmegaConf.to_yaml(old)
+    assert config_differences(stored, load_config(None, [])) == []
+    assert config_differences(stored, load_config(None, ["align_mode=overlap"])) == [
+        "align_mode: checkpoint 'blocking', now 'overlap'"]
+    assert config_differences(stored, load_config(None, ["client_store.backend=disk", "lr=0.5"])) == [
+        "lr: checkpoint 0.001, now 0.5"]         # the store's layout may change on resume; the rate may not

@@ -128,19 +128,25 @@ RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "log_interval", "comm_timeou
 
 
 def config_differences(stored_yaml: str, cfg) -> list[str]:
-    """Keys whose values differ between the checkpoint's config and this run's (beyond RESUMABLE_CHANGES)."""
+    """Keys whose values differ between the checkpoint's config and this run's (beyond RESUMABLE_CHANGES). A key
+    the checkpoint's config does not have (added to mpisage since it was written) counts as its default: a new
+    setting keeps the old behaviour at its default, so it does not stop an older run from resuming."""
     from omegaconf import OmegaConf
+
+    from mpisage.config import Config
     stored = OmegaConf.to_container(OmegaConf.create(stored_yaml))
     now = OmegaConf.to_container(OmegaConf.structured(cfg))
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
 
-    def walk(a, b, prefix=""):
+    def walk(a, b, default, prefix=""):
         for k in sorted(set(a) | set(b)):
             name = prefix + k
-            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-                yield from walk(a[k], b[k], name + ".")
-            elif a.get(k) != b.get(k) and name not in RESUMABLE_CHANGES:
-                yield f"{name}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
-    return list(walk(stored, now))
+            old = a.get(k, default.get(k) if isinstance(default, dict) else None)
+            if isinstance(old, dict) and isinstance(b.get(k), dict):
+                yield from walk(old, b[k], default.get(k, {}) if isinstance(default, dict) else {}, name + ".")
+            elif old != b.get(k) and name not in RESUMABLE_CHANGES:
+                yield f"{name}: checkpoint {old!r}, now {b.get(k)!r}"
+    return list(walk(stored, now, defaults))
 
 
 def choose_checkpoint(cfg) -> tuple[str, int] | None:
