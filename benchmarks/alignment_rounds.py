@@ -8,8 +8,9 @@ The setting of the side-by-side comparison with the authors' code: ResNet-18 spl
 32x32x3, 10 clients x 600 IID samples, 2,000 test images, B = 64, Q = 5, l = 3 (alignment rounds 0 and 3), Adam
 1e-3, 6 rounds, no checkpoints. Each variant is one job (`mpirun -n RANKS python -m mpisage.run`), run one after
 another in this sitting so that their ratios are comparable; `NAME@DIR` runs that variant from another checkout
-(e.g. a `git worktree` of an older commit, for a before/after), `--tree DIR` every variant without one. Default variants: the paper's blocking order on one
-thread, then with the idle cores (`align_threads=2`), then `align_mode=overlap` with them.
+(e.g. a `git worktree` of an older commit, for a before/after), `--tree DIR` every variant without one. Default
+variants: the paper's blocking order on one thread, then on every core (`align_threads=0`, the default), then
+`align_mode=overlap`.
 
 Per round kind it prints medians over the rounds of that kind (round 0 included: it is an alignment round, and
 its first-round costs are part of what a user waits for): round seconds, the S-server's alignment seconds
@@ -36,8 +37,8 @@ SETTING = ["model=resnet18", "dataset.name=fashion_mnist", "dataset.image_size=3
            "dataset.distribution=iid", "num_clients=10", "dataset.samples_per_client=600", "eval_samples=2000",
            "batch_size=64", "server_update_interval=5", "align_interval=3", "optimizer=adam", "lr=0.001",
            "checkpoint_interval=0"]
-DEFAULT_VARIANTS = ["blocking=align_mode=blocking", "blocking_2_threads=align_mode=blocking,align_threads=2",
-                    "overlap_2_threads=align_mode=overlap,align_threads=2"]
+DEFAULT_VARIANTS = ["blocking_1_thread=align_mode=blocking,align_threads=1",
+                    "blocking=align_mode=blocking", "overlap=align_mode=overlap"]
 
 
 def run_variant(args, name: str, tree: str, overrides: list[str]) -> dict | None:

@@ -103,7 +103,9 @@ class Config:
     align_buffer_size: int = 1000        # per-client FIFO of uploaded smashed samples on the S-server
     align_steps: int = 100               # Adam steps per alignment
     align_lr: float = 1e-3
-    align_threads: int = 1               # torch threads of the S-server while it aligns (clients wait then)
+    # torch threads of the S-server while it aligns; 0: with align_mode=blocking every core this process may use
+    # (the clients wait then), with overlap 1 (the clients compute then)
+    align_threads: int = 0
     # blocking: the paper's order (a client's first step of an alignment round waits for its aligned aux);
     # overlap: the client steps on its previous aux until the aligned one arrives, switching at a step boundary
     align_mode: Literal["blocking", "overlap"] = "blocking"
@@ -221,9 +223,11 @@ def validate(cfg: Config) -> None:
              "must be >= 1, or null for one client per client rank")
     for key in ("rounds", "batch_size", "local_epochs", "server_update_interval", "align_interval",
                 "align_buffer_size", "eval_batch_size", "keep_checkpoints",
-                "torch_threads", "log_interval", "align_threads"):
+                "torch_threads", "log_interval"):
         _require(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
     _require(cfg.align_steps >= 0, "align_steps", cfg.align_steps, "must be >= 0")
+    _require(cfg.align_threads >= 0, "align_threads", cfg.align_threads, "must be >= 1, or 0 for the cores the "
+             "waiting clients leave idle")
     _require(cfg.client_store.slots is None or cfg.client_store.slots >= 1, "client_store.slots",
              cfg.client_store.slots, "must be >= 1 or null")
     _require(cfg.checkpoint_interval >= 0, "checkpoint_interval", cfg.checkpoint_interval,

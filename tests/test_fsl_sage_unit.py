@@ -148,3 +148,14 @@ def test_alignment_rounds_gather_only_with_one_client_per_rank_and_every_aux_liv
     assert gathers(4, 4, None) == (True, False)       # the default job: one client per rank, one slot each
     assert gathers(8, 4, 100) == (False, False)       # two clients per rank
     assert gathers(4, 4, 2) == (False, False)         # not every aux live
+
+
+def test_align_threads_zero_takes_the_cores_the_waiting_clients_leave():
+    """align_threads=0: every core the S-server may use while clients wait (blocking), one while they compute
+    (overlap); a number is taken as it is."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    algo = _algo()
+    for threads, mode, want in ((0, "blocking", cores), (0, "overlap", 1), (3, "blocking", 3), (2, "overlap", 2)):
+        algo.cfg.align_threads, algo.cfg.align_mode = threads, mode
+        assert algo.align_threads() == want
