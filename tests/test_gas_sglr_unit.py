@@ -298,3 +298,11 @@ def test_image_only_methods_refuse_a_language_modelling_dataset(name):
     world = types.SimpleNamespace(is_token_task=True, data=types.SimpleNamespace(name="e2e"))
     with pytest.raises(ConfigError, match=f"{name} is defined for image classification; e2e"):
         REGISTRY[name](world)
+
+
+def test_the_clock_charges_an_activation_upload_as_it_travels():
+    from mpisage.algorithms.asynchronous import upload_bits
+    shape = (32, 64, 7, 7)                   # GAS's AlexNet split at B = 32: 3,136 values per sample
+    assert upload_bits(shape, "float32") == 32 * 32 * 3136
+    assert upload_bits(shape, "bfloat16") == upload_bits(shape, "float16") == 16 * 32 * 3136
+    assert upload_bits(shape, "int8") == 8 * 32 * 3136 + 32 * 32      # and one float32 scale per sample

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.runtime import wire
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import fedavg, state_nbytes
 from mpisage.runtime.world import derive_seed
@@ -134,6 +135,13 @@ def simulate_schedule(pass_s, activation_s, model_s, active: int, model_buffer: 
     return out
 
 
+def upload_bits(shape: tuple[int, ...], wire_format: str) -> float:
+    """Bits of one activation upload of `shape` as it travels in `wire_format` (wire.activations): the clock charges
+    what is sent, so a narrower format uploads sooner (the paper's clock has float32 activations)."""
+    fmt = wire.parse("wire.activations", wire_format)
+    return 8.0 * (fmt.payload_nbytes(shape) if fmt else 4 * math.prod(shape))
+
+
 def count_macs(module: nn.Module, example: torch.Tensor) -> float:
     """Multiply-accumulates per sample of the convolutions and linear layers of one forward pass."""
     total = [0.0]
@@ -174,7 +182,8 @@ class AsyncAlgorithm(Algorithm):
             with torch.no_grad():
                 cut = client.eval()(world.example_input(1))
             self.client_macs += count_macs(world.initial_part("server"), cut)
-        self.activation_bits = 32.0 * cfg.batch_size * math.prod(self.activation_shape) if self.uses_sserver else 0.0
+        self.activation_bits = (upload_bits((cfg.batch_size, *self.activation_shape), cfg.wire.activations)
+                                if self.uses_sserver else 0.0)
         self.model_bits = 8.0 * sum(state_nbytes(world.initial_part(part).state_dict()) for part in self.shared_parts)
         self.profiles = client_profiles(m, derive_seed(cfg.seed, "init", 2))
         per_iter = [p.iteration_seconds(self.client_macs, self.activation_bits) for p in self.profiles]
