@@ -75,6 +75,10 @@ NO_PART = -1
 HEADER_LEN = 8 + MAX_NDIM + 1
 HEADER_BYTES = HEADER_LEN * 8
 MAX_PAYLOAD_BYTES = 1 << 34
+# A waiting rank polls with pauses that grow to SHORT_PAUSE_S (a reply is usually near); once its wait has lasted
+# LONG_WAIT_S, to LONG_PAUSE_S: ten client ranks waiting minutes for an alignment then leave the S-server the
+# cores instead of polling (benchmarks/idle_wait.py), at the price of waking up to LONG_PAUSE_S late.
+SHORT_PAUSE_S, LONG_WAIT_S, LONG_PAUSE_S = 2e-3, 1.0, 2e-2
 
 
 class ProtocolError(RuntimeError):
@@ -405,7 +409,7 @@ class Transport:
             slept = time.perf_counter() - slept
             waited += slept
             self.wait_seconds += slept
-            pause = min(pause * 1.5, 2e-3)
+            pause = min(pause * 1.5, LONG_PAUSE_S if waited > LONG_WAIT_S else SHORT_PAUSE_S)
             if waited > self.timeout_s:
                 raise timed_out(waited)
 
