@@ -42,14 +42,12 @@ DEFAULT_VARIANTS = ["blocking_1_thread=align_mode=blocking,align_threads=1",
 
 
 def run_variant(args, name: str, tree: str, overrides: list[str]) -> dict | None:
+    from mpisage.runtime.environment import job_command
     from mpisage.runtime.metrics import read_rounds
     run_dir = tempfile.mkdtemp(prefix=f"mpisage-align-{name}-")
-    job = [*SETTING, f"rounds={args.rounds}", *args.overrides, *overrides, f"run_dir={run_dir}"]
-    env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    argv = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(args.ranks), sys.executable, "-m",
-            "mpisage.run", *job]
+    argv, env = job_command(args.ranks, [*SETTING, f"rounds={args.rounds}", *args.overrides, *overrides,
+                                         f"run_dir={run_dir}"])
+    env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")     # that checkout's mpisage
     start = time.monotonic()
     proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.monotonic() - start
