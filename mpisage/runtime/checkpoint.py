@@ -121,9 +121,10 @@ def read_checkpoint(path: str, groups: list[str] | None = None) -> tuple[dict, d
     return attrs, out
 
 
-# Keys that may change between a checkpoint and its resumption without changing the computation.
+# Keys that may change between a checkpoint and its resumption without changing the computation (thread counts
+# only reorder float sums).
 RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "log_interval", "comm_timeout_s", "checkpoint_interval",
-                     "keep_checkpoints", "torch_threads", "comm_threshold_mb", "eval_batch_size",
+                     "keep_checkpoints", "torch_threads", "align_threads", "comm_threshold_mb", "eval_batch_size",
                      "client_store.backend", "client_store.slots", "client_store.directory"}   # layout, not values
 
 
