@@ -88,6 +88,45 @@ def test_overlapped_alignment_switches_at_a_step_boundary_and_trains(shared_tmp)
     assert latest > 0
 
 
+def test_a_slow_evaluation_does_not_hold_the_next_round(shared_tmp, monkeypatch):
+    """Evaluation is off the critical path: with an evaluation slower than a round (every test batch sleeps), the
+    S-server still reports each round as soon as its uploads are answered, so the F-server sends round r's averages
+    before round r-1's evaluation is in (impossible when a report waits for the previous evaluation). Every row is
+    still written, in order, and a checkpoint holds every row up to its round."""
+    import time
+
+    from mpisage.algorithms.evaluation import Evaluation
+    from mpisage.data import write_fashion_mnist_fixture
+    data = os.path.join(shared_tmp, "fmnist")
+    write_on_root(write_fashion_mnist_fixture, data, 600, 100)
+    step = Evaluation.step
+
+    def slow_step(self):
+        time.sleep(0.5)
+        step(self)
+
+    monkeypatch.setattr(Evaluation, "step", slow_step)     # 4 batches: 2 s per evaluation
+    run_dir = os.path.join(shared_tmp, "slow_eval")
+    run_job([f"dataset.root={data}", "num_clients=3", "rounds=4", "batch_size=64", "align_interval=100",
+             "align_steps=2", "align_buffer_size=64", "eval_batch_size=25", "checkpoint_interval=2",
+             f"run_dir={run_dir}"])
+
+    def check():
+        from mpisage.runtime.checkpoint import read_checkpoint
+        from mpisage.runtime.metrics import read_rounds
+        r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+        evaluated_at = r["wall_time"] + r["eval_lag_seconds"]
+        _, groups = read_checkpoint(os.path.join(run_dir, "checkpoint_round000001.h5"), ["fserver"])
+        return [list(r["round"]) == [0, 1, 2, 3], np.isfinite(r["test_acc"]).all(), (r["eval_lag_seconds"] >= 0).all(),
+                (r["wall_time"][1:] < evaluated_at[:-1]).sum(),
+                list(groups["fserver"]["metrics/round"].numpy()) == [0, 1]]
+
+    rows_in_order, finite, lags_ok, overtaken, checkpointed = on_root(check)
+    assert rows_in_order and finite and lags_ok, f"rows in order {rows_in_order}, finite {finite}, lags {lags_ok}"
+    assert overtaken >= 1, "every round waited for the previous round's evaluation before its averages went out"
+    assert checkpointed, "the checkpoint after round 2 does not hold exactly rows 0 and 1"
+
+
 @pytest.mark.parametrize("wire", ["float32", "bfloat16", "int8"])
 def test_resnet18_round_bytes_match_closed_form(wire, shared_tmp):
     """fsl_sage.md: per round, every uploaded smashed batch (numel x 4 B, ragged last batch at its size) +

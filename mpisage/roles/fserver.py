@@ -1,6 +1,7 @@
 """The F-server loop (rank 0): collect each client's shared modules, average them, send the averages back with
-the continue/stop decision, have the S-server evaluate the new global model, and record the round. Rank 0 is the
-only rank that prints or writes files."""
+the continue/stop decision, have the S-server evaluate the new global model, and record the round once its
+evaluation is in (while the clients already train the next one). Rank 0 is the only rank that prints or writes
+files."""
 from __future__ import annotations
 
 import time
@@ -47,8 +48,34 @@ def run_fserver(algo: Algorithm, log) -> dict:
     threshold = cfg.comm_threshold_mb * 1024 ** 2
     last_counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}
     start = time.perf_counter() - ready
-    summary = {}
-    last_idle = np.zeros(t.size)     # the previous row's client idle seconds, completed once this round's reports come
+    pending = None   # the row of a finished round whose evaluation has not come back yet
+    recorded = None  # the last row written (its client idle seconds are completed by the next round's reports)
+    last_round = None     # the round the run stops after, once decided (its progress line is always printed)
+
+    def record(result: dict) -> None:
+        """Completes the pending row with its evaluation, writes it and prints the round's progress line."""
+        nonlocal pending, recorded
+        row, pending = pending, None
+        row.update({"test_acc": result["accuracy"], "test_loss": result["loss"], "eval_seconds": result["seconds"],
+                    "eval_lag_seconds": time.perf_counter() - start - row["wall_time"]})
+        metrics.append(row)
+        recorded = row
+        if row["round"] % cfg.log_interval == 0 or row["round"] == last_round:
+            log(f"round {row['round'] + 1:4d}/{cfg.rounds} | test acc {row['test_acc']:.4f} | loss "
+                f"{row['test_loss']:.4f} | {row['comm_bytes'] / GIB:8.3f} GiB | {row['round_seconds']:6.2f} s/round")
+
+    def evaluation_arrived() -> bool:
+        """Idle work while the F-server waits for the clients: the previous round's evaluation, as soon as it is
+        in, so its row and progress line never wait for the next round (the S-server evaluates it meanwhile)."""
+        if pending is None or not t.probe([Kind.EVAL], S_SERVER):
+            return False
+        record(recv_report(t, S_SERVER, EVAL_RESULT, round=pending["round"], kind=Kind.EVAL))
+        return True
+
+    def await_evaluation() -> None:
+        if pending is not None:
+            record(recv_report(t, S_SERVER, EVAL_RESULT, round=pending["round"], kind=Kind.EVAL))
+
     for round in range(world.start_round, cfg.rounds):
         # 1. every client's shared modules and local figures, in client id order (deterministic sums);
         #    a sequential method hands each client the modules the previous one trained instead
@@ -64,22 +91,23 @@ def run_fserver(algo: Algorithm, log) -> dict:
                     t.send(src, kind, current[kind], round=round, client=cid)
             for kind, module in templates.items():
                 received = t.recv(carrier(algo, kind), src, round=round, client=cid,
-                                  nbytes=state_nbytes(module.state_dict())).tensor
+                                  nbytes=state_nbytes(module.state_dict()), idle=evaluation_arrived).tensor
                 if streaming:
                     running[kind].add(received)
                 else:
                     packed[kind].append(received)
                 if sequential:
                     current[kind] = received
-            client_rounds.append(recv_report(t, src, c_report, round=round, client=cid))
+            client_rounds.append(recv_report(t, src, c_report, round=round, client=cid, idle=evaluation_arrived))
         client_stats = {name: np.array([c[name] for c in client_rounds]) for name, _ in c_report.fields}
-        rank_reports = {r: recv_report(t, r, RANK_ROUND, round=round) for r in world.client_ranks}
-        s_rep = recv_report(t, S_SERVER, s_report, round=round)
+        rank_reports = {r: recv_report(t, r, RANK_ROUND, round=round, idle=evaluation_arrived)
+                        for r in world.client_ranks}
+        s_rep = recv_report(t, S_SERVER, s_report, round=round, idle=evaluation_arrived)
         last_counters[S_SERVER] = s_rep["counters"]
         for r, rep in rank_reports.items():
             last_counters[r] = rep["counters"]
 
-        # 2. average and send back; decide whether this was the last round
+        # 2. average and send back; decide whether this was the last round; have the S-server evaluate the result
         if algo.averages_shared and not sequential:
             current = {kind: running[kind].packed() if streaming else
                        algo.aggregate(kind, packed[kind], templates[kind]) for kind in templates}
@@ -98,10 +126,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
         # The round's clock stops when its global model exists; its evaluation runs while the next round trains.
         round_s, ready = time.perf_counter() - start - ready, time.perf_counter() - start
 
-        # 3. the S-server's evaluation of the new global model
-        result = recv_report(t, S_SERVER, EVAL_RESULT, round=round, kind=Kind.EVAL)
-        eval_lag = time.perf_counter() - start - ready     # how long the round's progress line waited for it
-        test_loss, test_acc = result["loss"], result["accuracy"]
+        # 3. the round's row, written once its evaluation is in (the clients train the next round meanwhile)
         totals = sum(last_counters.values()) + t.counters()
         waits = np.array([t.wait_seconds, s_rep["wait_seconds"]] +
                          [rank_reports[r]["wait_seconds"] for r in world.client_ranks])
@@ -113,12 +138,18 @@ def run_fserver(algo: Algorithm, log) -> dict:
         idle[world.client_ranks] = (waits - started)[world.client_ranks]
         idle_before[world.client_ranks] = (started - prev_wait)[world.client_ranks]
         round_wait, prev_wait = waits - prev_wait, waits
+        if round > world.start_round:     # (a resumed run's first wait includes its start-up: not attributed)
+            previous = pending or recorded
+            previous["client_idle_seconds_by_rank"] = previous["client_idle_seconds_by_rank"] + idle_before
+            if previous is recorded:
+                metrics.update_last({"client_idle_seconds_by_rank": previous["client_idle_seconds_by_rank"]})
+        await_evaluation()       # the previous round's, if still out: the S-server sends it before it takes these
+        last_round = round if stop else None
         s_train = s_rep["train_stats"]
         with np.errstate(invalid="ignore", divide="ignore"):
-            row = {
-                "round": round, "test_acc": test_acc, "test_loss": test_loss,
-                "comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()), "wall_time": ready,
-                "round_seconds": round_s, "eval_seconds": result["seconds"], "eval_lag_seconds": eval_lag,
+            pending = {
+                "round": round, "comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()),
+                "wall_time": ready, "round_seconds": round_s,
                 "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
                 "messages_by_kind": totals[2].sum(axis=1),
                 "wire_bytes_by_link": _by_link(last_counters, t.counters()),
@@ -136,15 +167,10 @@ def run_fserver(algo: Algorithm, log) -> dict:
                 # filled in below once this round's checkpoint (if any) is written: bytes of each rank's state
                 "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0,
             }
-        if round > world.start_round:     # (a resumed run's first wait includes its start-up: not attributed)
-            last_idle = last_idle + idle_before
-            metrics.update_last({"client_idle_seconds_by_rank": last_idle})
-        metrics.append(row)
-        last_idle = idle
-        if round % cfg.log_interval == 0 or stop:
-            log(f"round {round + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
-                f"{row['comm_bytes'] / GIB:8.3f} GiB | {round_s:6.2f} s/round")
+        if checkpoint_due(cfg, round, stop) or stop:
+            await_evaluation()    # a checkpoint holds every row up to its round; the last row ends the run
         if checkpoint_due(cfg, round, stop):
+            row = recorded
             began = time.perf_counter()
             ranks = {f"rank{r}": recv_checkpoint(t, r, round) for r in range(1, t.size)}
             ranks["fserver"] = flatten_state({
@@ -158,12 +184,12 @@ def run_fserver(algo: Algorithm, log) -> dict:
             log(f"[mpisage] checkpoint after round {round + 1}: {sizes.sum() / 1024 ** 2:.1f} MiB "
                 f"(largest rank {int(sizes.argmax())}: {sizes.max() / 1024 ** 2:.1f} MiB), gathered and written in "
                 f"{row['checkpoint_seconds']:.1f} s")
-        summary = row
         if stop:
             if preemption.requested() and round < cfg.rounds - 1:
                 log(f"[mpisage] {preemption.requested()}: stopped after round {round + 1} with a checkpoint; "
                     f"run again with resume=auto to continue")
             break
+    summary = recorded or {}
     metrics.close()
     t.flush()
     return summary

@@ -1,5 +1,9 @@
 """The S-server loop: answer every upload of the round (in arrival order, or in the canonical client order when
-`deterministic=true`), report the round to the F-server, then evaluate the averaged client model on the test set."""
+`deterministic=true`), report the round to the F-server, then evaluate the averaged client model on the test set.
+
+A round's evaluation runs in the S-server's idle moments of the next round and is off the round's critical path:
+the report that lets the F-server send the averages goes out as soon as the uploads are answered, whether or not
+the previous evaluation has finished (it finishes while the F-server averages and the clients start again)."""
 from __future__ import annotations
 
 import time
@@ -68,7 +72,7 @@ def run_sserver(algo: Algorithm) -> None:
         if evaluation is None:
             return False
         evaluation.step()
-        if evaluation.done:       # report at once: a sequential F-server waits for it before the next round
+        if evaluation.done:       # report at once: the F-server writes the round's row when it comes
             finish_evaluation()
         return True
 
@@ -99,14 +103,15 @@ def run_sserver(algo: Algorithm) -> None:
                 t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq,
                        paper=paper[0] if paper else True)
             busy += time.perf_counter() - t0
-        finish_evaluation()
         algo.end_server_round(s, round)
         send_report(t, F_SERVER, report, {
             "wait_seconds": t.wait_seconds, "busy_seconds": busy, "round_seconds": time.perf_counter() - start,
             "train_stats": s.train_stats, **algo.server_report(s), "resident_bytes": resident_bytes()}, round=round)
 
-        stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64).tensor.item()
-        for (kind, cid), module in eval_modules.items():   # the previous evaluation has finished with them
+        stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64,
+                      idle=evaluate_in_background).tensor.item()
+        finish_evaluation()     # round r-1's, if the idle moments did not suffice: its modules take round r's now
+        for (kind, cid), module in eval_modules.items():
             msg = t.recv(Kind.EVAL, F_SERVER, round=round, client=cid, part=int(kind),
                          nbytes=state_nbytes(module.state_dict()))
             load_packed(module, msg.tensor)

@@ -115,8 +115,8 @@ def send_report(t: Transport, dest: int, schema: Schema, values: dict, *, round:
 
 
 def recv_report(t: Transport, source: int, schema: Schema, *, round: int | None = None,
-                client: int | None = None, kind: Kind = Kind.CONTROL) -> dict:
-    msg = t.recv(kind, source, round=round, client=client, dtype=torch.float64, shape=(schema.size,))
+                client: int | None = None, kind: Kind = Kind.CONTROL, idle=None) -> dict:
+    msg = t.recv(kind, source, round=round, client=client, dtype=torch.float64, shape=(schema.size,), idle=idle)
     return schema.unpack(msg.tensor)
 
 
