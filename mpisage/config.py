@@ -38,7 +38,7 @@ class DatasetConfig:
     augment: bool = True                 # crop+flip for CIFAR-style data (Fashion-MNIST is never augmented)
     image_size: Optional[int] = None     # resize images to this side (SGLR: Fashion-MNIST at 32); None: as stored
     channels: Optional[int] = None       # 3: repeat grey images to 3 channels (SGLR); None: as stored
-    samples_per_client: Optional[int] = None   # iid only: each client a fixed number of samples (SGLR: 1000)
+    samples_per_client: Optional[int] = None   # iid, noniid_dirichlet: each client this many samples (SGLR: 1000)
     seq_len: int = 128                   # token datasets (e2e): tokens per sample, padded or cut
 
 

@@ -317,6 +317,17 @@ def test_samples_per_client_iid():
     assert all(np.array_equal(a, b) for a, b in zip(full, partition(LABELS, 6, "iid", seed=3)))
 
 
+def test_samples_per_client_dirichlet():
+    """A Dirichlet split at a chosen size: every client exactly that many distinct samples, label-skewed; an equal
+    share of everything is the plain Dirichlet split."""
+    parts = partition(LABELS, 5, "noniid_dirichlet", alpha=0.3, samples_per_client=40, seed=2)
+    assert [len(p) for p in parts] == [40] * 5 and len(np.unique(np.concatenate(parts))) == 200
+    top_share = [np.bincount(LABELS[p], minlength=10).max() / 40 for p in parts]
+    assert np.mean(top_share) > 0.3        # iid would be about 0.15-0.2; alpha = 0.3 concentrates labels
+    full = partition(LABELS, 5, "noniid_dirichlet", alpha=0.3, samples_per_client=200, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(full, partition(LABELS, 5, "noniid_dirichlet", alpha=0.3, seed=2)))
+
+
 @pytest.mark.parametrize("kwargs, key", [
     (dict(num_clients=3, scheme="bogus"), "dataset.distribution"),
     (dict(num_clients=3, scheme="noniid_dirichlet", alpha=0.0), "dataset.alpha"),
@@ -325,7 +336,7 @@ def test_samples_per_client_iid():
     (dict(num_clients=600, scheme="shards", shards_per_client=2), "shards_per_client"),
     (dict(num_clients=11, scheme="iid", samples_per_client=91), "num_clients x dataset.samples_per_client"),
     (dict(num_clients=3, scheme="iid", samples_per_client=0), "dataset.samples_per_client"),
-    (dict(num_clients=3, scheme="noniid_dirichlet", samples_per_client=10), "dataset.samples_per_client.*iid"),
+    (dict(num_clients=3, scheme="dirichlet_niidbench", samples_per_client=10), "dataset.samples_per_client.*iid"),
     (dict(num_clients=3, scheme="shards", samples_per_client=10), "dataset.samples_per_client.*iid"),
 ])
 def test_partition_errors(kwargs, key):

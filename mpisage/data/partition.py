@@ -18,8 +18,9 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float
               seed: int = 0) -> list[np.ndarray]:
     """Disjoint int64 index arrays, one per client, into `labels` (see the scheme functions).
 
-    samples_per_client (iid only): every client gets exactly that many samples instead of an equal
-    share of all of them (SGLR's fixed 1000 per client, so the data used grows with the clients).
+    samples_per_client (iid and noniid_dirichlet): every client gets exactly that many samples instead of an
+    equal share of all of them (SGLR's fixed 1000 per client, so the data used grows with the clients; a
+    Dirichlet split at a scale a CPU trains).
     """
     labels = np.asarray(labels, dtype=np.int64).ravel()
     n = len(labels)
@@ -31,9 +32,10 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float
         raise ValueError(f"num_clients={num_clients} exceeds the {n} training samples; "
                          "lower num_clients or use a larger dataset")
     if samples_per_client is not None:
-        if scheme != "iid":
+        if scheme not in ("iid", "noniid_dirichlet"):
             raise ValueError(f"dataset.samples_per_client={samples_per_client} works only with "
-                             f"dataset.distribution=iid, not {scheme}; set dataset.samples_per_client=null")
+                             f"dataset.distribution=iid or noniid_dirichlet, not {scheme}; "
+                             f"set dataset.samples_per_client=null")
         if samples_per_client < 1 or num_clients * samples_per_client > n:
             raise ValueError(f"num_clients x dataset.samples_per_client = {num_clients} x {samples_per_client} "
                              f"must be between 1 and the {n} training samples; lower one of them")
@@ -43,7 +45,7 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float
     if scheme == "noniid_dirichlet":
         if not alpha > 0:
             raise ValueError(f"dataset.alpha={alpha} must be > 0 (small = skewed, large = near iid)")
-        return _dirichlet(labels, num_clients, float(alpha), rng)
+        return _dirichlet(labels, num_clients, float(alpha), rng, samples_per_client or n // num_clients)
     if scheme == "dirichlet_niidbench":
         if not alpha > 0:
             raise ValueError(f"dataset.alpha={alpha} must be > 0 (small = skewed, large = near iid)")
@@ -71,10 +73,11 @@ def _iid(n: int, m: int, size: int, rng: np.random.Generator) -> list[np.ndarray
     return [perm[k * size:(k + 1) * size] for k in range(m)]
 
 
-def _dirichlet(labels: np.ndarray, m: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(labels: np.ndarray, m: int, alpha: float, rng: np.random.Generator,
+               size: int) -> list[np.ndarray]:
     """Hsu et al. 2019 with equal client sizes.
 
-    Client k has class weights p_k ~ Dir(alpha * 1) and draws n // m samples one at a time:
+    Client k has class weights p_k ~ Dir(alpha * 1) and draws `size` samples one at a time:
     class ~ p_k (renormalised over classes that still have samples), then the next unused index
     of that class. A class that runs out is zeroed for every client.
 
@@ -92,7 +95,6 @@ def _dirichlet(labels: np.ndarray, m: int, alpha: float, rng: np.random.Generato
     used = np.zeros(num_classes, dtype=np.int64)
     weights = rng.dirichlet(np.full(num_classes, alpha), size=m)
     weights[:, remaining == 0] = 0.0
-    size = len(labels) // m
 
     parts = []
     for k in range(m):
