@@ -26,6 +26,16 @@ def _rounds_and_weights(run_dir: str):
     return rounds, weights
 
 
+def _job_on_fixture(shared_tmp: str, name: str, overrides: list[str]) -> str:
+    """Runs a job on the 600/100-image Fashion-MNIST fixture; returns its run_dir."""
+    from mpisage.data import write_fashion_mnist_fixture
+    data = os.path.join(shared_tmp, "fmnist")
+    write_on_root(write_fashion_mnist_fixture, data, 600, 100)
+    run_dir = os.path.join(shared_tmp, name)
+    run_job([f"dataset.root={data}", *overrides, f"run_dir={run_dir}"])
+    return run_dir
+
+
 def test_deterministic_runs_are_identical(shared_tmp):
     from mpisage.data import write_fashion_mnist_fixture
     data = os.path.join(shared_tmp, "fmnist")
@@ -63,13 +73,9 @@ def test_deterministic_runs_are_identical(shared_tmp):
 def test_overlapped_alignment_switches_at_a_step_boundary_and_trains(shared_tmp):
     """align_mode=overlap, one client per client rank (gathered alignment): each client steps on its previous aux
     until the aligned one arrives and reports the step it switched at; the run trains like a blocking one."""
-    from mpisage.data import write_fashion_mnist_fixture
-    data = os.path.join(shared_tmp, "fmnist")
-    write_on_root(write_fashion_mnist_fixture, data, 600, 100)
-    run_dir = os.path.join(shared_tmp, "overlap")
-    run_job([f"dataset.root={data}", "num_clients=2", "rounds=3", "batch_size=16", "align_interval=2",
-             "align_steps=20", "align_buffer_size=100", "align_mode=overlap", "checkpoint_interval=0",
-             f"run_dir={run_dir}"])
+    run_dir = _job_on_fixture(shared_tmp, "overlap", [
+        "num_clients=2", "rounds=3", "batch_size=16", "align_interval=2", "align_steps=20", "align_buffer_size=100",
+        "align_mode=overlap", "checkpoint_interval=0"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds
@@ -96,9 +102,6 @@ def test_a_slow_evaluation_does_not_hold_the_next_round(shared_tmp, monkeypatch)
     import time
 
     from mpisage.algorithms.evaluation import Evaluation
-    from mpisage.data import write_fashion_mnist_fixture
-    data = os.path.join(shared_tmp, "fmnist")
-    write_on_root(write_fashion_mnist_fixture, data, 600, 100)
     step = Evaluation.step
 
     def slow_step(self):
@@ -106,10 +109,9 @@ def test_a_slow_evaluation_does_not_hold_the_next_round(shared_tmp, monkeypatch)
         step(self)
 
     monkeypatch.setattr(Evaluation, "step", slow_step)     # 4 batches: 2 s per evaluation
-    run_dir = os.path.join(shared_tmp, "slow_eval")
-    run_job([f"dataset.root={data}", "num_clients=3", "rounds=4", "batch_size=64", "align_interval=100",
-             "align_steps=2", "align_buffer_size=64", "eval_batch_size=25", "checkpoint_interval=2",
-             f"run_dir={run_dir}"])
+    run_dir = _job_on_fixture(shared_tmp, "slow_eval", [
+        "num_clients=3", "rounds=4", "batch_size=64", "align_interval=100", "align_steps=2", "align_buffer_size=64",
+        "eval_batch_size=25", "checkpoint_interval=2"])
 
     def check():
         from mpisage.runtime.checkpoint import read_checkpoint
