@@ -17,8 +17,8 @@ its first-round costs are part of what a user waits for): round seconds, the S-s
 (`align_seconds`, absent before it was recorded), its evaluation seconds, how long after the round's end its
 progress line and metrics row appeared (`eval_lag_seconds`: the previous round's evaluation is what an alignment
 round could starve; absent before it was recorded), the S-server's busy seconds, the client ranks' idle fraction
-(`client_idle_seconds_by_rank` over round seconds, mean over client ranks; the last round's lacks the wait for its
-averages). The physical bound of an alignment round on C cores is a normal round plus the alignment's CPU seconds
+(`client_idle_seconds_by_rank` over round seconds, mean over client ranks; the last round is left out of it: it has
+no wait for averages). The physical bound of an alignment round on C cores is a normal round plus the alignment's CPU seconds
 over C (the alignment's work spread over every core, the clients' work unchanged): the alignment's CPU seconds are
 the one-thread `align s` of a blocking variant, during which the clients wait.
 """
@@ -66,6 +66,7 @@ def summarize(r: dict, align_interval: int) -> dict[str, dict[str, float]]:
     client_wait = r["client_idle_seconds_by_rank" if "client_idle_seconds_by_rank" in r else
                     "wait_seconds_by_rank"][:, 2:]
     idle = (client_wait / seconds[:, None]).mean(axis=1)
+    idle[-1] = np.nan      # the last round has no wait for averages: leaving it in would flatter its kind
     out = {}
     for kind, rows in (("alignment", rounds % align_interval == 0), ("normal", rounds % align_interval != 0)):
         if not rows.any():
@@ -77,7 +78,8 @@ def summarize(r: dict, align_interval: int) -> dict[str, dict[str, float]]:
                      # the row of the round BEFORE each round of this kind: what this kind of round delays
                      "lag_s": float(np.median(r["eval_lag_seconds"][np.flatnonzero(rows) - 1][rounds[rows] > 0]))
                      if "eval_lag_seconds" in r and (rounds[rows] > 0).any() else float("nan"),
-                     "client_idle": med(idle)}
+                     "client_idle": float(np.nanmedian(idle[rows])) if (~np.isnan(idle[rows])).any()
+                     else float("nan")}
     return out
 
 
@@ -106,7 +108,9 @@ def main() -> int:
         if result is None:
             failed += 1
             continue
-        for kind, f in summarize(result["rows"], 3).items():
+        interval = [int(kv.split("=", 1)[1]) for kv in [*SETTING, *args.overrides, *settings.split(",")]
+                    if kv.startswith("align_interval=")][-1]      # the variant's own l decides the round kinds
+        for kind, f in summarize(result["rows"], interval).items():
             print(f"| {name} | {kind} | {f['rounds']} | {f['round_s']:.1f} | {f['align_s']:.1f} | {f['eval_s']:.1f} "
                   f"| {f['lag_s']:.1f} | {f['sserver_busy_s']:.1f} | {f['client_idle']:.0%} | "
                   f"{result['wall']:.0f} |", flush=True)
