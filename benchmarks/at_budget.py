@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 
-
 from mpisage.runtime.metrics import read_rounds
 from mpisage.tools.compare_seeds import t_interval
 
