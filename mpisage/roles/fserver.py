@@ -64,17 +64,17 @@ def run_fserver(algo: Algorithm, log) -> dict:
             log(f"round {row['round'] + 1:4d}/{cfg.rounds} | test acc {row['test_acc']:.4f} | loss "
                 f"{row['test_loss']:.4f} | {row['comm_bytes'] / GIB:8.3f} GiB | {row['round_seconds']:6.2f} s/round")
 
+    def await_evaluation() -> None:
+        if pending is not None:
+            record(recv_report(t, S_SERVER, EVAL_RESULT, round=pending["round"], kind=Kind.EVAL))
+
     def evaluation_arrived() -> bool:
         """Idle work while the F-server waits for the clients: the previous round's evaluation, as soon as it is
         in, so its row and progress line never wait for the next round (the S-server evaluates it meanwhile)."""
         if pending is None or not t.probe([Kind.EVAL], S_SERVER):
             return False
-        record(recv_report(t, S_SERVER, EVAL_RESULT, round=pending["round"], kind=Kind.EVAL))
+        await_evaluation()
         return True
-
-    def await_evaluation() -> None:
-        if pending is not None:
-            record(recv_report(t, S_SERVER, EVAL_RESULT, round=pending["round"], kind=Kind.EVAL))
 
     for round in range(world.start_round, cfg.rounds):
         # 1. every client's shared modules and local figures, in client id order (deterministic sums);
