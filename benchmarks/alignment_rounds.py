@@ -9,8 +9,8 @@ The setting of the side-by-side comparison with the authors' code: ResNet-18 spl
 1e-3, 6 rounds, no checkpoints. Each variant is one job (`mpirun -n RANKS python -m mpisage.run`), run one after
 another in this sitting so that their ratios are comparable; `NAME@DIR` runs that variant from another checkout
 (e.g. a `git worktree` of an older commit, for a before/after), `--tree DIR` every variant without one. Default
-variants: the paper's blocking order on one thread, then on every core (`align_threads=0`, the default), then
-`align_mode=overlap`.
+variants: the paper's blocking order on one thread, then on every core (`fsl.align_threads=0`, the default), then
+`fsl.align_mode=overlap`.
 
 Per round kind it prints medians over the rounds of that kind (round 0 included: it is an alignment round, and
 its first-round costs are part of what a user waits for): round seconds, the S-server's alignment seconds
@@ -34,11 +34,11 @@ import time
 import numpy as np
 
 SETTING = ["model=resnet18", "dataset.name=fashion_mnist", "dataset.image_size=32", "dataset.channels=3",
-           "dataset.distribution=iid", "num_clients=10", "dataset.samples_per_client=600", "eval_samples=2000",
-           "batch_size=64", "server_update_interval=5", "align_interval=3", "optimizer=adam", "lr=0.001",
-           "checkpoint_interval=0"]
-DEFAULT_VARIANTS = ["blocking_1_thread=align_mode=blocking,align_threads=1",
-                    "blocking=align_mode=blocking", "overlap=align_mode=overlap"]
+           "dataset.distribution=iid", "num_clients=10", "dataset.samples_per_client=600", "eval.samples=2000",
+           "batch_size=64", "fsl.server_update_interval=5", "fsl.align_interval=3", "optim.name=adam", "optim.lr=0.001",
+           "checkpoint.interval=0"]
+DEFAULT_VARIANTS = ["blocking_1_thread=fsl.align_mode=blocking,fsl.align_threads=1",
+                    "blocking=fsl.align_mode=blocking", "overlap=fsl.align_mode=overlap"]
 
 
 def run_variant(args, name: str, tree: str, overrides: list[str]) -> dict | None:
@@ -109,7 +109,7 @@ def main() -> int:
             failed += 1
             continue
         interval = [int(kv.split("=", 1)[1]) for kv in [*SETTING, *args.overrides, *settings.split(",")]
-                    if kv.startswith("align_interval=")][-1]      # the variant's own l decides the round kinds
+                    if kv.startswith("fsl.align_interval=")][-1]      # the variant's own l decides the round kinds
         for kind, f in summarize(result["rows"], interval).items():
             print(f"| {name} | {kind} | {f['rounds']} | {f['round_s']:.1f} | {f['align_s']:.1f} | {f['eval_s']:.1f} "
                   f"| {f['lag_s']:.1f} | {f['sserver_busy_s']:.1f} | {f['client_idle']:.0%} | "

@@ -3,7 +3,7 @@ bytes are within the budget (a method whose first update already exceeds it has 
 t-interval, and paired against the first method. For runs that stop at `comm_threshold_mb`, where each method
 stops after the row that crosses the budget and so ends at different byte counts.
 
-    python benchmarks/at_budget.py runs/claims/gas_shard2 --gib 0.859375 --methods gas,gas:generative=false,fed_avg
+    python benchmarks/at_budget.py runs/claims/gas_shard2 --gib 0.859375 --methods gas,gas:gas.generative=false,fed_avg
 """
 from __future__ import annotations
 

@@ -21,19 +21,19 @@ compare() { "$PY" -m mpisage.tools.compare --ranks 12 "$@"; }
 
 # SGLR: plain parallel SL vs SplitLr vs SplitAvg + SplitLr at C = 20 (the paper's), 100 samples per client, 6 epochs.
 sglr() {
-  compare --seed-list "$1" --out "$OUT/sglr_c20" --target 0.7,0.75 --reference "sglr:split_avg=none:split_lr_alpha=0" \
-    --methods "sglr:split_avg=none:split_lr_alpha=0,sglr:split_avg=none,sglr" \
-    -c configs/sglr_resnet16_fmnist.yaml num_clients=20 dataset.samples_per_client=100 rounds=6 eval_samples=1000 \
-    checkpoint_interval=2
+  compare --seed-list "$1" --out "$OUT/sglr_c20" --target 0.7,0.75 --reference "sglr:sglr.avg=none:sglr.lr_alpha=0" \
+    --methods "sglr:sglr.avg=none:sglr.lr_alpha=0,sglr:sglr.avg=none,sglr" \
+    -c configs/sglr_resnet16_fmnist.yaml num_clients=20 dataset.samples_per_client=100 rounds=6 eval.samples=1000 \
+    checkpoint.interval=2
 }
 
 # GAS vs its ablation vs FedBuff vs FedAvg: Fashion-MNIST shard = 2, K = 20, C = 10, E = 5, simulated schedule,
 # every method stopped at the same byte budget (GAS's 20 updates).
 gas() {
   compare --seed-list "$1" --out "$OUT/gas_shard2" --target 0.6,0.7 --reference gas \
-    --methods "gas,gas:generative=false,fed_buff,fed_avg" \
-    -c configs/gas_alexnet_fmnist_shard2.yaml local_iters=5 rounds=20 comm_threshold_mb=880 eval_samples=1000 \
-    checkpoint_interval=5
+    --methods "gas,gas:gas.generative=false,fed_buff,fed_avg" \
+    -c configs/gas_alexnet_fmnist_shard2.yaml asynchronous.local_iters=5 rounds=20 comm_threshold_mb=880 eval.samples=1000 \
+    checkpoint.interval=5
 }
 
 # FSL-SAGE against its baselines: ResNet-18 split, Fashion-MNIST at 32x32x3, 10 clients x 160 samples, B = 32,
@@ -42,8 +42,8 @@ fsl_sage() {   # $1 seeds, $2 distribution (iid | dirichlet), $3 name
   compare --seed-list "$1" --out "$OUT/$3" --target 0.6,0.7 --reference fsl_sage \
     --methods "fsl_sage,cse_fsl,sl_single_server,sl_multi_server,fed_avg" \
     model=resnet18 dataset.name=fashion_mnist dataset.image_size=32 dataset.channels=3 dataset.distribution="$2" \
-    dataset.alpha=1 num_clients=10 dataset.samples_per_client=160 batch_size=32 server_update_interval=5 \
-    align_interval=5 align_buffer_size=64 align_steps=20 rounds=11 eval_samples=1000 checkpoint_interval=5
+    dataset.alpha=1 num_clients=10 dataset.samples_per_client=160 batch_size=32 fsl.server_update_interval=5 \
+    fsl.align_interval=5 fsl.align_buffer_size=64 fsl.align_steps=20 rounds=11 eval.samples=1000 checkpoint.interval=5
 }
 fsl_sage_iid() { fsl_sage "$1" iid fsl_sage_iid; }
 fsl_sage_dir1() { fsl_sage "$1" noniid_dirichlet fsl_sage_dir1; }

@@ -1,4 +1,4 @@
-"""Behaviour unchanged, shown to the bit: run every synchronous method with `deterministic=true` on a small
+"""Behaviour unchanged, shown to the bit: run every synchronous method with `runtime.deterministic=true` on a small
 Fashion-MNIST setting and keep each run's metrics, then compare two such sets (e.g. before and after a refactor).
 
   mpirun -n 4 python benchmarks/deterministic_metrics.py run OUT [ALGO,ALGO,...]
@@ -28,10 +28,10 @@ def run(out: str, algorithms: list[str]) -> None:
     comm = MPI.COMM_WORLD
     for algorithm in algorithms:
         run_dir = os.path.join(out, algorithm)
-        extra = ["align_interval=2", "align_buffer_size=64", "align_steps=5"] if algorithm == "fsl_sage" else []
-        cfg = load_config(None, [f"algorithm={algorithm}", "deterministic=true", "num_clients=4", "rounds=3",
-                                 "dataset.samples_per_client=96", "eval_samples=300", "batch_size=32",
-                                 f"run_dir={run_dir}", "checkpoint_interval=2", *extra])
+        extra = ["fsl.align_interval=2", "fsl.align_buffer_size=64", "fsl.align_steps=5"] if algorithm == "fsl_sage" else []
+        cfg = load_config(None, [f"algorithm={algorithm}", "runtime.deterministic=true", "num_clients=4", "rounds=3",
+                                 "dataset.samples_per_client=96", "eval.samples=300", "batch_size=32",
+                                 f"run_dir={run_dir}", "checkpoint.interval=2", *extra])
         job = comm.Dup()
         run_job(cfg, job, log=lambda line: None)
         job.Free()

@@ -40,7 +40,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every job")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="mpisage-devices-")
-    common = [f"rounds={args.rounds}", "checkpoint_interval=1000", *args.overrides]
+    common = [f"rounds={args.rounds}", "checkpoint.interval=1000", *args.overrides]
     if not any(o.startswith("dataset.root=") for o in args.overrides):
         common.append(f"dataset.root={write_fashion_mnist_fixture(os.path.join(work, 'data'), 2000, 500)}")
     jobs = [("cpu S-server", ["device.sserver=cpu"], {})]

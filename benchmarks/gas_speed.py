@@ -85,8 +85,8 @@ def main() -> None:
         sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__), "--statistics", str(args.statistics),
                                  "--worker"], env=env).returncode)
     run_dir = tempfile.mkdtemp(prefix="mpisage-gas-speed-")
-    overrides = ["algorithm=gas", "num_clients=4", f"rounds={args.rounds}", "checkpoint_interval=0",
-                 "eval_samples=1000", f"run_dir={run_dir}/run", *args.extra]
+    overrides = ["algorithm=gas", "num_clients=4", f"rounds={args.rounds}", "checkpoint.interval=0",
+                 "eval.samples=1000", f"run_dir={run_dir}/run", *args.extra]
     argv, env = job_command(args.ranks, overrides)
     env["PYTHONPATH"] = os.path.abspath(args.tree)
     if args.nice:

@@ -32,8 +32,8 @@ def run_job(args, algorithm: str, clients: int, data: str, extra: list[str]) -> 
     overrides = [f"algorithm={algorithm}", f"model={args.model}", "dataset.name=cifar10", f"dataset.root={data}",
                  "dataset.distribution=iid", f"dataset.samples_per_client={args.samples_per_client}",
                  f"num_clients={clients}", f"rounds={args.rounds}", f"batch_size={args.samples_per_client}",
-                 "align_steps=2", "eval_samples=64", "checkpoint_interval=0", "local_iters=1",
-                 f"active_clients={min(clients, 10)}", f"run_dir={run_dir}", *extra]
+                 "fsl.align_steps=2", "eval.samples=64", "checkpoint.interval=0", "asynchronous.local_iters=1",
+                 f"asynchronous.active_clients={min(clients, 10)}", f"run_dir={run_dir}", *extra]
     argv, env = job_command(args.ranks, overrides)
     start = time.monotonic()
     job = subprocess.run(["nice", "-n", str(args.nice), *argv], env=env, capture_output=True, text=True,

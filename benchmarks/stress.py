@@ -5,7 +5,7 @@ check raises no false alarm when the machine is overloaded.
 
 Each hog is a busy-looping process (niced by --nice, so the job, not niced, is not starved outright, as on a
 shared machine). By default the job is shortened so that its third round is an alignment round right after a
-checkpoint, where the false alarm of issue 15 struck: rounds=3 align_interval=2 checkpoint_interval=2. Prints,
+checkpoint, where the false alarm of issue 15 struck: rounds=3 fsl.align_interval=2 checkpoint.interval=2. Prints,
 per N: whether the job finished, its exit status, the wall time, the load average at the end, and any heartbeat
 alarm line."""
 import argparse
@@ -27,7 +27,7 @@ def _hog(niceness: int) -> None:
 
 def run_once(hogs: int, args, extra: list[str]) -> dict:
     work = tempfile.mkdtemp(prefix=f"mpisage-stress{hogs}-")
-    overrides = [f"rounds={args.rounds}", "align_interval=2", "checkpoint_interval=2", f"run_dir={work}/run",
+    overrides = [f"rounds={args.rounds}", "fsl.align_interval=2", "checkpoint.interval=2", f"run_dir={work}/run",
                  *extra]
     argv, env = job_command(args.ranks, overrides)
     procs = [multiprocessing.Process(target=_hog, args=(args.nice,), daemon=True) for _ in range(hogs)]

@@ -18,7 +18,7 @@ for seed in ${SEEDS:-200 201 202}; do
       [ -f "$dir/done" ] && continue
       echo "== $algo $fmt seed $seed ($(date +%T))"
       "$MPIRUN" -n 11 "$PY" -m mpisage.run algorithm=$algo rounds=$ROUNDS seed=$seed \
-        wire.activations=$fmt wire.gradients=$fmt run_dir="$dir" checkpoint_interval=1000 && touch "$dir/done"
+        wire.activations=$fmt wire.gradients=$fmt run_dir="$dir" checkpoint.interval=1000 && touch "$dir/done"
     done
   done
 done

@@ -35,17 +35,17 @@ def run_job(cfg, comm, log=None) -> dict:
     from mpisage.runtime.world import make_world
 
     preemption.install()
-    torch.set_num_threads(cfg.torch_threads)
-    if cfg.deterministic:
+    torch.set_num_threads(cfg.runtime.torch_threads)
+    if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True)
-    transport = Transport(comm, timeout_s=cfg.comm_timeout_s)
+    transport = Transport(comm, timeout_s=cfg.runtime.comm_timeout_s)
     transport.set_wire_formats(cfg.wire.activations, cfg.wire.gradients)
     world = make_world(cfg, transport)
     world.device = configure_devices(cfg, transport)   # collective: every rank, before any model is built
     world.resume_from = agree_on_checkpoint(world.transport, cfg)
     heartbeat = None
-    if cfg.heartbeat_timeout_s > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-        heartbeat = Heartbeat(world.transport, cfg.heartbeat_s, cfg.heartbeat_timeout_s).start()
+    if cfg.runtime.heartbeat_timeout_s > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+        heartbeat = Heartbeat(world.transport, cfg.runtime.heartbeat_s, cfg.runtime.heartbeat_timeout_s).start()
     try:
         return _run_role(cfg, world, comm, log)
     finally:

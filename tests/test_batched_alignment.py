@@ -243,7 +243,7 @@ def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64
 
 
 def test_overlap_aligns_on_the_buffer_as_it_was_at_the_first_upload(float64):
-    """align_mode=overlap: a client keeps uploading while its alignment waits; an upload that overwrites its (full)
+    """fsl.align_mode=overlap: a client keeps uploading while its alignment waits; an upload that overwrites its (full)
     ring in place must not change what it is aligned on. Equal to aligning at the first upload; and the ring did
     change, so aligning on the live buffer would differ."""
     torch.manual_seed(7)

@@ -61,7 +61,7 @@ def test_a_failing_rank_aborts_the_whole_job_quickly(tmp_path):
     from mpisage.data import write_fashion_mnist_fixture
     data = write_fashion_mnist_fixture(str(tmp_path / "data"), 300, 50)
     proc, seconds = _launch(4, [f"dataset.root={data}", "num_clients=3", "rounds=5", "batch_size=32",
-                                "align_steps=2", f"run_dir={tmp_path}/run"],
+                                "fsl.align_steps=2", f"run_dir={tmp_path}/run"],
                             env={"MPISAGE_INJECT_FAULT": "3:1"})
     assert proc.returncode != 0
     assert "rank 3 (client) failed" in proc.stderr and "fault injected" in proc.stderr
@@ -91,8 +91,8 @@ def _wait_for_line(proc, needle: str, timeout: float = 120) -> list[str]:
 def _tiny_job(tmp_path, rounds: int) -> list[str]:
     from mpisage.data import write_fashion_mnist_fixture
     data = write_fashion_mnist_fixture(str(tmp_path / "data"), 900, 50)
-    return [f"dataset.root={data}", "num_clients=3", f"rounds={rounds}", "batch_size=8", "align_steps=2",
-            f"run_dir={tmp_path}/run", "checkpoint_interval=1", "comm_timeout_s=60"]
+    return [f"dataset.root={data}", "num_clients=3", f"rounds={rounds}", "batch_size=8", "fsl.align_steps=2",
+            f"run_dir={tmp_path}/run", "checkpoint.interval=1", "runtime.comm_timeout_s=60"]
 
 
 def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
@@ -101,7 +101,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
     from mpisage.runtime.metrics import read_rounds
     # checkpoint_interval=0: no checkpoint but the one a stop signal asks for
-    job = [a if a != "checkpoint_interval=1" else "checkpoint_interval=0" for a in _tiny_job(tmp_path, 10_000)]
+    job = [a if a != "checkpoint.interval=1" else "checkpoint.interval=0" for a in _tiny_job(tmp_path, 10_000)]
     proc = _start(job)
     _wait_for_line(proc, "round    2/")
     start = time.monotonic()
@@ -169,8 +169,8 @@ def test_gas_killed_mid_run_keeps_its_mid_run_checkpoint_and_resumes(tmp_path):
     import signal
 
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
-    gas = ["algorithm=gas", "model=alexnet", "active_clients=2", "local_iters=2", "optimizer=sgd", "lr=0.01",
-           "covariance=diag", "eval_samples=20", "checkpoint_interval=2"]
+    gas = ["algorithm=gas", "model=alexnet", "asynchronous.active_clients=2", "asynchronous.local_iters=2", "optim.name=sgd", "optim.lr=0.01",
+           "gas.covariance=diag", "eval.samples=20", "checkpoint.interval=2"]
     job = [a for a in _tiny_job(tmp_path, 10_000) if not a.startswith(("num_clients", "checkpoint_interval"))]
     job = ["num_clients=4", *job, *gas]
     proc = _start(job)
@@ -192,7 +192,7 @@ def test_gas_killed_mid_run_keeps_its_mid_run_checkpoint_and_resumes(tmp_path):
 def test_frozen_rank_is_named_and_ends_the_job(tmp_path):
     """A rank that stops answering without dying (SIGSTOP here; a hung node in life) is caught by the heartbeat."""
     import signal
-    proc = _start(_tiny_job(tmp_path, 10_000) + ["heartbeat_s=0.5", "heartbeat_timeout_s=4"])
+    proc = _start(_tiny_job(tmp_path, 10_000) + ["runtime.heartbeat_s=0.5", "runtime.heartbeat_timeout_s=4"])
     _wait_for_line(proc, "round    2/")
     os.kill(_rank_pid(tmp_path, 3), signal.SIGSTOP)
     start = time.monotonic()

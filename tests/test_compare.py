@@ -264,7 +264,7 @@ def test_run_state(tmp_path):
     more = load_config(None, ["rounds=5", "seed=0", f"run_dir={run_dir}", "resume=auto"])
     assert run_state(run_dir, more)[0] == "partial"
     # another learning rate: not the same run, never mixed in
-    state, why = run_state(run_dir, load_config(None, ["rounds=3", "seed=0", "lr=0.5", f"run_dir={run_dir}"]))
+    state, why = run_state(run_dir, load_config(None, ["rounds=3", "seed=0", "optim.lr=0.5", f"run_dir={run_dir}"]))
     assert state == "different" and "lr" in why
 
 

@@ -8,16 +8,16 @@ def test_defaults_are_the_default_run():
     cfg = load_config()
     assert (cfg.algorithm, cfg.model, cfg.dataset.name, cfg.dataset.distribution) == \
         ("fsl_sage", "cnn", "fashion_mnist", "iid")
-    assert cfg.server_update_interval == 5 and cfg.align_interval == 10 and cfg.comm_threshold_mb == 204800
+    assert cfg.fsl.server_update_interval == 5 and cfg.fsl.align_interval == 10 and cfg.comm_threshold_mb == 204800
 
 
 def test_overrides_file_and_shorthands(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("dataset: cifar10\nrounds: 7\nmodel: resnet18\n")
     cfg = load_config(str(f), ["rounds=9", "dataset.alpha=10", "dataset.distribution=noniid_dirichlet",
-                               "deterministic=true", "num_clients=12"])
+                               "runtime.deterministic=true", "num_clients=12"])
     assert cfg.dataset.name == "cifar10" and cfg.model == "resnet18"
-    assert cfg.rounds == 9 and cfg.dataset.alpha == 10.0 and cfg.deterministic is True and cfg.num_clients == 12
+    assert cfg.rounds == 9 and cfg.dataset.alpha == 10.0 and cfg.runtime.deterministic is True and cfg.num_clients == 12
     assert load_config(None, ["dataset=fmnist"]).dataset.name == "fashion_mnist"   # the authors' alias
     assert parse_args(["-c", "x.yaml", "a=1"]) == ("x.yaml", ["a=1"])
 
@@ -34,13 +34,13 @@ def test_overrides_file_and_shorthands(tmp_path):
     (["dataset.alpha=0"], "dataset.alpha"),
     (["dataset.alpha=-1"], "dataset.alpha"),
     (["aux_model=huge"], "aux_model"),
-    (["lr=0"], "lr"),
+    (["optim.lr=0"], "lr"),
     (["num_clients=0"], "num_clients"),
     (["rounds"], "key=value"),
-    (["optimizer=lion"], "optimizer"),
-    (["split_avg=all"], "split_avg"),
-    (["loss=focal"], "loss"),
-    (["algorithm=gas", "loss=softmax_bce"], "loss"),
+    (["optim.name=lion"], "optimizer"),
+    (["sglr.avg=all"], "split_avg"),
+    (["sglr.loss=focal"], "loss"),
+    (["algorithm=gas", "sglr.loss=softmax_bce"], "loss"),
     (["device.clients=tpu"], "device.clients"),
 ])
 def test_bad_config_is_rejected_with_its_name(override, needle):
@@ -50,8 +50,8 @@ def test_bad_config_is_rejected_with_its_name(override, needle):
 
 
 def test_sglr_choices_and_the_niidbench_split_are_accepted():
-    cfg = load_config("configs/sglr_resnet16_fmnist.yaml", ["split_avg=phased_final", "loss=softmax_bce"])
-    assert (cfg.split_avg, cfg.loss, cfg.batch_size) == ("phased_final", "softmax_bce", 8)
+    cfg = load_config("configs/sglr_resnet16_fmnist.yaml", ["sglr.avg=phased_final", "sglr.loss=softmax_bce"])
+    assert (cfg.sglr.avg, cfg.sglr.loss, cfg.batch_size) == ("phased_final", "softmax_bce", 8)
     cfg = load_config(None, ["dataset.distribution=dirichlet_niidbench", "dataset.alpha=0.1"])
     assert cfg.dataset.distribution == "dirichlet_niidbench"
 
@@ -69,6 +69,6 @@ def test_schema_round_trips_to_yaml():
 
 def test_straggler_delay_is_refused_with_the_simulated_schedule():
     from mpisage.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="async_schedule=arrival"):
-        load_config(None, ["algorithm=gas", "straggler_delay_s=0.1"])
-    assert load_config(None, ["algorithm=gas", "straggler_delay_s=0.1", "async_schedule=arrival"]).straggler_delay_s
+    with pytest.raises(ConfigError, match="asynchronous.schedule=arrival"):
+        load_config(None, ["algorithm=gas", "asynchronous.straggler_delay_s=0.1"])
+    assert load_config(None, ["algorithm=gas", "asynchronous.straggler_delay_s=0.1", "asynchronous.schedule=arrival"]).straggler_delay_s

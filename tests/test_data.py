@@ -749,6 +749,6 @@ def test_slurm_script_stages_data_and_starts_the_ranks(tmp_path, script, device_
     assert job[0] == "OMP_NUM_THREADS=4" and "--mpi=pmix" in job and "--cpus-per-task=4" in job
     assert ("--gpu-bind=none" in job) == (script == "h100.sbatch")
     assert job[job.index(".venv/bin/python"):] == [".venv/bin/python", "-m", "mpisage.run", "run_dir=runs/t-77",
-        "resume=auto", "torch_threads=4", *[a for a in device_args if not a.startswith("--")],
+        "resume=auto", "runtime.torch_threads=4", *[a for a in device_args if not a.startswith("--")],
         f"dataset.root={stage}", "-c", "configs/x.yaml", "rounds=3"]
     assert calls[2][-3:] == ["rm", "-rf", stage] and not os.path.exists(stage)  # ... and removed after the job

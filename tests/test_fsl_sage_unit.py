@@ -65,7 +65,7 @@ def test_an_alignment_round_aligns_every_client_once_all_first_uploads_are_in():
     torch.manual_seed(0)
     split = build_split("cnn", in_channels=1, image_size=28, num_classes=10)
     algo = _algo(64, steps=5)
-    algo.cfg.align_interval, algo.cfg.align_lr, algo.cfg.grad_clip = 1, 1e-3, 0.0
+    algo.cfg.fsl.align_interval, algo.cfg.fsl.align_lr, algo.cfg.optim.grad_clip = 1, 1e-3, 0.0
     algo.cfg.client_store = types.SimpleNamespace(slots=3)      # every client live: alignment is gathered
     algo.world = types.SimpleNamespace(num_clients=3, num_client_ranks=3)
     uploads = [(split.client(torch.randn(16, 1, 28, 28)).detach(), torch.randint(0, 10, (16,))) for _ in range(3)]
@@ -138,7 +138,7 @@ def test_alignment_rounds_gather_only_with_one_client_per_rank_and_every_aux_liv
     """A rank runs its clients one after another: with two clients on a rank the second's first upload comes only
     after the first has its aux, so gathering would wait forever; too few live slots cannot hold every aux."""
     algo = _algo()
-    algo.cfg.align_interval = 10
+    algo.cfg.fsl.align_interval = 10
 
     def gathers(clients, ranks, slots):
         algo.cfg.client_store = types.SimpleNamespace(slots=slots)
@@ -151,11 +151,11 @@ def test_alignment_rounds_gather_only_with_one_client_per_rank_and_every_aux_liv
 
 
 def test_align_threads_zero_takes_the_cores_the_waiting_clients_leave():
-    """align_threads=0: every core the S-server may use while clients wait (blocking), one while they compute
+    """fsl.align_threads=0: every core the S-server may use while clients wait (blocking), one while they compute
     (overlap); a number is taken as it is."""
     import os
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     algo = _algo()
     for threads, mode, want in ((0, "blocking", cores), (0, "overlap", 1), (3, "blocking", 3), (2, "overlap", 2)):
-        algo.cfg.align_threads, algo.cfg.align_mode = threads, mode
+        algo.cfg.fsl.align_threads, algo.cfg.fsl.align_mode = threads, mode
         assert algo.align_threads() == want

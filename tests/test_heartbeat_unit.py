@@ -50,11 +50,11 @@ def test_checkpoint_interval_zero_checkpoints_only_an_early_stop():
 
     from mpisage.runtime.checkpoint import checkpoint_due
     from mpisage.config import ConfigError, load_config
-    cfg = load_config(None, ["checkpoint_interval=0", "rounds=12"])
+    cfg = load_config(None, ["checkpoint.interval=0", "rounds=12"])
     assert not any(checkpoint_due(cfg, r, stop=False) for r in range(12))
     assert not checkpoint_due(cfg, 11, stop=True)          # the planned last round: no checkpoint
     assert checkpoint_due(cfg, 4, stop=True)               # stopped early (SIGTERM/SIGUSR1): resumable
-    every3 = load_config(None, ["checkpoint_interval=3", "rounds=12"])
+    every3 = load_config(None, ["checkpoint.interval=3", "rounds=12"])
     assert [r for r in range(12) if checkpoint_due(every3, r, stop=False)] == [2, 5, 8, 11]
     with pytest.raises(ConfigError, match="checkpoint_interval"):
-        load_config(None, ["checkpoint_interval=-1"])
+        load_config(None, ["checkpoint.interval=-1"])

@@ -39,8 +39,8 @@ def test_round_bytes_match_closed_form(method, cifar, shared_tmp):
     from mpisage.runtime.transport import PAPER_KINDS, Kind
     run_dir = os.path.join(shared_tmp, method)
     run_job([f"algorithm={method}", f"dataset.root={cifar}", "dataset=cifar10", "model=resnet18",
-             f"num_clients={M}", "rounds=2", "batch_size=16", "server_update_interval=2", f"run_dir={run_dir}",
-             "eval_batch_size=20", "checkpoint_interval=100"])
+             f"num_clients={M}", "rounds=2", "batch_size=16", "fsl.server_update_interval=2", f"run_dir={run_dir}",
+             "eval.batch_size=20", "checkpoint.interval=100"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds
@@ -102,7 +102,7 @@ def test_one_client_split_learning_equals_joined_training(method, shared_tmp):
     run_dir = os.path.join(shared_tmp, method)
     # F-server, S-server and one client rank (the fourth rank sits this job out)
     run_job([f"algorithm={method}", f"dataset.root={data}", "num_clients=1", "rounds=2", "batch_size=32",
-             "seed=11", f"run_dir={run_dir}", "checkpoint_interval=100", "deterministic=true"], ranks=3)
+             "seed=11", f"run_dir={run_dir}", "checkpoint.interval=100", "runtime.deterministic=true"], ranks=3)
 
     def compare():
         client_ref, server_ref = _single_process_reference(data, 11, 2, 32)
@@ -136,7 +136,7 @@ def test_splitfed_v1_is_fedavg_to_the_bit(shared_tmp):
     for method in ("fed_avg", "sl_multi_server"):
         runs[method] = os.path.join(shared_tmp, method)
         run_job([f"algorithm={method}", f"dataset.root={data}", "num_clients=3", "rounds=3", "batch_size=32",
-                 "seed=5", "checkpoint_interval=0", f"run_dir={runs[method]}"])
+                 "seed=5", "checkpoint.interval=0", f"run_dir={runs[method]}"])
 
     def compare():
         from mpisage.runtime.metrics import read_rounds

@@ -40,8 +40,8 @@ def test_deterministic_runs_are_identical(shared_tmp):
     from mpisage.data import write_fashion_mnist_fixture
     data = os.path.join(shared_tmp, "fmnist")
     write_on_root(write_fashion_mnist_fixture, data, 600, 100)
-    common = [f"dataset.root={data}", "num_clients=3", "rounds=3", "batch_size=32", "align_interval=2",
-              "align_steps=5", "align_buffer_size=100", "deterministic=true", "seed=7", "checkpoint_interval=100"]
+    common = [f"dataset.root={data}", "num_clients=3", "rounds=3", "batch_size=32", "fsl.align_interval=2",
+              "fsl.align_steps=5", "fsl.align_buffer_size=100", "runtime.deterministic=true", "seed=7", "checkpoint.interval=100"]
     run_a, run_b = os.path.join(shared_tmp, "a"), os.path.join(shared_tmp, "b")
     run_job(common + [f"run_dir={run_a}"])
     run_job(common + [f"run_dir={run_b}"])
@@ -71,11 +71,11 @@ def test_deterministic_runs_are_identical(shared_tmp):
 
 
 def test_overlapped_alignment_switches_at_a_step_boundary_and_trains(shared_tmp):
-    """align_mode=overlap, one client per client rank (gathered alignment): each client steps on its previous aux
+    """fsl.align_mode=overlap, one client per client rank (gathered alignment): each client steps on its previous aux
     until the aligned one arrives and reports the step it switched at; the run trains like a blocking one."""
     run_dir = _job_on_fixture(shared_tmp, "overlap", [
-        "num_clients=2", "rounds=3", "batch_size=16", "align_interval=2", "align_steps=20", "align_buffer_size=100",
-        "align_mode=overlap", "checkpoint_interval=0"])
+        "num_clients=2", "rounds=3", "batch_size=16", "fsl.align_interval=2", "fsl.align_steps=20", "fsl.align_buffer_size=100",
+        "fsl.align_mode=overlap", "checkpoint.interval=0"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds
@@ -110,8 +110,8 @@ def test_a_slow_evaluation_does_not_hold_the_next_round(shared_tmp, monkeypatch)
 
     monkeypatch.setattr(Evaluation, "step", slow_step)     # 4 batches: 2 s per evaluation
     run_dir = _job_on_fixture(shared_tmp, "slow_eval", [
-        "num_clients=3", "rounds=4", "batch_size=64", "align_interval=100", "align_steps=2", "align_buffer_size=64",
-        "eval_batch_size=25", "checkpoint_interval=2"])
+        "num_clients=3", "rounds=4", "batch_size=64", "fsl.align_interval=100", "fsl.align_steps=2", "fsl.align_buffer_size=64",
+        "eval.batch_size=25", "checkpoint.interval=2"])
 
     def check():
         from mpisage.runtime.checkpoint import read_checkpoint
@@ -148,9 +148,9 @@ def test_resnet18_round_bytes_match_closed_form(wire, shared_tmp):
     budget_mib = (sum(expected[:2]) + 1) / 2 ** 20
     # 3 clients x 40 samples, batch 16 -> steps of 16, 16, 8; Q=2 uploads steps 0 and 2 -> 16 + 8 samples
     run_job([f"dataset.root={data}", "dataset=cifar10", "model=resnet18", "num_clients=3", "rounds=4",
-             "batch_size=16", "server_update_interval=2", "align_interval=2", "align_steps=1",
-             f"comm_threshold_mb={budget_mib}", f"run_dir={run_dir}", "eval_batch_size=20",
-             "checkpoint_interval=100", f"wire.activations={wire}"])
+             "batch_size=16", "fsl.server_update_interval=2", "fsl.align_interval=2", "fsl.align_steps=1",
+             f"comm_threshold_mb={budget_mib}", f"run_dir={run_dir}", "eval.batch_size=20",
+             "checkpoint.interval=100", f"wire.activations={wire}"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds

@@ -49,7 +49,7 @@ def _record_sglr(monkeypatch):
             cids = sorted(pending)
             z_all = torch.cat([pending[c][0] for c in cids]).detach().clone().requires_grad_(True)
             logits, y_all = before(z_all), torch.cat([pending[c][1] for c in cids])
-            if self.cfg.loss == "softmax_bce":     # the authors' criterion, independently: BCELoss after a softmax
+            if self.cfg.sglr.loss == "softmax_bce":     # the authors' criterion, independently: BCELoss after a softmax
                 torch.nn.BCELoss()(logits.softmax(1), F.one_hot(y_all, logits.shape[1]).float()).backward()
             else:
                 F.cross_entropy(logits, y_all).backward()
@@ -99,7 +99,7 @@ def test_sglr_round_bytes_count_the_broadcast_mean_once_in_the_paper_figure_and_
     expected, received = _record_sglr(monkeypatch)
     run_dir = os.path.join(shared_tmp, "sglr")
     run_job(["algorithm=sglr", f"dataset.root={fmnist}", "num_clients=4", "rounds=2", "batch_size=10",
-             "split_avg=sampled", "split_avg_fraction=0.5", "eval_samples=20", f"run_dir={run_dir}"])
+             "sglr.avg=sampled", "sglr.avg_fraction=0.5", "eval.samples=20", f"run_dir={run_dir}"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds
@@ -151,8 +151,8 @@ def test_sglr_phased_final_sends_everyone_the_mean_of_all_slices_in_the_final_ha
     expected, received = _record_sglr(monkeypatch)
     run_dir = os.path.join(shared_tmp, "sglr_final")
     run_job(["algorithm=sglr", f"dataset.root={fmnist}", "num_clients=4", "rounds=2", "batch_size=10",
-             "split_avg=phased_final", "split_avg_fraction=0.5", "loss=softmax_bce", "eval_samples=20",
-             "checkpoint_interval=0", f"run_dir={run_dir}"])
+             "sglr.avg=phased_final", "sglr.avg_fraction=0.5", "sglr.loss=softmax_bce", "eval.samples=20",
+             "checkpoint.interval=0", f"run_dir={run_dir}"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds
@@ -215,9 +215,9 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
     steps, servers, restored = _record_gas(monkeypatch)
     run_dir = os.path.join(shared_tmp, "gas")
     # Every client active (C = K): a finished client has no inactive one to hand over to and goes again itself.
-    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=4",
-             "local_iters=2", "rounds=3", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
-             "eval_samples=20", f"run_dir={run_dir}"])
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=4",
+             "asynchronous.local_iters=2", "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+             "eval.samples=20", f"run_dir={run_dir}"])
 
     def check():
         from mpisage.runtime.metrics import read_rounds
@@ -270,9 +270,9 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
     # every counter and clock goes on from where it was, and the S-server gets back its statistics and buffer.
     before = on_root(lambda: _gas_progress(run_dir))
     at_stop = on_root(lambda: _server_figures(servers[0]), root=S_SERVER)
-    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=4",
-             "local_iters=2", "rounds=5", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
-             "eval_samples=20", f"run_dir={run_dir}", "resume=auto"])
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=4",
+             "asynchronous.local_iters=2", "rounds=5", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+             "eval.samples=20", f"run_dir={run_dir}", "resume=auto"])
     after = on_root(lambda: _gas_progress(run_dir))
     on_resume = on_root(lambda: restored[0], root=S_SERVER)
     at_end = on_root(lambda: _server_figures(servers[1]), root=S_SERVER)
@@ -282,9 +282,9 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
     assert list(on_resume) == list(at_stop)                     # buffer, steps, generated, statistics weight
     assert at_end[1] > at_stop[1] and at_end[3] > at_stop[3]    # and the server went on stepping
     # resumed once more with nothing left to do: every rank returns at once and the metrics stay as they are
-    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=4",
-             "local_iters=2", "rounds=5", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
-             "eval_samples=20", f"run_dir={run_dir}", "resume=auto"])
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=4",
+             "asynchronous.local_iters=2", "rounds=5", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+             "eval.samples=20", f"run_dir={run_dir}", "resume=auto"])
     assert list(on_root(lambda: _gas_progress(run_dir))) == list(after)
 
 
@@ -336,9 +336,9 @@ def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist
     runs = [os.path.join(shared_tmp, f"gas_simulated{i}") for i in range(2)]
     for run_dir in runs:
         served.append([])
-        run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=2",
-                 "local_iters=2", "rounds=3", "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag",
-                 "eval_samples=20", f"run_dir={run_dir}"])
+        run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2",
+                 "asynchronous.local_iters=2", "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+                 "eval.samples=20", f"run_dir={run_dir}"])
 
     # every participation's first iteration starts with no optimiser state; its second has momentum
     if rank > S_SERVER:
@@ -377,8 +377,8 @@ def test_fed_buff_moves_whole_models_only_and_averages_every_qc_returns(fmnist, 
     client AND the server part (the same number of each); every global update is one metrics row on a simulated
     clock that never goes back (two updates may share a time: an update is dated by the latest return so far)."""
     from mpisage.runtime.transport import Kind
-    common = [f"dataset.root={fmnist}", "num_clients=4", "active_clients=2", "model_buffer=2", "local_iters=3",
-              "rounds=3", "batch_size=8", "optimizer=sgd", "lr=0.01", "eval_samples=40", "model=alexnet"]
+    common = [f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2", "asynchronous.model_buffer=2", "asynchronous.local_iters=3",
+              "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "eval.samples=40", "model=alexnet"]
     run_dir = os.path.join(shared_tmp, "fed_buff")
     run_job(["algorithm=fed_buff", f"run_dir={run_dir}", *common])
 
@@ -403,17 +403,17 @@ def test_fed_buff_moves_whole_models_only_and_averages_every_qc_returns(fmnist, 
 
 
 def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist, shared_tmp):
-    """checkpoint_interval=2 of 6 updates: checkpoints after updates 2 and 4 while the run goes on, each cut where
+    """checkpoint.interval=2 of 6 updates: checkpoints after updates 2 and 4 while the run goes on, each cut where
     the update completes (the S-server's step count and the F-server's participations in it are those of the
     update's metrics row, not of later); resumed from the first, the run completes without a gap; the same in
     arrival order (the client ranks paused at the update). A budget stop
     that comes after the ranks sent their state for a later cut, and FedBuff (an S-server that only evaluates),
     finish too."""
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
-    common = ["model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "active_clients=2", "local_iters=2",
-              "batch_size=8", "optimizer=sgd", "lr=0.01", "covariance=diag", "eval_samples=20", "keep_checkpoints=10"]
+    common = ["model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2", "asynchronous.local_iters=2",
+              "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag", "eval.samples=20", "checkpoint.keep=10"]
     run_dir, resumed = os.path.join(shared_tmp, "gas_cuts"), os.path.join(shared_tmp, "gas_cuts_resumed")
-    run_job(["algorithm=gas", "rounds=6", "checkpoint_interval=2", f"run_dir={run_dir}", *common])
+    run_job(["algorithm=gas", "rounds=6", "checkpoint.interval=2", f"run_dir={run_dir}", *common])
 
     def check_cuts():
         import shutil
@@ -435,12 +435,12 @@ def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist
         return out
 
     assert all(on_root(check_cuts))
-    run_job(["algorithm=gas", "rounds=6", "checkpoint_interval=2", f"run_dir={resumed}", "resume=auto", *common])
+    run_job(["algorithm=gas", "rounds=6", "checkpoint.interval=2", f"run_dir={resumed}", "resume=auto", *common])
     assert list(on_root(lambda: _gas_progress(resumed)))[:7] == [0, 1, 2, 3, 4, 5, True]
 
     # arrival order: the F-server pauses the client ranks at the update and lets them go on after writing
     arrival, arrival_resumed = (os.path.join(shared_tmp, f"gas_arrival{i}") for i in range(2))
-    run_job(["algorithm=gas", "async_schedule=arrival", "rounds=5", "checkpoint_interval=2", f"run_dir={arrival}",
+    run_job(["algorithm=gas", "asynchronous.schedule=arrival", "rounds=5", "checkpoint.interval=2", f"run_dir={arrival}",
              *common])
 
     def check_arrival():
@@ -452,15 +452,15 @@ def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist
         return [int(read_checkpoint(f, [])[0]["round"]) for f in files] + [len(state["fserver"]["metrics/round"])]
 
     assert list(on_root(check_arrival)) == [1, 3, 4, 2]
-    run_job(["algorithm=gas", "async_schedule=arrival", "rounds=5", "checkpoint_interval=2",
+    run_job(["algorithm=gas", "asynchronous.schedule=arrival", "rounds=5", "checkpoint.interval=2",
              f"run_dir={arrival_resumed}", "resume=auto", *common])
     assert list(on_root(lambda: _gas_progress(arrival_resumed)))[:6] == [0, 1, 2, 3, 4, -1]
 
     stopped = os.path.join(shared_tmp, "gas_budget")
-    run_job(["algorithm=gas", "rounds=50", "checkpoint_interval=1", "comm_threshold_mb=4", f"run_dir={stopped}",
+    run_job(["algorithm=gas", "rounds=50", "checkpoint.interval=1", "comm_threshold_mb=4", f"run_dir={stopped}",
              *common])
     fed_buff = os.path.join(shared_tmp, "fed_buff_cuts")
-    run_job(["algorithm=fed_buff", "rounds=3", "checkpoint_interval=1", f"run_dir={fed_buff}", *common])
+    run_job(["algorithm=fed_buff", "rounds=3", "checkpoint.interval=1", f"run_dir={fed_buff}", *common])
 
     def check_stops():
         from mpisage.runtime.metrics import read_rounds

@@ -22,9 +22,9 @@ def test_one_fsl_sage_round_of_gpt2_tiny_aligns_and_counts_lora_only(shared_tmp)
     write_on_root(write_e2e_fixture, root, 24, 8)
     run_dir = os.path.join(shared_tmp, "gpt2")
     run_job([f"dataset.root={root}", "dataset=e2e", "model=gpt2_tiny",
-             "dataset.seq_len=32", "num_clients=2", "rounds=1", "batch_size=8", "optimizer=adamw", "lr=1e-3",
-             "lm.aux_blocks=1", "align_buffer_size=8", "align_steps=6", "align_lr=1e-3", "eval_batch_size=8",
-             "eval_samples=8",
+             "dataset.seq_len=32", "num_clients=2", "rounds=1", "batch_size=8", "optim.name=adamw", "optim.lr=1e-3",
+             "lm.aux_blocks=1", "fsl.align_buffer_size=8", "fsl.align_steps=6", "fsl.align_lr=1e-3", "eval.batch_size=8",
+             "eval.samples=8",
              f"run_dir={run_dir}"])
 
     def check():

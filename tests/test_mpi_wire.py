@@ -41,8 +41,8 @@ def test_every_algorithm_runs_a_round_in_every_wire_format(algorithm, fmnist, sh
     for activations, gradients in SETTINGS:
         run_dir = os.path.join(shared_tmp, f"{algorithm}-{activations}-{gradients}")
         run_job([f"algorithm={algorithm}", f"dataset.root={fmnist}", f"num_clients={M}", "rounds=1",
-                 f"batch_size={B}", "server_update_interval=1", "align_steps=2", "align_buffer_size=50",
-                 "local_iters=2", "checkpoint_interval=100", "seed=3", f"run_dir={run_dir}",
+                 f"batch_size={B}", "fsl.server_update_interval=1", "fsl.align_steps=2", "fsl.align_buffer_size=50",
+                 "asynchronous.local_iters=2", "checkpoint.interval=100", "seed=3", f"run_dir={run_dir}",
                  f"wire.activations={activations}", f"wire.gradients={gradients}"])
 
         def check():
@@ -72,8 +72,8 @@ def test_every_algorithm_runs_a_round_in_every_wire_format(algorithm, fmnist, sh
 
 
 def test_a_deterministic_run_in_int8_is_bit_identical_run_to_run(fmnist, shared_tmp):
-    common = [f"dataset.root={fmnist}", f"num_clients={M}", "rounds=2", f"batch_size={B}", "align_interval=1",
-              "align_steps=3", "align_buffer_size=50", "deterministic=true", "seed=5", "checkpoint_interval=100",
+    common = [f"dataset.root={fmnist}", f"num_clients={M}", "rounds=2", f"batch_size={B}", "fsl.align_interval=1",
+              "fsl.align_steps=3", "fsl.align_buffer_size=50", "runtime.deterministic=true", "seed=5", "checkpoint.interval=100",
               "wire.activations=int8", "wire.gradients=int8"]
     dirs = [os.path.join(shared_tmp, f"det{i}") for i in range(2)]
     for d in dirs:

@@ -173,8 +173,8 @@ class AsyncAlgorithm(Algorithm):
     def __init__(self, world):
         super().__init__(world)
         cfg, m = self.cfg, world.num_clients
-        self.active = min(cfg.active_clients or m, m)           # C
-        self.model_buffer = cfg.model_buffer or self.active     # Q_c
+        self.active = min(cfg.asynchronous.active_clients or m, m)           # C
+        self.model_buffer = cfg.asynchronous.model_buffer or self.active     # Q_c
         # the simulated clock: what a client computes per sample, what it uploads per iteration and per participation
         client = world.initial_part("client")
         self.client_macs = count_macs(client, world.example_input(1))
@@ -192,7 +192,7 @@ class AsyncAlgorithm(Algorithm):
 
     def participation_seconds(self, cid: int) -> float:
         """Simulated time of one participation: E iterations plus the model upload."""
-        return self.cfg.local_iters * self.iteration_seconds[cid] + self.profiles[cid].model_seconds(self.model_bits)
+        return self.cfg.asynchronous.local_iters * self.iteration_seconds[cid] + self.profiles[cid].model_seconds(self.model_bits)
 
     def simulated_schedule(self, updates: int, start_round: int = 0) -> Schedule:
         """The simulated schedule of `updates` global updates from update `start_round` on (a resumed run starts
@@ -200,7 +200,7 @@ class AsyncAlgorithm(Algorithm):
         return simulate_schedule([p.pass_seconds(self.client_macs) for p in self.profiles],
                                  [p.model_seconds(self.activation_bits) for p in self.profiles],
                                  [p.model_seconds(self.model_bits) for p in self.profiles], self.active,
-                                 self.model_buffer, self.cfg.local_iters, updates,
+                                 self.model_buffer, self.cfg.asynchronous.local_iters, updates,
                                  self.world.generator("fserver", start_round))   # the schedule is the F-server's
 
     # ================================================================== hooks
@@ -215,9 +215,9 @@ class AsyncAlgorithm(Algorithm):
         raise NotImplementedError(f"{self.name}: an asynchronous split method implements on_activation")
 
     def average_models(self, packed: list[torch.Tensor], cids: list[int], template: nn.Module) -> torch.Tensor:
-        """The new global client model from the Q_c returned ones (paper: weighted by |D_k|; `model_weighting=equal`:
+        """The new global client model from the Q_c returned ones (paper: weighted by |D_k|; `asynchronous.model_weighting=equal`:
         the authors' code)."""
-        weights = [self.world.num_samples(c) if self.cfg.model_weighting == "samples" else 1.0 for c in cids]
+        weights = [self.world.num_samples(c) if self.cfg.asynchronous.model_weighting == "samples" else 1.0 for c in cids]
         return fedavg(packed, weights, template.state_dict())
 
     def describe(self) -> dict:

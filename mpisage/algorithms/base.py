@@ -158,7 +158,7 @@ class Algorithm:
     def describe(self) -> dict:
         """Facts about this run's algorithm for the metrics file."""
         return {"algorithm": self.name, "schedule": self.schedule,
-                "server_order": "canonical" if self.cfg.deterministic else "arrival"}
+                "server_order": "canonical" if self.cfg.runtime.deterministic else "arrival"}
 
     # ================================================================== building blocks (not hooks)
     def train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -241,5 +241,5 @@ class Algorithm:
         return z.grad if return_grad else None
 
     def make_evaluation(self, server: nn.Module, client: nn.Module) -> Evaluation:
-        return Evaluation(server, client, self.world.data, self.cfg.eval_batch_size, self.world.device,
-                          self.cfg.eval_samples)
+        return Evaluation(server, client, self.world.data, self.cfg.eval.batch_size, self.world.device,
+                          self.cfg.eval.samples)

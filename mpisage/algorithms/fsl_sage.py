@@ -2,8 +2,8 @@
 server; every Q-th step they upload the smashed batch and the S-server takes one step on it; at round 0 and every
 l rounds the S-server aligns each client's auxiliary model to its own true cut-layer gradients and sends it back.
 
-`align_mode=blocking` is the paper's order: a client's first step of an alignment round waits for its aligned aux.
-`align_mode=overlap` keeps the client stepping on its previous aux while the S-server aligns, and switches at the
+`fsl.align_mode=blocking` is the paper's order: a client's first step of an alignment round waits for its aligned aux.
+`fsl.align_mode=overlap` keeps the client stepping on its previous aux while the S-server aligns, and switches at the
 first step boundary after the aligned one has arrived (at the latest after its last step of the round); the step
 is reported per client and round (`aux_switch_step` in the metrics), so what each client did can be read back.
 """
@@ -88,19 +88,19 @@ class FslSage(Algorithm):
         self.switch_step: dict[int, int] = {}    # client -> the step of this round at which it took its aligned aux
 
     def is_align_round(self, round: int) -> bool:
-        return round % self.cfg.align_interval == 0
+        return round % self.cfg.fsl.align_interval == 0
 
     # ------------------------------------------------------------------ client
     def client_step(self, c: ClientState, link: ClientLink, k: int, x, y):
         # c.aux is replaced by the aligned model at round 0 and never trained on the client
-        Q = self.cfg.server_update_interval
+        Q = self.cfg.fsl.server_update_interval
         c.model.train()
         z = c.model(x)
         if k % Q == 0:
             link.upload(z, y, seq=k // Q)
         aligning = self.is_align_round(link.round)
         if aligning:
-            self._take_aligned_aux(c, link, k, wait=k == 0 and self.cfg.align_mode == "blocking")
+            self._take_aligned_aux(c, link, k, wait=k == 0 and self.cfg.fsl.align_mode == "blocking")
         # The estimate of dL/dz: the auxiliary model's input gradient with the true labels, mean over the batch.
         z_leaf = z.detach().requires_grad_(True)
         c.aux.train()
@@ -135,7 +135,7 @@ class FslSage(Algorithm):
 
     def _aux_client(self, cid: int) -> AuxClient:
         aux = self.world.initial_part("aux")
-        return AuxClient(aux, make_optimizer(aux.parameters(), self.cfg, lr=self.cfg.align_lr, weight_decay=0.0))
+        return AuxClient(aux, make_optimizer(aux.parameters(), self.cfg, lr=self.cfg.fsl.align_lr, weight_decay=0.0))
 
     @contextmanager
     def aux_of(self, s: FslSageServer, cids):
@@ -145,7 +145,7 @@ class FslSage(Algorithm):
 
     def expected_uploads(self, cid: int) -> int:
         steps = self.world.steps_per_round(cid)
-        return -(-steps // self.cfg.server_update_interval)
+        return -(-steps // self.cfg.fsl.server_update_interval)
 
     def gathers_first_uploads(self, round: int) -> bool:
         """Alignment rounds with one client per client rank whose aux models all fit in the S-server's live slots
@@ -177,7 +177,7 @@ class FslSage(Algorithm):
     def _buffer(self, s: FslSageServer, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
         """Keeps the last `align_buffer_size` samples in a ring (alignment uses the whole buffer as one batch, so
         the order inside it does not matter; a ring avoids re-copying the buffer on every upload)."""
-        n = self.cfg.align_buffer_size
+        n = self.cfg.fsl.align_buffer_size
         z, y = z[-n:], y[-n:]
         if cid not in s.buffer_z:
             s.buffer_z[cid] = z[:0].detach().clone()
@@ -214,9 +214,9 @@ class FslSage(Algorithm):
         """The S-server's torch threads while it aligns: `align_threads`, or for 0 every core this process may use
         when the clients wait for their aux (blocking; measured 1.55-1.85x faster alignment with both cores of a
         2-core machine, docs/results.md) and one when they compute meanwhile (overlap)."""
-        if self.cfg.align_threads:
-            return self.cfg.align_threads
-        if self.cfg.align_mode == "overlap":
+        if self.cfg.fsl.align_threads:
+            return self.cfg.fsl.align_threads
+        if self.cfg.fsl.align_mode == "overlap":
             return 1
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -224,10 +224,10 @@ class FslSage(Algorithm):
         """The first half of an alignment, kept until `align_many` runs the second: client `cid`'s true cut-layer
         gradients on the current server model (train mode; scale 1/N). Called at the client's first upload of an
         alignment round, it gives `align_many` exactly the targets of a per-client `align` at that moment, however
-        long the aux steps are deferred: the buffer is kept with the target (copied with `align_mode=overlap`, where the
+        long the aux steps are deferred: the buffer is kept with the target (copied with `fsl.align_mode=overlap`, where the
         client's later uploads change the buffer before its aux steps run; blocking, it cannot change)."""
         z, y = self.buffered(s, cid)
-        if self.cfg.align_mode == "overlap":      # the client's later uploads may change its buffer meanwhile
+        if self.cfg.fsl.align_mode == "overlap":      # the client's later uploads may change its buffer meanwhile
             z, y = z.clone(), y.clone()
         start = time.perf_counter()
         with threads(self.align_threads()):     # as align_many would compute it: the same sums, bit for bit
@@ -262,9 +262,9 @@ class FslSage(Algorithm):
             batched = next(s.model.parameters()).device.type != "cpu"
         if batched:
             losses = align_clients(auxes, optimizers, [z for z, _ in buffers], [y for _, y in buffers], targets,
-                                   self.cfg.align_steps, self.train_loss)
+                                   self.cfg.fsl.align_steps, self.train_loss)
         else:
-            losses = [align_one(aux, opt, z, y, g, self.cfg.align_steps, self.train_loss)
+            losses = [align_one(aux, opt, z, y, g, self.cfg.fsl.align_steps, self.train_loss)
                       for aux, opt, (z, y), g in zip(auxes, optimizers, buffers, targets)]
         last = {}
         for cid, row in zip(cids, losses):
@@ -287,5 +287,5 @@ class FslSage(Algorithm):
         return report
 
     def describe(self) -> dict:
-        return {**super().describe(), "Q": self.cfg.server_update_interval, "l": self.cfg.align_interval,
-                "align_buffer_size": self.cfg.align_buffer_size, "align_steps": self.cfg.align_steps}
+        return {**super().describe(), "Q": self.cfg.fsl.server_update_interval, "l": self.cfg.fsl.align_interval,
+                "align_buffer_size": self.cfg.fsl.align_buffer_size, "align_steps": self.cfg.fsl.align_steps}

@@ -4,7 +4,7 @@ Clients run at their own pace (the asynchronous role loops are in mpisage/roles/
 the S-server answers at once with the gradient of the logit-adjusted loss CE(s + log P_k(y), y) through its
 CURRENT model, and keeps the activation, weighted by how late in training it came. When Q_s batches are buffered
 it folds them into per-label activation statistics, tops every label up to B samples with activations drawn from
-N(mu_y, Sigma_y) once every label has statistics (`generative=false`: no top-up, the ablation), steps on real +
+N(mu_y, Sigma_y) once every label has statistics (`gas.generative=false`: no top-up, the ablation), steps on real +
 generated activations with plain CE, and empties the buffer. The F-server averages every Q_c client models that come back.
 """
 from __future__ import annotations
@@ -198,7 +198,7 @@ class Gas(AsyncAlgorithm):
 
     def __init__(self, world):
         super().__init__(world)
-        self.server_buffer = self.cfg.server_buffer or self.active       # Q_s
+        self.server_buffer = self.cfg.gas.server_buffer or self.active       # Q_s
         # log P_k(y) for the logit adjustment, from the label histograms every rank computed at start-up
         freq = world.histograms / world.histograms.sum(1, keepdims=True)
         self.log_prior = torch.log(torch.from_numpy(freq).float().clamp_min(1e-12)).to(world.device)
@@ -229,10 +229,10 @@ class Gas(AsyncAlgorithm):
         z = torch.cat([b[0] for b in buffer])
         y = torch.cat([b[1] for b in buffer])
         w = torch.cat([torch.full((len(b[1]),), b[2], device=z.device) for b in buffer])
-        if not self.cfg.generative:
+        if not self.cfg.gas.generative:
             return z, y
         stats = s.statistics
-        merge_statistics(stats, z.flatten(1), y, w, diagonal=self.cfg.covariance == "diag")
+        merge_statistics(stats, z.flatten(1), y, w, diagonal=self.cfg.gas.covariance == "diag")
         num_classes = self.world.data.num_classes
         if len(stats) < num_classes:
             return z, y
@@ -256,5 +256,5 @@ class Gas(AsyncAlgorithm):
         s.steps += 1
 
     def describe(self) -> dict:
-        return {**super().describe(), "server_buffer": self.server_buffer, "generative": self.cfg.generative,
-                "covariance": self.cfg.covariance}
+        return {**super().describe(), "server_buffer": self.server_buffer, "generative": self.cfg.gas.generative,
+                "covariance": self.cfg.gas.covariance}

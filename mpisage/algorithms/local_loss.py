@@ -18,7 +18,7 @@ class CseFsl(Algorithm):
 
     @property
     def upload_interval(self) -> int:
-        return self.cfg.server_update_interval
+        return self.cfg.fsl.server_update_interval
 
     def make_client(self, cid: int) -> ClientState:
         split = self.world.build_model(("client", "aux"))

@@ -2,11 +2,11 @@
 S-server concatenates every client's smashed batch (C x B samples), takes ONE step of the single server model and
 returns each client the cut-layer gradient of its slice, except that:
 
-- SplitAvg (`split_avg=sampled`, the paper's eq. 15 and Algorithm 1 lines 18-19): a fraction phi of the clients, the
+- SplitAvg (`sglr.avg=sampled`, the paper's eq. 15 and Algorithm 1 lines 18-19): a fraction phi of the clients, the
   active set C_a sampled afresh each iteration, receives ONE broadcast gradient, the element-wise mean of the active
   clients' slices only; the others receive their own slice. (phi = 1 is the paper's "Full" variant.)
-  `split_avg=phased` is the authors' code: every client gets the mean of all C slices during the first fraction f of
-  training, its own slice after; `split_avg=phased_final` the same during the final fraction f (the two phasings of
+  `sglr.avg=phased` is the authors' code: every client gets the mean of all C slices during the first fraction f of
+  training, its own slice after; `sglr.avg=phased_final` the same during the final fraction f (the two phasings of
   the paper's Table 3).
 - SplitLr: the server's learning rate is the clients' x C^alpha.
 
@@ -14,8 +14,8 @@ The broadcast gradient is one payload: the paper figure counts it once per itera
 point-to-point to each receiver (every copy is in the wire figure): the receivers change every iteration, so a
 collective would need a new communicator (or every client listening) per iteration.
 
-`loss=softmax_bce`: the authors' loss, binary cross-entropy between the softmax of the logits and the one-hot labels
-(mean over samples and classes); `loss=ce`: cross-entropy.
+`sglr.loss=softmax_bce`: the authors' loss, binary cross-entropy between the softmax of the logits and the one-hot labels
+(mean over samples and classes); `sglr.loss=ce`: cross-entropy.
 
 Evaluation: each client's own model under the shared server, accuracies and losses averaged over clients.
 """
@@ -55,11 +55,11 @@ class Sglr(Algorithm):
             raise ConfigError("sglr concatenates the k-th batch of every client, so every client needs the same "
                               "number of samples: use dataset.samples_per_client=N with dataset.distribution=iid "
                               "(the paper: 1000)")
-        self.server_lr = self.cfg.lr * world.num_clients ** self.cfg.split_lr_alpha
+        self.server_lr = self.cfg.optim.lr * world.num_clients ** self.cfg.sglr.lr_alpha
 
     # ------------------------------------------------------------------ client
     def client_send(self, c: ClientState, link: ClientLink, k: int, x, y):
-        apply_schedule(c.optimizer, self.cfg, self.cfg.lr, link.round)
+        apply_schedule(c.optimizer, self.cfg, self.cfg.optim.lr, link.round)
         c.model.train()
         z = c.model(x)
         link.upload(z, y, seq=k)
@@ -83,19 +83,19 @@ class Sglr(Algorithm):
 
     def mean_receivers(self, s: SglrServer, round: int) -> set[int]:
         """The clients that get the mean gradient this iteration; the mean is over exactly their slices."""
-        m, f, rounds = self.world.num_clients, self.cfg.split_avg_fraction, self.cfg.rounds
-        if self.cfg.split_avg == "phased":          # the first fraction f of the rounds
+        m, f, rounds = self.world.num_clients, self.cfg.sglr.avg_fraction, self.cfg.rounds
+        if self.cfg.sglr.avg == "phased":          # the first fraction f of the rounds
             return set(range(m)) if round < f * rounds else set()
-        if self.cfg.split_avg == "phased_final":    # the final fraction f of the rounds
+        if self.cfg.sglr.avg == "phased_final":    # the final fraction f of the rounds
             return set(range(m)) if round >= (1 - f) * rounds else set()
-        if self.cfg.split_avg == "sampled":
+        if self.cfg.sglr.avg == "sampled":
             count = int(f * m + 0.5)
             return set(torch.randperm(m, generator=s.generator)[:count].tolist())
         return set()
 
     def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample losses whose mean is the loss the server steps on."""
-        if self.cfg.loss == "softmax_bce":
+        if self.cfg.sglr.loss == "softmax_bce":
             # BCE on probabilities, as the authors' nn.BCELoss after a softmax; its mean over samples and classes
             # is the mean over samples of these per-sample class means
             target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
@@ -138,7 +138,7 @@ class Sglr(Algorithm):
                                for cid in range(self.world.num_clients)])
 
     def describe(self) -> dict:
-        return {**super().describe(), "server_lr": self.server_lr, "split_avg": self.cfg.split_avg,
-                "split_avg_fraction": self.cfg.split_avg_fraction,
-                "loss": self.cfg.loss,
+        return {**super().describe(), "server_lr": self.server_lr, "split_avg": self.cfg.sglr.avg,
+                "split_avg_fraction": self.cfg.sglr.avg_fraction,
+                "loss": self.cfg.sglr.loss,
                 "gradient_broadcast": "point-to-point on the wire; the paper figure counts the mean once"}

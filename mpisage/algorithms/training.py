@@ -27,26 +27,26 @@ def make_optimizer(params, cfg, lr: float | None = None, weight_decay: float | N
     """The configured optimiser: Adam (betas 0.9/0.999, weight decay as L2; the FSL-SAGE paper), AdamW, or SGD
     with momentum (GAS)."""
     params = [p for p in params if p.requires_grad]     # frozen weights (GPT-2 under LoRA) never step
-    lr = cfg.lr if lr is None else lr
-    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
-    if cfg.optimizer == "adamw":
+    lr = cfg.optim.lr if lr is None else lr
+    weight_decay = cfg.optim.weight_decay if weight_decay is None else weight_decay
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=weight_decay)
+    if cfg.optim.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, cfg) -> None:
     """One step, after clipping the gradient norm of the optimiser's parameters when grad_clip > 0."""
-    if cfg.grad_clip > 0:
+    if cfg.optim.grad_clip > 0:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
     optimizer.step()
 
 
 def scheduled_lr(cfg, base_lr: float, round: int) -> float:
     """lr_decay_at: every rate x0.1 from that fraction of the rounds on (SGLR: 0.8)."""
-    decay_at = cfg.lr_decay_at
+    decay_at = cfg.optim.lr_decay_at
     return base_lr * (0.1 if decay_at is not None and round >= decay_at * cfg.rounds else 1.0)
 
 

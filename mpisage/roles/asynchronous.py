@@ -14,7 +14,7 @@ checkpoint of every rank (global model, schedule and clocks, server model and st
 counters, metrics), and `resume=` continues from it: asynchrony makes the continuation a valid run, not a replay.
 With the simulated schedule a run also checkpoints every `checkpoint_interval` updates while it goes on, cut at
 the step that completes the update (`_cuts`): each rank sends its state when it has done its part of the schedule
-up to that step, the F-server writes once the update's metrics row is in. With `async_schedule=arrival` the F-server
+up to that step, the F-server writes once the update's metrics row is in. With `asynchronous.schedule=arrival` the F-server
 pauses every client rank at the update instead (a paused rank has no activation unanswered, and the S-server sends
 its state once every client rank has paused) and lets them go on once the checkpoint is written.
 """
@@ -107,8 +107,8 @@ class _ClientRank:
         x = self.transform(c.x[idx].to(self.world.device), c.generator)
         y = c.y[idx].to(self.world.device)
         self.algo.client_iteration(c, ClientLink(self.t, cid, version), k, x, y)
-        if cfg.straggler_delay_s > 0:     # real heterogeneity, proportional to the client's simulated slowness
-            time.sleep(cfg.straggler_delay_s * self.algo.slowness[cid])
+        if cfg.asynchronous.straggler_delay_s > 0:     # real heterogeneity, proportional to the client's simulated slowness
+            time.sleep(cfg.asynchronous.straggler_delay_s * self.algo.slowness[cid])
         elapsed = time.perf_counter() - start
         self.busy += elapsed
         stats["samples"] += len(y)
@@ -135,7 +135,7 @@ class _ClientRank:
 
 
 def run_async_client(algo) -> None:
-    if algo.cfg.async_schedule == "simulated":
+    if algo.cfg.asynchronous.schedule == "simulated":
         return _run_simulated_client(algo)
     rank = _ClientRank(algo)
     t, hosted, nbytes = rank.t, rank.hosted, rank.nbytes
@@ -174,7 +174,7 @@ def run_async_client(algo) -> None:
             continue
         cid, version, k, stats = active.pop(0)       # one local iteration of the next active client
         rank.iterate(cid, version, k, stats)
-        if k + 1 < rank.cfg.local_iters:
+        if k + 1 < rank.cfg.asynchronous.local_iters:
             active.append([cid, version, k + 1, stats])
         else:
             rank.give_back(cid, version, stats)
@@ -231,7 +231,7 @@ def _run_simulated_client(algo) -> None:
             break
         rank.iterate(cid, version, step.seq, stats[cid])
         sent += algo.uses_sserver           # activations sent
-        if step.seq + 1 == cfg.local_iters:
+        if step.seq + 1 == cfg.asynchronous.local_iters:
             rank.give_back(cid, version, stats.pop(cid))
     else:
         pass_cuts(len(schedule.steps))
@@ -301,7 +301,7 @@ class _Evaluations:
 
 
 def run_async_sserver(algo) -> None:
-    if algo.cfg.async_schedule == "simulated":
+    if algo.cfg.asynchronous.schedule == "simulated":
         return _run_simulated_sserver(algo)
     world, t, cfg = algo.world, algo.world.transport, algo.cfg
     s = algo.make_server()
@@ -324,7 +324,7 @@ def run_async_sserver(algo) -> None:
             act = t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of, trailing_shape=algo.activation_shape,
                          device=world.device)
             labels = recv_labels(world, act)
-            progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
+            progress = act.round * cfg.asynchronous.local_iters + act.seq + 1          # n = tE + e
             grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
             t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
             evals.busy += time.perf_counter() - t0
@@ -399,7 +399,7 @@ def _run_simulated_sserver(algo) -> None:
             act = t.recv(Kind.ACTIVATION, r, round=version, client=step.client, seq=step.seq,
                          trailing_shape=algo.activation_shape, device=world.device)
             labels = recv_labels(world, act)
-            progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
+            progress = act.round * cfg.asynchronous.local_iters + act.seq + 1          # n = tE + e
             grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
             t.send(r, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
             served[r] += 1
@@ -474,7 +474,7 @@ def run_async_fserver(algo, log) -> dict:
     # the straggler clock's inputs, so anyone can check the participation skew against the speeds
     metrics.set("client_flops", [p.flops for p in algo.profiles])
     metrics.set("client_uplink_bps", [p.uplink for p in algo.profiles])
-    simulated = cfg.async_schedule == "simulated"
+    simulated = cfg.asynchronous.schedule == "simulated"
     if simulated:   # the F-server takes the returned models in simulated-time order, and starts the drawn clients
         schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
         returns = iter([step for step in schedule.steps if not np.isnan(step.returned)])
@@ -502,7 +502,7 @@ def run_async_fserver(algo, log) -> dict:
         began = time.perf_counter()
         ranks["fserver"] = flatten_state({**own, "metrics": {k: torch.from_numpy(v)
                                                              for k, v in metrics.history().items()}})
-        write_checkpoint(cfg.run_dir, update, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+        write_checkpoint(cfg.run_dir, update, ranks, {"config": to_yaml(cfg)}, cfg.checkpoint.keep)
         sizes = np.array([state_nbytes(ranks[f"rank{r}" if r else "fserver"][0]) for r in range(t.size)])
         row["checkpoint_bytes_by_rank"], row["checkpoint_seconds"] = sizes, time.perf_counter() - began
         metrics.update_last({k: row[k] for k in ("checkpoint_bytes_by_rank", "checkpoint_seconds")})
@@ -658,7 +658,7 @@ def _record(t, counters, resident, update_clock, local_stats, participations_at,
            "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy(),
            # filled in once the update's checkpoint (if any) is written: bytes of each rank's state, seconds
            "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0}
-    if version % cfg.log_interval == 0:
+    if version % cfg.runtime.log_interval == 0:
         log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
             f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")
     return row

@@ -60,7 +60,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
                     "eval_lag_seconds": time.perf_counter() - start - row["wall_time"]})
         metrics.append(row)
         recorded = row
-        if row["round"] % cfg.log_interval == 0 or row["round"] == last_round:
+        if row["round"] % cfg.runtime.log_interval == 0 or row["round"] == last_round:
             log(f"round {row['round'] + 1:4d}/{cfg.rounds} | test acc {row['test_acc']:.4f} | loss "
                 f"{row['test_loss']:.4f} | {row['comm_bytes'] / GIB:8.3f} GiB | {row['round_seconds']:6.2f} s/round")
 
@@ -177,7 +177,7 @@ def run_fserver(algo: Algorithm, log) -> dict:
                 **{kind.name.lower(): {"packed": current[kind]} for kind in templates}, "transport": transport_state(t),
                 "clock": {"ready": torch.tensor([ready]), "prev_wait": torch.from_numpy(prev_wait.copy())},
                 "metrics": {k: torch.from_numpy(v) for k, v in metrics.history().items()}})
-            write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
+            write_checkpoint(cfg.run_dir, round, ranks, {"config": to_yaml(cfg)}, cfg.checkpoint.keep)
             sizes = np.array([state_nbytes(ranks[f"rank{r}" if r else "fserver"][0]) for r in range(t.size)])
             row["checkpoint_bytes_by_rank"], row["checkpoint_seconds"] = sizes, time.perf_counter() - began
             metrics.update_last({k: row[k] for k in ("checkpoint_bytes_by_rank", "checkpoint_seconds")})

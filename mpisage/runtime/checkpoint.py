@@ -21,18 +21,18 @@ FORMAT_VERSION = 1
 
 
 def checkpoint_due(cfg, round: int, stop: bool) -> bool:
-    """Every rank decides alike, from the config and the F-server's stop flag. checkpoint_interval=0: none, except
+    """Every rank decides alike, from the config and the F-server's stop flag. checkpoint.interval=0: none, except
     when the run stops before its last round (SIGTERM/SIGUSR1, or the communication budget), so a pre-empted run
     can still be resumed; the ranks cannot tell those two causes apart from the flag."""
-    if cfg.checkpoint_interval == 0:
+    if cfg.checkpoint.interval == 0:
         return stop and round < cfg.rounds - 1
-    return stop or round == cfg.rounds - 1 or (round + 1) % cfg.checkpoint_interval == 0
+    return stop or round == cfg.rounds - 1 or (round + 1) % cfg.checkpoint.interval == 0
 
 
 def midrun_checkpoint_due(cfg, round: int) -> bool:
     """An asynchronous run's checkpoint after global update `round` while it goes on (its last update's checkpoint
     is the stop's)."""
-    return cfg.checkpoint_interval > 0 and (round + 1) % cfg.checkpoint_interval == 0 and round < cfg.rounds - 1
+    return cfg.checkpoint.interval > 0 and (round + 1) % cfg.checkpoint.interval == 0 and round < cfg.rounds - 1
 
 
 def recv_checkpoint(t: Transport, source: int, round: int,
@@ -123,19 +123,21 @@ def read_checkpoint(path: str, groups: list[str] | None = None) -> tuple[dict, d
 
 # Keys that may change between a checkpoint and its resumption without changing the computation (thread counts
 # only reorder float sums).
-RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "log_interval", "comm_timeout_s", "checkpoint_interval",
-                     "keep_checkpoints", "torch_threads", "align_threads", "comm_threshold_mb", "eval_batch_size",
+RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "runtime.log_interval", "runtime.comm_timeout_s",
+                     "checkpoint.interval", "checkpoint.keep", "runtime.torch_threads", "fsl.align_threads",
+                     "comm_threshold_mb", "eval.batch_size",
                      "client_store.backend", "client_store.slots", "client_store.directory"}   # layout, not values
 
 
 def config_differences(stored_yaml: str, cfg) -> list[str]:
     """Keys whose values differ between the checkpoint's config and this run's (beyond RESUMABLE_CHANGES). A key
     the checkpoint's config does not have (added to mpisage since it was written) counts as its default: a new
-    setting keeps the old behaviour at its default, so it does not stop an older run from resuming."""
+    setting keeps the old behaviour at its default, so it does not stop an older run from resuming. A config of the
+    flat layout (before the sections) is read in today's layout."""
     from omegaconf import OmegaConf
 
-    from mpisage.config import Config
-    stored = OmegaConf.to_container(OmegaConf.create(stored_yaml))
+    from mpisage.config import Config, read_stored_config
+    stored = read_stored_config(stored_yaml)
     now = OmegaConf.to_container(OmegaConf.structured(cfg))
     defaults = OmegaConf.to_container(OmegaConf.structured(Config))
 

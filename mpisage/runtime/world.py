@@ -171,7 +171,7 @@ def make_world(cfg: Config, transport: Transport) -> World:
     hist = label_histograms(labels, parts, data.num_classes if data.train_y.dim() == 1 else 1)
     world = World(cfg, transport, data, parts, hist)
     # counted here: the F-server, which records it in the metrics file, drops its test set below
-    world.test_samples = len(data.test_y) if cfg.eval_samples is None else min(cfg.eval_samples, len(data.test_y))
+    world.test_samples = len(data.test_y) if cfg.eval.samples is None else min(cfg.eval.samples, len(data.test_y))
     # Keep what this rank's role needs (11 ranks share one machine's memory).
     if transport.rank == F_SERVER:
         data.train_x = data.train_x[:0]

@@ -18,7 +18,7 @@ from mpisage.runtime.environment import job_command
 from mpisage.runtime.metrics import read_rounds
 
 FIXED = ["algorithm=fsl_sage", "model=cnn", "dataset=fashion_mnist", "dataset.distribution=iid", "batch_size=64",
-         "seed=200", "checkpoint_interval=1000"]
+         "seed=200", "checkpoint.interval=1000"]
 
 
 

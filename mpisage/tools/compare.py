@@ -4,8 +4,8 @@
             [--target 0.85] [--out runs/compare] [--skip-existing] [key=value ...]
 
 Each method M runs as `mpirun -n RANKS python -m mpisage.run key=value ... algorithm=M run_dir=OUT/M`. A method may
-carry its own overrides after colons, e.g. `--methods gas,gas:generative=false,fed_avg` (the ablation runs in
-OUT/gas:generative=false). Then:
+carry its own overrides after colons, e.g. `--methods gas,gas:gas.generative=false,fed_avg` (the ablation runs in
+OUT/gas:gas.generative=false). Then:
 
 - OUT/results.md   the command line that reproduces the comparison, and a table with one row per method (rounds,
                    best and final test accuracy, paper-figure GiB at which the target accuracy was first reached,
@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from mpisage.config import read_stored_config  # noqa: E402
 from mpisage.runtime.environment import job_command  # noqa: E402
 from mpisage.runtime.metrics import read_attrs, read_rounds  # noqa: E402
 
@@ -136,7 +137,7 @@ def is_complete(run_dir: str) -> bool:
     done, or the paper-figure load reached `comm_threshold_mb`. An interrupted run fails both."""
     try:
         r = read_rounds(metrics_path(run_dir))
-        cfg = yaml.safe_load(read_attrs(metrics_path(run_dir))["config"])
+        cfg = read_stored_config(read_attrs(metrics_path(run_dir))["config"])
         done = len(r["test_acc"])
         return done > 0 and (done >= int(cfg["rounds"])
                              or r["comm_bytes"][-1] >= float(cfg["comm_threshold_mb"]) * 1024 ** 2)

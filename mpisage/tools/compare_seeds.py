@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from mpisage.config import read_stored_config  # noqa: E402
 from mpisage.runtime.metrics import read_attrs, read_dataset, read_rounds  # noqa: E402
 
 GIB = 1024 ** 3
@@ -99,10 +100,8 @@ def seed_figures(run_dir: str, targets: list[float]) -> dict:
     r = read_rounds(path)
     acc = np.asarray(r["test_acc"], float)
     test_samples = read_dataset(path, "test_samples")
-    if test_samples is None:      # files written before test_samples was recorded: the config's eval_samples
-        import yaml
-        cfg = yaml.safe_load(read_attrs(path).get("config", "")) or {}
-        test_samples = cfg.get("eval_samples")
+    if test_samples is None:      # files written before test_samples was recorded: the config's eval.samples
+        test_samples = read_stored_config(read_attrs(path).get("config", "")).get("eval", {}).get("samples")
     out = {"rounds": int(len(acc)), "test_samples": None if test_samples is None else int(test_samples),
            "final_acc": float(acc[-1]), "best_acc": float(acc.max())}
     for target in targets:
