@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mpisage.algorithms import alignment
 from mpisage.algorithms.alignment import align_clients, align_one, batch_obstacle, true_gradients
 from mpisage.algorithms.fsl_sage import FslSage, FslSageServer
+from mpisage.config import Config, FslConfig
 from mpisage.models import build_split
 
 TIGHT = dict(rtol=1e-9, atol=1e-12)
@@ -175,8 +176,8 @@ def _server(model, clients: int = 3) -> FslSageServer:
 
 def _algo(buffer_size, steps, mode="blocking"):
     algo = FslSage.__new__(FslSage)    # the hooks under test need only the config
-    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps, align_threads=1,
-                                     align_mode=mode)
+    algo.cfg = Config(fsl=FslConfig(align_buffer_size=buffer_size, align_steps=steps, align_threads=1,
+                                    align_mode=mode))
     algo.label_smoothing = 0.0
     return algo
 

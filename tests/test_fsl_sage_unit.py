@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from mpisage.algorithms.fsl_sage import FslSage, one_client_server
+from mpisage.config import Config, FslConfig
 from mpisage.models import build_split
 
 
 def _algo(buffer_size=10, steps=50):
     algo = FslSage.__new__(FslSage)   # the hooks under test need only the config
-    algo.cfg = types.SimpleNamespace(align_buffer_size=buffer_size, align_steps=steps, align_threads=1,
-                                     align_mode="blocking")
+    algo.cfg = Config(fsl=FslConfig(align_buffer_size=buffer_size, align_steps=steps, align_threads=1,
+                                    align_mode="blocking"))
     algo.label_smoothing = 0.0
     return algo
 

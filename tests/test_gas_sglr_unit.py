@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mpisage.algorithms.asynchronous import client_profiles, count_macs
 from mpisage.algorithms.gas import Gas, GasServer, LabelStatistics, merge_statistics
 from mpisage.algorithms.sglr import Sglr, SglrServer
+from mpisage.config import Config, GasConfig, OptimConfig, SglrConfig
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
@@ -37,7 +38,7 @@ def test_merging_statistics_equals_the_statistics_of_the_concatenated_data(diago
 
 def _gas(batch_size=8, generative=True, num_classes=4):
     algo = Gas.__new__(Gas)      # the hooks under test need only the config and the class count
-    algo.cfg = types.SimpleNamespace(batch_size=batch_size, generative=generative, covariance="diag")
+    algo.cfg = Config(batch_size=batch_size, gas=GasConfig(generative=generative, covariance="diag"))
     algo.world = types.SimpleNamespace(data=types.SimpleNamespace(num_classes=num_classes))
     return algo
 
@@ -126,8 +127,8 @@ def test_full_covariance_draws_follow_n_of_the_statistics_exactly_across_factor_
 
 def _sglr(mode, fraction, m=3, rounds=10, loss="ce"):
     algo = Sglr.__new__(Sglr)
-    algo.cfg = types.SimpleNamespace(split_avg=mode, split_avg_fraction=fraction, rounds=rounds, lr_decay_at=None,
-                                     grad_clip=0.0, loss=loss)
+    algo.cfg = Config(rounds=rounds, optim=OptimConfig(lr_decay_at=None, grad_clip=0.0),
+                      sglr=SglrConfig(avg=mode, avg_fraction=fraction, loss=loss))
     algo.world = types.SimpleNamespace(num_clients=m)
     algo.server_lr = 0.1
     torch.manual_seed(0)

@@ -56,5 +56,5 @@ def test_checkpoint_interval_zero_checkpoints_only_an_early_stop():
     assert checkpoint_due(cfg, 4, stop=True)               # stopped early (SIGTERM/SIGUSR1): resumable
     every3 = load_config(None, ["checkpoint.interval=3", "rounds=12"])
     assert [r for r in range(12) if checkpoint_due(every3, r, stop=False)] == [2, 5, 8, 11]
-    with pytest.raises(ConfigError, match="checkpoint_interval"):
+    with pytest.raises(ConfigError, match="checkpoint.interval"):
         load_config(None, ["checkpoint.interval=-1"])

@@ -78,13 +78,13 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default():
     from mpisage.config import load_config, to_yaml
     from mpisage.runtime.checkpoint import config_differences
     old = OmegaConf.create(to_yaml(load_config(None, [])))
-    del old["align_mode"]                  # as written before align_mode existed
+    del old["fsl"]["align_mode"]           # as written before align_mode existed
     del old["client_store"]["backend"]     # a nested one too
     stored = OmegaConf.to_yaml(old)
     assert config_differences(stored, load_config(None, [])) == []
     assert config_differences(stored, load_config(None, ["fsl.align_mode=overlap"])) == [
-        "align_mode: checkpoint 'blocking', now 'overlap'"]
+        "fsl.align_mode: checkpoint 'blocking', now 'overlap'"]
     assert config_differences(stored, load_config(None, ["client_store.backend=disk", "optim.lr=0.5"])) == [
-        "lr: checkpoint 0.001, now 0.5"]         # the store's layout may change on resume; the rate may not
+        "optim.lr: checkpoint 0.001, now 0.5"]         # the store's layout may change on resume; the rate may not
     threads = OmegaConf.create(to_yaml(load_config(None, ["fsl.align_threads=1"])))
     assert config_differences(OmegaConf.to_yaml(threads), load_config(None, [])) == []   # a thread count
