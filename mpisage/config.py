@@ -386,7 +386,7 @@ def _load_file(config_file: str) -> dict:
     old = [key for key in tree if key in RENAMED]
     if old:
         raise ConfigError(f"{config_file}: " + "; ".join(f"{k} is now {RENAMED[k]}" for k in old)
-                          + " (python rename_config_keys.py FILE rewrites a file)")
+                          + " (move each under its section, e.g. `optim:` then `  lr: 0.001`)")
     if isinstance(tree.get("dataset"), str):     # `dataset: cifar10` in a file, as on the command line
         tree["dataset"] = {"name": tree["dataset"]}
     for alias, key in KEY_ALIASES.items():

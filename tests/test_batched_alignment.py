@@ -6,7 +6,6 @@ the batched (grouped) convolutions, about 1e-16 relative per operation, and a fe
 gradient by its own running RMS, so a rounding difference in a gradient component near zero moves that weight by
 up to lr per step; 1e-4 is a tenth of one such step (lr = 1e-3) and far below the weights' own scale."""
 import copy
-import types
 
 import pytest
 import torch

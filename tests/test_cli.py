@@ -28,6 +28,15 @@ def test_bad_config_exits_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "metrics.h5")
 
 
+def test_a_yaml_syntax_error_is_one_line_printed_once(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rounds: 3\noptim:\n  lr: [0.1\n")
+    proc, _ = _launch(3, ["-c", str(broken), f"run_dir={tmp_path}/run"])
+    assert proc.returncode == 2
+    assert proc.stderr.count("YAML syntax error at line") == 1 and str(broken) in proc.stderr, proc.stderr[-500:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_inputs_found_at_start_up_are_rejected_before_training(tmp_path):
     """Problems that need the data, the rank layout or a checkpoint to be seen: each exits non-zero on every
     rank with a message naming it, before any round runs (one launch per case, 3 ranks)."""
