@@ -6,7 +6,7 @@
 ResNet-18 split (fsl_sage.md), default aux (layer3 + avgpool + fc, BatchNorm in train mode), Fashion-MNIST at
 32x32x3: smashed samples [128, 4, 4], random tensors (timing does not depend on the values). Every alignment step
 does the same work (the whole buffer, every step), so each repeat times `steps` steps of all clients and the figure
-per alignment is that time x `align_steps` (100 in the paper), plus the targets (one server forward + backward per
+per alignment is that time x `fsl.align_steps` (100 in the paper), plus the targets (one server forward + backward per
 client's buffer, the same code for both methods, timed once per buffer and thread setting). Repeats
 alternate loop and batched so that load from other processes hits both alike; one untimed repeat per
 buffer comes first. Prints medians and batched/loop of wall seconds, and of process CPU seconds per step (all

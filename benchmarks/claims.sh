@@ -32,8 +32,8 @@ sglr() {
 gas() {
   compare --seed-list "$1" --out "$OUT/gas_shard2" --target 0.6,0.7 --reference gas \
     --methods "gas,gas:gas.generative=false,fed_buff,fed_avg" \
-    -c configs/gas_alexnet_fmnist_shard2.yaml asynchronous.local_iters=5 rounds=20 comm_threshold_mb=880 eval.samples=1000 \
-    checkpoint.interval=5
+    -c configs/gas_alexnet_fmnist_shard2.yaml asynchronous.local_iters=5 rounds=20 comm_threshold_mb=880 \
+    eval.samples=1000 checkpoint.interval=5
 }
 
 # FSL-SAGE against its baselines: ResNet-18 split, Fashion-MNIST at 32x32x3, 10 clients x 160 samples, B = 32,

@@ -28,7 +28,8 @@ def run(out: str, algorithms: list[str]) -> None:
     comm = MPI.COMM_WORLD
     for algorithm in algorithms:
         run_dir = os.path.join(out, algorithm)
-        extra = ["fsl.align_interval=2", "fsl.align_buffer_size=64", "fsl.align_steps=5"] if algorithm == "fsl_sage" else []
+        extra = ["fsl.align_interval=2", "fsl.align_buffer_size=64",
+                 "fsl.align_steps=5"] if algorithm == "fsl_sage" else []
         cfg = load_config(None, [f"algorithm={algorithm}", "runtime.deterministic=true", "num_clients=4", "rounds=3",
                                  "dataset.samples_per_client=96", "eval.samples=300", "batch_size=32",
                                  f"run_dir={run_dir}", "checkpoint.interval=2", *extra])

@@ -23,7 +23,8 @@ time.sleep(3)
 if comm.rank == 0:
     began = time.monotonic()
     ctypes.PyDLL(None).sleep(int(stall))      # libc sleep() through PyDLL: a C call that keeps the GIL
-    print(f"rank 0 held the GIL for {time.monotonic() - began:.1f} s (runtime.heartbeat_timeout_s={timeout:g})", flush=True)
+    print(f"rank 0 held the GIL for {time.monotonic() - began:.1f} s (runtime.heartbeat_timeout_s={timeout:g})",
+          flush=True)
 time.sleep(5)
 heartbeat.stop()
 if comm.rank == 0:

@@ -30,7 +30,8 @@ def main() -> int:
     data = write_fashion_mnist_fixture(os.path.join(work, "data"), 600, 100)
     cmd, env = job_command(args.ranks, [
            f"algorithm={args.algorithm}", f"dataset.root={data}", f"num_clients={2 * (args.ranks - 2)}",
-           f"rounds={args.rounds}", "batch_size=32", "fsl.align_interval=10", "fsl.align_steps=5", "fsl.align_buffer_size=200",
+           f"rounds={args.rounds}", "batch_size=32", "fsl.align_interval=10", "fsl.align_steps=5",
+           "fsl.align_buffer_size=200",
            "checkpoint.interval=50", "runtime.log_interval=50", f"run_dir={work}/run"])
     print("[soak]", " ".join(cmd[3:]), flush=True)
     if subprocess.run(cmd, env=env).returncode:

@@ -69,8 +69,8 @@ class DeviceConfig:
     cuda_aware: str = "auto"             # auto (library query + self-check) | yes | no; env MPISAGE_CUDA_AWARE wins
 
     def validate(self) -> None:
-        ok = self.sserver in ("auto", "cpu", "cuda") or (self.sserver.startswith("cuda:") and self.sserver[5:].isdigit())
-        _require(ok, "device.sserver", self.sserver, "auto, cpu, cuda or cuda:N")
+        named = self.sserver.startswith("cuda:") and self.sserver[5:].isdigit()
+        _require(self.sserver in ("auto", "cpu", "cuda") or named, "device.sserver", self.sserver, "auto, cpu, cuda or cuda:N")
         _require(self.cuda_aware in ("auto", "yes", "no"), "device.cuda_aware", self.cuda_aware, "auto, yes or no")
 
 
@@ -215,7 +215,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     """Checkpoints in run_dir (resume=auto takes the newest valid one)."""
-    interval: int = 10                   # rounds between checkpoints, the last round included (0: none, but an early stop)
+    interval: int = 10                   # rounds between checkpoints, the last one included (0: none, but an early stop)
     keep: int = 2                        # checkpoints kept; older ones are deleted
 
     def validate(self) -> None:
@@ -273,7 +273,9 @@ class Config:
     client_store: ClientStoreConfig = field(default_factory=ClientStoreConfig)
 
     def sections(self) -> list:
-        return [getattr(self, f.name) for f in dataclasses.fields(self) if dataclasses.is_dataclass(getattr(self, f.name))]
+        """The section objects (the dataclass-valued fields), in schema order."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return [value for value in values if dataclasses.is_dataclass(value)]
 
 
 # The algorithm names, one source: mpisage.algorithms.REGISTRY has exactly these (tests/test_config.py checks it).

@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_continues(tmp_path):
 
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
     from mpisage.runtime.metrics import read_rounds
-    # checkpoint_interval=0: no checkpoint but the one a stop signal asks for
+    # checkpoint.interval=0: no checkpoint but the one a stop signal asks for
     job = [a if a != "checkpoint.interval=1" else "checkpoint.interval=0" for a in _tiny_job(tmp_path, 10_000)]
     proc = _start(job)
     _wait_for_line(proc, "round    2/")
@@ -172,15 +172,16 @@ def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):
 
 
 def test_gas_killed_mid_run_keeps_its_mid_run_checkpoint_and_resumes(tmp_path):
-    """An asynchronous run checkpoints every checkpoint_interval updates while it goes on: kill -9 of a client rank
+    """An asynchronous run checkpoints every checkpoint.interval updates while it goes on: kill -9 of a client rank
     after the first one ends the job (non-zero), the checkpoint is there and verifies, and the resumed run
     completes."""
     import signal
 
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
-    gas = ["algorithm=gas", "model=alexnet", "asynchronous.active_clients=2", "asynchronous.local_iters=2", "optim.name=sgd", "optim.lr=0.01",
+    gas = ["algorithm=gas", "model=alexnet", "asynchronous.active_clients=2", "asynchronous.local_iters=2",
+           "optim.name=sgd", "optim.lr=0.01",
            "gas.covariance=diag", "eval.samples=20", "checkpoint.interval=2"]
-    job = [a for a in _tiny_job(tmp_path, 10_000) if not a.startswith(("num_clients", "checkpoint_interval"))]
+    job = [a for a in _tiny_job(tmp_path, 10_000) if not a.startswith(("num_clients", "checkpoint.interval"))]
     job = ["num_clients=4", *job, *gas]
     proc = _start(job)
     _wait_for_line(proc, "checkpoint after update 2:")

@@ -74,9 +74,9 @@ def test_straggler_delay_is_refused_with_the_simulated_schedule():
     assert cfg.asynchronous.straggler_delay_s == 0.1
 
 
-@pytest.mark.parametrize("override, new", [("lr=0.1", "optim.lr"), ("align_interval=3", "fsl.align_interval"),
-                                           ("loss=softmax_bce", "sglr.loss"), ("deterministic=true", "runtime.deterministic"),
-                                           ("async_schedule=arrival", "asynchronous.schedule")])
+@pytest.mark.parametrize("override, new", [
+    ("lr=0.1", "optim.lr"), ("align_interval=3", "fsl.align_interval"), ("loss=softmax_bce", "sglr.loss"),
+    ("deterministic=true", "runtime.deterministic"), ("async_schedule=arrival", "asynchronous.schedule")])
 def test_old_flat_keys_are_refused_naming_the_new_key(override, new, tmp_path):
     old = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"^{old} is now {new} "):

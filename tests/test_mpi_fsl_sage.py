@@ -41,7 +41,8 @@ def test_deterministic_runs_are_identical(shared_tmp):
     data = os.path.join(shared_tmp, "fmnist")
     write_on_root(write_fashion_mnist_fixture, data, 600, 100)
     common = [f"dataset.root={data}", "num_clients=3", "rounds=3", "batch_size=32", "fsl.align_interval=2",
-              "fsl.align_steps=5", "fsl.align_buffer_size=100", "runtime.deterministic=true", "seed=7", "checkpoint.interval=100"]
+              "fsl.align_steps=5", "fsl.align_buffer_size=100", "runtime.deterministic=true", "seed=7",
+              "checkpoint.interval=100"]
     run_a, run_b = os.path.join(shared_tmp, "a"), os.path.join(shared_tmp, "b")
     run_job(common + [f"run_dir={run_a}"])
     run_job(common + [f"run_dir={run_b}"])
@@ -74,7 +75,8 @@ def test_overlapped_alignment_switches_at_a_step_boundary_and_trains(shared_tmp)
     """fsl.align_mode=overlap, one client per client rank (gathered alignment): each client steps on its previous aux
     until the aligned one arrives and reports the step it switched at; the run trains like a blocking one."""
     run_dir = _job_on_fixture(shared_tmp, "overlap", [
-        "num_clients=2", "rounds=3", "batch_size=16", "fsl.align_interval=2", "fsl.align_steps=20", "fsl.align_buffer_size=100",
+        "num_clients=2", "rounds=3", "batch_size=16", "fsl.align_interval=2", "fsl.align_steps=20",
+        "fsl.align_buffer_size=100",
         "fsl.align_mode=overlap", "checkpoint.interval=0"])
 
     def check():
@@ -110,7 +112,8 @@ def test_a_slow_evaluation_does_not_hold_the_next_round(shared_tmp, monkeypatch)
 
     monkeypatch.setattr(Evaluation, "step", slow_step)     # 4 batches: 2 s per evaluation
     run_dir = _job_on_fixture(shared_tmp, "slow_eval", [
-        "num_clients=3", "rounds=4", "batch_size=64", "fsl.align_interval=100", "fsl.align_steps=2", "fsl.align_buffer_size=64",
+        "num_clients=3", "rounds=4", "batch_size=64", "fsl.align_interval=100", "fsl.align_steps=2",
+        "fsl.align_buffer_size=64",
         "eval.batch_size=25", "checkpoint.interval=2"])
 
     def check():

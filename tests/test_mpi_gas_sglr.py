@@ -215,8 +215,10 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
     steps, servers, restored = _record_gas(monkeypatch)
     run_dir = os.path.join(shared_tmp, "gas")
     # Every client active (C = K): a finished client has no inactive one to hand over to and goes again itself.
-    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=4",
-             "asynchronous.local_iters=2", "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4",
+             "asynchronous.active_clients=4",
+             "asynchronous.local_iters=2", "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01",
+             "gas.covariance=diag",
              "eval.samples=20", f"run_dir={run_dir}"])
 
     def check():
@@ -270,8 +272,10 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
     # every counter and clock goes on from where it was, and the S-server gets back its statistics and buffer.
     before = on_root(lambda: _gas_progress(run_dir))
     at_stop = on_root(lambda: _server_figures(servers[0]), root=S_SERVER)
-    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=4",
-             "asynchronous.local_iters=2", "rounds=5", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4",
+             "asynchronous.active_clients=4",
+             "asynchronous.local_iters=2", "rounds=5", "batch_size=8", "optim.name=sgd", "optim.lr=0.01",
+             "gas.covariance=diag",
              "eval.samples=20", f"run_dir={run_dir}", "resume=auto"])
     after = on_root(lambda: _gas_progress(run_dir))
     on_resume = on_root(lambda: restored[0], root=S_SERVER)
@@ -282,8 +286,10 @@ def test_gas_answers_every_activation_counts_every_model_and_resumes(fmnist, sha
     assert list(on_resume) == list(at_stop)                     # buffer, steps, generated, statistics weight
     assert at_end[1] > at_stop[1] and at_end[3] > at_stop[3]    # and the server went on stepping
     # resumed once more with nothing left to do: every rank returns at once and the metrics stay as they are
-    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=4",
-             "asynchronous.local_iters=2", "rounds=5", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+    run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4",
+             "asynchronous.active_clients=4",
+             "asynchronous.local_iters=2", "rounds=5", "batch_size=8", "optim.name=sgd", "optim.lr=0.01",
+             "gas.covariance=diag",
              "eval.samples=20", f"run_dir={run_dir}", "resume=auto"])
     assert list(on_root(lambda: _gas_progress(run_dir))) == list(after)
 
@@ -336,8 +342,10 @@ def test_gas_simulated_schedule_serves_in_clock_order_and_repeats_exactly(fmnist
     runs = [os.path.join(shared_tmp, f"gas_simulated{i}") for i in range(2)]
     for run_dir in runs:
         served.append([])
-        run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2",
-                 "asynchronous.local_iters=2", "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag",
+        run_job(["algorithm=gas", "model=alexnet", f"dataset.root={fmnist}", "num_clients=4",
+                 "asynchronous.active_clients=2",
+                 "asynchronous.local_iters=2", "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01",
+                 "gas.covariance=diag",
                  "eval.samples=20", f"run_dir={run_dir}"])
 
     # every participation's first iteration starts with no optimiser state; its second has momentum
@@ -377,7 +385,8 @@ def test_fed_buff_moves_whole_models_only_and_averages_every_qc_returns(fmnist, 
     client AND the server part (the same number of each); every global update is one metrics row on a simulated
     clock that never goes back (two updates may share a time: an update is dated by the latest return so far)."""
     from mpisage.runtime.transport import Kind
-    common = [f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2", "asynchronous.model_buffer=2", "asynchronous.local_iters=3",
+    common = [f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2",
+              "asynchronous.model_buffer=2", "asynchronous.local_iters=3",
               "rounds=3", "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "eval.samples=40", "model=alexnet"]
     run_dir = os.path.join(shared_tmp, "fed_buff")
     run_job(["algorithm=fed_buff", f"run_dir={run_dir}", *common])
@@ -410,8 +419,10 @@ def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist
     that comes after the ranks sent their state for a later cut, and FedBuff (an S-server that only evaluates),
     finish too."""
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
-    common = ["model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2", "asynchronous.local_iters=2",
-              "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag", "eval.samples=20", "checkpoint.keep=10"]
+    common = ["model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2",
+              "asynchronous.local_iters=2",
+              "batch_size=8", "optim.name=sgd", "optim.lr=0.01", "gas.covariance=diag", "eval.samples=20",
+              "checkpoint.keep=10"]
     run_dir, resumed = os.path.join(shared_tmp, "gas_cuts"), os.path.join(shared_tmp, "gas_cuts_resumed")
     run_job(["algorithm=gas", "rounds=6", "checkpoint.interval=2", f"run_dir={run_dir}", *common])
 
@@ -440,7 +451,8 @@ def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist
 
     # arrival order: the F-server pauses the client ranks at the update and lets them go on after writing
     arrival, arrival_resumed = (os.path.join(shared_tmp, f"gas_arrival{i}") for i in range(2))
-    run_job(["algorithm=gas", "asynchronous.schedule=arrival", "rounds=5", "checkpoint.interval=2", f"run_dir={arrival}",
+    run_job(["algorithm=gas", "asynchronous.schedule=arrival", "rounds=5", "checkpoint.interval=2",
+             f"run_dir={arrival}",
              *common])
 
     def check_arrival():

@@ -23,7 +23,8 @@ def test_one_fsl_sage_round_of_gpt2_tiny_aligns_and_counts_lora_only(shared_tmp)
     run_dir = os.path.join(shared_tmp, "gpt2")
     run_job([f"dataset.root={root}", "dataset=e2e", "model=gpt2_tiny",
              "dataset.seq_len=32", "num_clients=2", "rounds=1", "batch_size=8", "optim.name=adamw", "optim.lr=1e-3",
-             "lm.aux_blocks=1", "fsl.align_buffer_size=8", "fsl.align_steps=6", "fsl.align_lr=1e-3", "eval.batch_size=8",
+             "lm.aux_blocks=1", "fsl.align_buffer_size=8", "fsl.align_steps=6", "fsl.align_lr=1e-3",
+             "eval.batch_size=8",
              "eval.samples=8",
              f"run_dir={run_dir}"])
 

@@ -30,7 +30,8 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(method, trun
     data = os.path.join(shared_tmp, "fmnist")
     write_on_root(write_fashion_mnist_fixture, data, 300, 60)
     common = [f"algorithm={method}", f"dataset.root={data}", "num_clients=3", "batch_size=32", "fsl.align_interval=2",
-              "fsl.align_steps=3", "fsl.align_buffer_size=100", "runtime.deterministic=true", "seed=5", "checkpoint.interval=1",
+              "fsl.align_steps=3", "fsl.align_buffer_size=100", "runtime.deterministic=true", "seed=5",
+              "checkpoint.interval=1",
               "checkpoint.keep=3",
               "client_store.slots=1"]     # every rank's idle clients go through the store
     whole, parts = os.path.join(shared_tmp, "whole"), os.path.join(shared_tmp, "parts")

@@ -73,7 +73,8 @@ def test_every_algorithm_runs_a_round_in_every_wire_format(algorithm, fmnist, sh
 
 def test_a_deterministic_run_in_int8_is_bit_identical_run_to_run(fmnist, shared_tmp):
     common = [f"dataset.root={fmnist}", f"num_clients={M}", "rounds=2", f"batch_size={B}", "fsl.align_interval=1",
-              "fsl.align_steps=3", "fsl.align_buffer_size=50", "runtime.deterministic=true", "seed=5", "checkpoint.interval=100",
+              "fsl.align_steps=3", "fsl.align_buffer_size=50", "runtime.deterministic=true", "seed=5",
+              "checkpoint.interval=100",
               "wire.activations=int8", "wire.gradients=int8"]
     dirs = [os.path.join(shared_tmp, f"det{i}") for i in range(2)]
     for d in dirs:

@@ -192,7 +192,8 @@ class AsyncAlgorithm(Algorithm):
 
     def participation_seconds(self, cid: int) -> float:
         """Simulated time of one participation: E iterations plus the model upload."""
-        return self.cfg.asynchronous.local_iters * self.iteration_seconds[cid] + self.profiles[cid].model_seconds(self.model_bits)
+        return (self.cfg.asynchronous.local_iters * self.iteration_seconds[cid]
+                + self.profiles[cid].model_seconds(self.model_bits))
 
     def simulated_schedule(self, updates: int, start_round: int = 0) -> Schedule:
         """The simulated schedule of `updates` global updates from update `start_round` on (a resumed run starts
@@ -215,9 +216,10 @@ class AsyncAlgorithm(Algorithm):
         raise NotImplementedError(f"{self.name}: an asynchronous split method implements on_activation")
 
     def average_models(self, packed: list[torch.Tensor], cids: list[int], template: nn.Module) -> torch.Tensor:
-        """The new global client model from the Q_c returned ones (paper: weighted by |D_k|; `asynchronous.model_weighting=equal`:
-        the authors' code)."""
-        weights = [self.world.num_samples(c) if self.cfg.asynchronous.model_weighting == "samples" else 1.0 for c in cids]
+        """The new global client model from the Q_c returned ones (paper: weighted by |D_k|;
+        `asynchronous.model_weighting=equal`: the authors' code)."""
+        by_samples = self.cfg.asynchronous.model_weighting == "samples"
+        weights = [self.world.num_samples(c) if by_samples else 1.0 for c in cids]
         return fedavg(packed, weights, template.state_dict())
 
     def describe(self) -> dict:

@@ -44,7 +44,7 @@ def threads(n: int):
 @dataclass
 class AuxClient(Stateful):
     """What the S-server keeps per client: an auxiliary copy with its own Adam (state persists across alignments)
-    and a ring of the last `align_buffer_size` uploaded samples (kept as uploaded: they go stale, as in the
+    and a ring of the last `fsl.align_buffer_size` uploaded samples (kept as uploaded: they go stale, as in the
     paper). The ring grows to its size as samples come, so a client that uploaded little holds little."""
     aux: nn.Module = None
     aux_optimizer: torch.optim.Optimizer = None
@@ -175,7 +175,7 @@ class FslSage(Algorithm):
         return []
 
     def _buffer(self, s: FslSageServer, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
-        """Keeps the last `align_buffer_size` samples in a ring (alignment uses the whole buffer as one batch, so
+        """Keeps the last `fsl.align_buffer_size` samples in a ring (alignment uses the whole buffer as one batch, so
         the order inside it does not matter; a ring avoids re-copying the buffer on every upload)."""
         n = self.cfg.fsl.align_buffer_size
         z, y = z[-n:], y[-n:]
@@ -205,13 +205,13 @@ class FslSage(Algorithm):
 
     def align(self, s: FslSageServer, cid: int) -> float:
         """Lazy alignment: the true cut-layer gradients of the current server model on the whole buffer
-        (server in train mode: BN statistics update, weights do not), then `align_steps` Adam steps of the
+        (server in train mode: BN statistics update, weights do not), then `fsl.align_steps` Adam steps of the
         client's auxiliary copy on sum((g_aux(z) - G)^2), g_aux by double back-propagation (align batch = the
         whole buffer, so estimate and target share the 1/N scale). Returns the last loss."""
         return self.align_many(s, [cid], batched=False)[cid]
 
     def align_threads(self) -> int:
-        """The S-server's torch threads while it aligns: `align_threads`, or for 0 every core this process may use
+        """The S-server's torch threads while it aligns: `fsl.align_threads`, or for 0 every core this process may use
         when the clients wait for their aux (blocking; measured 1.55-1.85x faster alignment with both cores of a
         2-core machine, docs/results.md) and one when they compute meanwhile (overlap)."""
         if self.cfg.fsl.align_threads:
@@ -224,8 +224,8 @@ class FslSage(Algorithm):
         """The first half of an alignment, kept until `align_many` runs the second: client `cid`'s true cut-layer
         gradients on the current server model (train mode; scale 1/N). Called at the client's first upload of an
         alignment round, it gives `align_many` exactly the targets of a per-client `align` at that moment, however
-        long the aux steps are deferred: the buffer is kept with the target (copied with `fsl.align_mode=overlap`, where the
-        client's later uploads change the buffer before its aux steps run; blocking, it cannot change)."""
+        long the aux steps are deferred: the buffer is kept with the target (copied with `fsl.align_mode=overlap`,
+        where the client's later uploads change the buffer before its aux steps run; blocking, it cannot change)."""
         z, y = self.buffered(s, cid)
         if self.cfg.fsl.align_mode == "overlap":      # the client's later uploads may change its buffer meanwhile
             z, y = z.clone(), y.clone()

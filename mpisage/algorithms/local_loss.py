@@ -2,7 +2,7 @@
 batch, so no gradient ever comes back; it uploads the smashed batch every h-th batch and the single server model
 takes one step on it. Client and auxiliary models are both averaged by the F-server each round (baselines.md).
 
-- cse_fsl (Mu & Shen 2023): h = server_update_interval (default 5).
+- cse_fsl (Mu & Shen 2023): h = fsl.server_update_interval (default 5).
 - local_loss (Han et al. 2021): the same with an upload on every batch (h = 1).
 """
 from __future__ import annotations

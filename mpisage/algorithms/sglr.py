@@ -14,8 +14,8 @@ The broadcast gradient is one payload: the paper figure counts it once per itera
 point-to-point to each receiver (every copy is in the wire figure): the receivers change every iteration, so a
 collective would need a new communicator (or every client listening) per iteration.
 
-`sglr.loss=softmax_bce`: the authors' loss, binary cross-entropy between the softmax of the logits and the one-hot labels
-(mean over samples and classes); `sglr.loss=ce`: cross-entropy.
+`sglr.loss=softmax_bce`: the authors' loss, binary cross-entropy between the softmax of the logits and the one-hot
+labels (mean over samples and classes); `sglr.loss=ce`: cross-entropy. Only SGLR reads the sglr section.
 
 Evaluation: each client's own model under the shared server, accuracies and losses averaged over clients.
 """

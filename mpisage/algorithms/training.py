@@ -37,7 +37,7 @@ def make_optimizer(params, cfg, lr: float | None = None, weight_decay: float | N
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, cfg) -> None:
-    """One step, after clipping the gradient norm of the optimiser's parameters when grad_clip > 0."""
+    """One step, after clipping the gradient norm of the optimiser's parameters when optim.grad_clip > 0."""
     if cfg.optim.grad_clip > 0:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -45,7 +45,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, cfg) -> None:
 
 
 def scheduled_lr(cfg, base_lr: float, round: int) -> float:
-    """lr_decay_at: every rate x0.1 from that fraction of the rounds on (SGLR: 0.8)."""
+    """optim.lr_decay_at: every rate x0.1 from that fraction of the rounds on (SGLR: 0.8)."""
     decay_at = cfg.optim.lr_decay_at
     return base_lr * (0.1 if decay_at is not None and round >= decay_at * cfg.rounds else 1.0)
 

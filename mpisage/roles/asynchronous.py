@@ -12,10 +12,10 @@ each client rank how many starts it sent; a client rank takes them all, reports 
 stops; then the S-server is told how many evaluations to finish. Nothing is left in flight. The stop writes one
 checkpoint of every rank (global model, schedule and clocks, server model and statistics, every client's optimiser,
 counters, metrics), and `resume=` continues from it: asynchrony makes the continuation a valid run, not a replay.
-With the simulated schedule a run also checkpoints every `checkpoint_interval` updates while it goes on, cut at
+With the simulated schedule a run also checkpoints every `checkpoint.interval` updates while it goes on, cut at
 the step that completes the update (`_cuts`): each rank sends its state when it has done its part of the schedule
-up to that step, the F-server writes once the update's metrics row is in. With `asynchronous.schedule=arrival` the F-server
-pauses every client rank at the update instead (a paused rank has no activation unanswered, and the S-server sends
+up to that step, the F-server writes once the update's metrics row is in. With `asynchronous.schedule=arrival` the
+F-server pauses every client rank at the update instead (a paused rank has no activation unanswered, and the S-server sends
 its state once every client rank has paused) and lets them go on once the checkpoint is written.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ class _ClientRank:
         x = self.transform(c.x[idx].to(self.world.device), c.generator)
         y = c.y[idx].to(self.world.device)
         self.algo.client_iteration(c, ClientLink(self.t, cid, version), k, x, y)
-        if cfg.asynchronous.straggler_delay_s > 0:     # real heterogeneity, proportional to the client's simulated slowness
+        if cfg.asynchronous.straggler_delay_s > 0:   # real heterogeneity, in proportion to the simulated slowness
             time.sleep(cfg.asynchronous.straggler_delay_s * self.algo.slowness[cid])
         elapsed = time.perf_counter() - start
         self.busy += elapsed

@@ -1,5 +1,6 @@
 """The S-server loop: answer every upload of the round (in arrival order, or in the canonical client order when
-`runtime.deterministic=true`), report the round to the F-server, then evaluate the averaged client model on the test set.
+`runtime.deterministic=true`), report the round to the F-server, then evaluate the averaged client model on the test
+set.
 
 A round's evaluation runs in the S-server's idle moments of the next round and is off the round's critical path:
 the report that lets the F-server send the averages goes out as soon as the uploads are answered, whether or not
@@ -27,11 +28,12 @@ def _uploads(algo: Algorithm, round: int, expected: dict[int, int], idle=None):
     world, t = algo.world, algo.world.transport
     per_sample = algo.activation_shape
     clients = range(world.num_clients)
-    if algo.cfg.runtime.deterministic and algo.schedule == "lockstep":    # iteration k of every client before k + 1 of any
+    deterministic = algo.cfg.runtime.deterministic
+    if deterministic and algo.schedule == "lockstep":    # iteration k of every client before k + 1 of any
         order = [(cid, seq) for seq in range(max(expected.values())) for cid in clients if seq < expected[cid]]
-    elif algo.cfg.runtime.deterministic and algo.gathers_first_uploads(round):    # every first upload, then the rest
+    elif deterministic and algo.gathers_first_uploads(round):    # every first upload, then the rest
         order = [(cid, 0) for cid in clients] + [(cid, seq) for cid in clients for seq in range(1, expected[cid])]
-    elif algo.cfg.runtime.deterministic:
+    elif deterministic:
         order = [(cid, seq) for cid in range(world.num_clients) for seq in range(expected[cid])]
     else:
         order = [(None, None)] * sum(expected.values())

@@ -1,6 +1,6 @@
 """Checkpoints: every rank sends its state to rank 0 (a JSON manifest + one raw payload, never pickled), and
 rank 0 writes one HDF5 file per checkpoint, atomically (temp file, fsync, rename), with a CRC32 per tensor, and
-keeps the last `keep_checkpoints`."""
+keeps the last `checkpoint.keep`."""
 from __future__ import annotations
 
 import glob

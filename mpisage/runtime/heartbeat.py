@@ -133,8 +133,8 @@ class Heartbeat:
         time.sleep(2.0)     # lets the others' stacks reach mpiexec before the abort cuts the forwarders
         own = f"; this watcher was itself stalled {clock.stalled:.0f} s in all, not counted" if clock.stalled else ""
         abort_job(f"[mpisage] {names} stopped answering: no heartbeat for {max(clock.silence[p] for p in silent):.0f} s "
-                  f"(runtime.heartbeat_timeout_s={self.timeout:g}{own}); every rank that still answers printed its Python "
-                  f"stacks above; aborting all ranks\n")
+                  f"(runtime.heartbeat_timeout_s={self.timeout:g}{own}); every rank that still answers printed its "
+                  f"Python stacks above; aborting all ranks\n")
 
     def _dump_stacks(self, why: str) -> None:
         if self._dumped:      # once per rank: when rank 0 is the silent one, every other rank raises an alarm

@@ -86,7 +86,7 @@ class ProtocolError(RuntimeError):
 
 
 class CommTimeout(RuntimeError):
-    """A peer did not answer within comm_timeout_s."""
+    """A peer did not answer within runtime.comm_timeout_s."""
 
 
 @dataclass
@@ -359,7 +359,7 @@ class Transport:
         def timed_out(waited: float) -> CommTimeout:
             names = "/".join(Kind(k).name for k in kinds)
             return CommTimeout(f"rank {self.rank} waited {waited:.0f} s for a {names} message; a peer is dead or "
-                               f"stuck (raise comm_timeout_s if it is only slow)")
+                               f"stuck (raise runtime.comm_timeout_s if it is only slow)")
 
         return self._poll(lambda: self.probe(kinds, source), idle, timed_out)
 
@@ -376,7 +376,7 @@ class Transport:
         def timed_out(waited: float) -> CommTimeout:
             names = ", ".join(f"{Kind(k).name} from rank {r}" for k, r in wanted)
             return CommTimeout(f"rank {self.rank} waited {waited:.0f} s for one of: {names}; a peer is dead or "
-                               f"stuck (raise comm_timeout_s if it is only slow)")
+                               f"stuck (raise runtime.comm_timeout_s if it is only slow)")
 
         return self._poll(ready, idle, timed_out)
 
@@ -389,7 +389,7 @@ class Transport:
             req.Cancel()
             who = "any rank" if peer in (None, MPI.ANY_SOURCE) else f"rank {peer} ({ROLE_NAMES[role_of(peer)]})"
             return CommTimeout(f"rank {self.rank} waited {waited:.0f} s for {what} from {who}; "
-                               f"the peer is dead or stuck (raise comm_timeout_s if it is only slow)")
+                               f"the peer is dead or stuck (raise runtime.comm_timeout_s if it is only slow)")
 
         self._poll(lambda: req.Test(status), idle, timed_out)
 

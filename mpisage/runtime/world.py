@@ -33,7 +33,7 @@ class World:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_index: dict[int, np.ndarray] = field(default_factory=dict)   # client id -> rows of this rank's train_x
     resume_from: tuple[str, int] | None = None    # (checkpoint path, its round) when resuming
-    test_samples: int = 0                 # test samples every evaluation scores (the first eval_samples, or all)
+    test_samples: int = 0                 # test samples every evaluation scores (the first eval.samples, or all)
     _initial: SplitModel | None = field(default=None, repr=False)
 
     @property
