@@ -35,7 +35,7 @@ class ClientStoreConfig:
 @dataclass
 class DatasetConfig:
     """The data set and how it is split over the clients."""
-    name: str = "fashion_mnist"
+    name: str = "fashion_mnist"          # see mpisage.data.DATASETS (`dataset=NAME` is short for dataset.name=NAME)
     root: Optional[str] = None           # where the data lives; None: the standard places (see mpisage.data)
     distribution: str = "iid"            # iid | noniid_dirichlet (equal sizes) | dirichlet_niidbench (unequal) | shards
     alpha: float = 1.0                   # Dirichlet concentration (noniid_dirichlet, dirichlet_niidbench)
@@ -70,7 +70,8 @@ class DeviceConfig:
 
     def validate(self) -> None:
         named = self.sserver.startswith("cuda:") and self.sserver[5:].isdigit()
-        _require(self.sserver in ("auto", "cpu", "cuda") or named, "device.sserver", self.sserver, "auto, cpu, cuda or cuda:N")
+        _require(self.sserver in ("auto", "cpu", "cuda") or named, "device.sserver", self.sserver,
+                 "auto, cpu, cuda or cuda:N")
         _require(self.cuda_aware in ("auto", "yes", "no"), "device.cuda_aware", self.cuda_aware, "auto, yes or no")
 
 
@@ -108,9 +109,9 @@ class WireConfig:
 @dataclass
 class OptimConfig:
     """The optimiser of every model (Adam on clients and S-server, as in the FSL-SAGE paper; GAS uses SGD)."""
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    name: Literal["adam", "adamw", "sgd"] = "adam"   # the optimiser (the FSL-SAGE paper: adam; GAS: sgd)
     lr: float = 1e-3                     # learning rate
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4           # L2 (adam, sgd) or decoupled (adamw)
     momentum: float = 0.9                # sgd
     grad_clip: float = 0.0               # clip gradients to this norm before each step (0: off)
     lr_decay_at: Optional[float] = None  # multiply every learning rate by 0.1 after this fraction of the rounds
@@ -134,10 +135,10 @@ class FslConfig:
     align_lr: float = 1e-3               # learning rate of the alignment steps
     # torch threads of the S-server while it aligns; 0: with align_mode=blocking every core this process may use
     # (the clients wait then), with overlap 1 (the clients compute then)
-    align_threads: int = 0
+    align_threads: int = 0               # S-server torch threads while it aligns (0: as above)
     # blocking: the paper's order (a client's first step of an alignment round waits for its aligned aux);
     # overlap: the client steps on its previous aux until the aligned one arrives, switching at a step boundary
-    align_mode: Literal["blocking", "overlap"] = "blocking"
+    align_mode: Literal["blocking", "overlap"] = "blocking"   # blocking: the paper's order; overlap: see above
 
     def validate(self) -> None:
         for key in ("server_update_interval", "align_interval", "align_buffer_size"):
@@ -159,7 +160,7 @@ class AsynchronousConfig:
     straggler_delay_s: float = 0.0           # schedule=arrival only: client k sleeps this x its slowness per iteration
     # simulated: the straggler clock orders every iteration and returned model (the paper's schedule, deterministic);
     # arrival: MPI arrival order at the ranks' real speeds (real deployments)
-    schedule: Literal["simulated", "arrival"] = "simulated"
+    schedule: Literal["simulated", "arrival"] = "simulated"   # simulated: the paper's; arrival: real speeds
 
     def validate(self) -> None:
         for key in ("active_clients", "model_buffer"):
@@ -192,7 +193,7 @@ class SglrConfig:
     lr_alpha: float = 0.5                    # SplitLr: server lr = lr x C^alpha
     # sampled: the paper (a fraction phi each iteration gets the mean of their slices); phased / phased_final: everyone
     # gets the mean of all slices during the first / final fraction f of the rounds (phased: the authors' code)
-    avg: Literal["none", "sampled", "phased", "phased_final"] = "sampled"
+    avg: Literal["none", "sampled", "phased", "phased_final"] = "sampled"   # SplitAvg (none: plain parallel SL)
     avg_fraction: float = 0.5                # phi (sampled) or the phase f of training (phased, phased_final)
     loss: Literal["ce", "softmax_bce"] = "ce"   # softmax_bce: the SGLR authors' softmax + binary cross-entropy
 
@@ -215,7 +216,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     """Checkpoints in run_dir (resume=auto takes the newest valid one)."""
-    interval: int = 10                   # rounds between checkpoints, the last one included (0: none, but an early stop)
+    interval: int = 10                   # rounds between checkpoints, the last included (0: only at an early stop)
     keep: int = 2                        # checkpoints kept; older ones are deleted
 
     def validate(self) -> None:
@@ -230,7 +231,7 @@ class RuntimeConfig:
     torch_threads: int = 1               # per rank; ranks usually outnumber cores
     comm_timeout_s: float = 1800.0       # a wait for a peer longer than this is an error naming the peer
     heartbeat_s: float = 5.0             # every rank signals it is alive this often ...
-    heartbeat_timeout_s: float = 300.0   # ... and one silent this long (while its watcher runs) aborts the job, named (0: off)
+    heartbeat_timeout_s: float = 300.0   # ... one silent this long (while its watcher runs) aborts the job (0: off)
     log_interval: int = 1                # rounds between progress lines
     deterministic: bool = False          # canonical message order on the S-server: bit-identical reruns
 
@@ -258,19 +259,19 @@ class Config:
     run_dir: str = "runs/default"        # metrics.h5, checkpoints and logs
     resume: Optional[str] = None         # "auto": the newest valid checkpoint in run_dir; or a checkpoint path
     comm_threshold_mb: float = 204800.0  # stop after the round in which the paper-figure load reaches this (MiB)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    fsl: FslConfig = field(default_factory=FslConfig)
-    asynchronous: AsynchronousConfig = field(default_factory=AsynchronousConfig)
-    gas: GasConfig = field(default_factory=GasConfig)
-    sglr: SglrConfig = field(default_factory=SglrConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    device: DeviceConfig = field(default_factory=DeviceConfig)
-    wire: WireConfig = field(default_factory=WireConfig)
-    client_store: ClientStoreConfig = field(default_factory=ClientStoreConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)              # data and its split
+    optim: OptimConfig = field(default_factory=OptimConfig)                    # optimiser of every model
+    fsl: FslConfig = field(default_factory=FslConfig)                          # fsl_sage, cse_fsl
+    asynchronous: AsynchronousConfig = field(default_factory=AsynchronousConfig)   # gas, fed_buff
+    gas: GasConfig = field(default_factory=GasConfig)                          # gas
+    sglr: SglrConfig = field(default_factory=SglrConfig)                       # sglr
+    lm: LMConfig = field(default_factory=LMConfig)                             # gpt2_medium, gpt2_tiny
+    eval: EvalConfig = field(default_factory=EvalConfig)                       # test-set evaluation
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)     # checkpoints in run_dir
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)              # threads, timeouts, message order
+    device: DeviceConfig = field(default_factory=DeviceConfig)                 # CPU / GPU per role
+    wire: WireConfig = field(default_factory=WireConfig)                       # activation / gradient formats
+    client_store: ClientStoreConfig = field(default_factory=ClientStoreConfig)   # idle per-client state
 
     def sections(self) -> list:
         """The section objects (the dataclass-valued fields), in schema order."""
