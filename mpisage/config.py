@@ -336,7 +336,7 @@ def _move_key(tree: dict, old: str, new: str) -> bool:
 def upgrade_layout(stored: dict) -> dict:
     """A stored config (checkpoint or metrics.h5 attribute, parsed YAML) in today's layout: the flat layout's keys
     moved into their sections. The one place that reads the old layout; everything reading a stored config calls it."""
-    tree = dict(stored or {})
+    tree = dict(stored) if isinstance(stored, dict) else {}
     for section, value in list(tree.items()):
         if isinstance(value, dict):
             tree[section] = dict(value)
@@ -348,7 +348,7 @@ def upgrade_layout(stored: dict) -> dict:
 def read_stored_config(text: str) -> dict:
     """The config YAML stored in a checkpoint or metrics.h5, as a nested dict in today's layout ({} if empty)."""
     import yaml
-    return upgrade_layout(yaml.safe_load(text or "") or {})
+    return upgrade_layout(yaml.safe_load(text or ""))
 
 
 def _rewrite_override(item: str) -> str:
@@ -403,8 +403,8 @@ def _load_file(config_file: str) -> dict:
 def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Schema defaults, then the YAML file (if any), then the overrides; validated. Returns a plain `Config`."""
     schema = OmegaConf.structured(Config)
-    layers = [OmegaConf.create(_load_file(config_file))] if config_file is not None else []
     try:
+        layers = [OmegaConf.create(_load_file(config_file))] if config_file is not None else []
         layers.append(OmegaConf.from_dotlist([_rewrite_override(o) for o in overrides]))
         cfg: Config = OmegaConf.to_object(OmegaConf.merge(schema, *layers))
     except OmegaConfBaseException as e:
