@@ -47,5 +47,5 @@ echo "[slurm] job $JOB: ${SLURM_NTASKS:-?} ranks on $NODES node(s), $THREADS thr
 # srun does not pass --cpus-per-task on from sbatch (Slurm >= 22.05): give it explicitly.
 # --gpu-bind=none: every rank of a node sees the node's GPU(s); the device map, not Slurm, decides who uses one.
 srun --mpi="${SRUN_MPI:-pmix}" --cpus-per-task="$THREADS" ${SRUN_GPU_ARGS:-} \
-  "$VENV/bin/python" -m mpisage.run run_dir="$RUN_DIR" resume=auto torch_threads="$THREADS" \
+  "$VENV/bin/python" -m mpisage.run run_dir="$RUN_DIR" resume=auto runtime.torch_threads="$THREADS" \
   "${DEVICE_ARGS[@]}" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "$@"   # (empty arrays trip `set -u` before bash 4.4)
