@@ -112,7 +112,7 @@ step_install() {
   if [[ $DRY == 1 ]]; then   # resolve the wheels for CPython 3.12 without installing anything here
     run install_resolve 120 "${pip[@]}" --dry-run --ignore-installed --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-      --platform manylinux1_x86_64 --target "$WORK/target" --no-deps omegaconf pyyaml pytest-mpi mpich mpi4py setuptools
+      --platform manylinux1_x86_64 --target "$WORK/target" --no-deps omegaconf pyyaml pytest-mpi mpich mpi4py setuptools wheel
     say "  (dry run: the wheels were resolved for CPython 3.12, nothing installed; mpisage runs from the working tree)"
     return
   fi
