@@ -33,15 +33,18 @@ export MPIR_CVAR_ENABLE_HEAVY_YIELD=1 OMP_NUM_THREADS=1
 # Open MPI, if that is what the machine has: allow root, and more ranks than it counts slots
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 
-if [[ $DRY == 1 ]]; then   # every job on the CPU at tiny size
+if [[ $DRY == 1 ]]; then   # every job on the CPU at tiny size; alignment on one thread (a busy machine's cores
+  # are shared by every rank, and a multi-threaded alignment there waits for its descheduled threads)
   SSERVER=cpu BIG_RANKS=4 FULL_RANKS=4
   FASHION_N="800 200" CIFAR_N="640 200"
-  DEFAULT_SIZE="num_clients=2 dataset.samples_per_client=128 rounds=2 align_steps=5 eval_samples=200"
-  RESNET_SIZE="num_clients=4 dataset.samples_per_client=64 batch_size=32 rounds=3 align_interval=2 align_steps=5 eval_samples=200"
+  DEFAULT_SIZE="num_clients=2 dataset.samples_per_client=128 rounds=2 align_steps=5 align_threads=1 eval_samples=200"
+  RESNET_SIZE="num_clients=4 dataset.samples_per_client=64 batch_size=32 rounds=3 align_interval=2 align_steps=5
+    align_threads=1 eval_samples=200"
   RESNET_INTERVAL=2
   GAS_SIZE="covariance=diag num_clients=4 active_clients=2 rounds=2 local_iters=2 eval_samples=200"
   ALIGN_BENCH="--clients 2 --buffers 16 --threads 1 --repeats 1"
-  ALIGN_ROUNDS="--ranks 4 --rounds 2 num_clients=2 dataset.samples_per_client=64 eval_samples=200 align_steps=5"
+  ALIGN_ROUNDS="--ranks 4 --rounds 2 num_clients=2 dataset.samples_per_client=64 eval_samples=200 align_steps=5
+    align_threads=1"
 else
   SSERVER=cuda BIG_RANKS=11 FULL_RANKS=12
   FASHION_N="12000 2000" CIFAR_N="50000 2000"
