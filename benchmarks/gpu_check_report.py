@@ -67,6 +67,9 @@ def bytes_(reference: str, runs: list[str]) -> None:
         print(f"| {os.path.basename(run)} | {e.get('payload_path')} | {len(r['round'])} | "
               f"{r['paper_bytes_by_kind'][-1].sum() / 2**30:.4f} | {'yes' if same else 'NO'} | "
               f"{r['test_acc'][-1]:.4f} | {np.median(r['round_seconds']):.2f} |")
+    if not runs:
+        print(f"\n- paper bytes: no run but {os.path.basename(reference)} finished, nothing to compare")
+        return
     print(f"\n- paper bytes: {'DIFFER from ' + os.path.basename(reference) + ' in ' + ', '.join(mismatches) if mismatches else 'every run equals ' + os.path.basename(reference) + ' round by round, kind by kind'}")
 
 
