@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/batched_alignment.py [--clients 10] [--buffers 64,448] [--threads 1,2]
                                                       [--repeats 3] [--steps 1] [--align-steps 100]
+                                                      [--device cpu|cuda]
 
 ResNet-18 split (fsl_sage.md), default aux (layer3 + avgpool + fc, BatchNorm in train mode), Fashion-MNIST at
 32x32x3: smashed samples [128, 4, 4], random tensors (timing does not depend on the values). Every alignment step
@@ -23,11 +24,11 @@ from mpisage.algorithms.alignment import align_clients, align_one, true_gradient
 from mpisage.models import build_split
 
 
-def _clients(split, clients: int, buffer: int):
+def _clients(split, clients: int, buffer: int, device: torch.device):
     auxes = [copy.deepcopy(split.aux) for _ in range(clients)]
     opts = [torch.optim.Adam(a.parameters(), lr=1e-3, weight_decay=0.0) for a in auxes]
-    zs = [torch.randn(buffer, 128, 4, 4) for _ in range(clients)]
-    ys = [torch.randint(0, 10, (buffer,)) for _ in range(clients)]
+    zs = [torch.randn(buffer, 128, 4, 4, device=device) for _ in range(clients)]
+    ys = [torch.randint(0, 10, (buffer,), device=device) for _ in range(clients)]
     return auxes, opts, zs, ys
 
 
@@ -39,22 +40,30 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=1, help="timed alignment steps per repeat")
     p.add_argument("--align-steps", type=int, default=100, help="steps of one alignment (the paper: 100)")
+    p.add_argument("--device", default="cpu", help="where the S-server aligns: cpu | cuda (threads then only "
+                   "matter for the Python side)")
     args = p.parse_args()
     torch.manual_seed(0)
+    device = torch.device(args.device)
     split = build_split("resnet18", in_channels=3, image_size=32, num_classes=10)
+    split.aux.to(device)
+    split.server.to(device)
+    # GPU work is asynchronous: a time is read only once the device has finished what was queued
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loss = F.cross_entropy
-    print(f"ResNet-18 default aux, {args.clients} clients, {args.steps} timed step(s) per repeat, "
+    print(f"ResNet-18 default aux on {device}, {args.clients} clients, {args.steps} timed step(s) per repeat, "
           f"{args.repeats} repeats; seconds per alignment = targets + {args.align_steps} x seconds per step")
     print(f"{'buffer':>6s} {'threads':>7s} {'loop s/step':>11s} {'batched s/step':>14s} {'targets s':>9s} "
           f"{'loop s/align':>12s} {'batched s/align':>15s} {'batched/loop':>12s}   {'loop CPU s':>10s} "
           f"{'batch CPU s':>10s} {'CPU ratio':>8s}", flush=True)
     for buffer in (int(b) for b in args.buffers.split(",")):
-        loop_state, batch_state = _clients(split, args.clients, buffer), None
+        loop_state, batch_state = _clients(split, args.clients, buffer, device), None
         batch_state = (*copy.deepcopy(loop_state[:2]), *loop_state[2:])
         for t, threads in enumerate(int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             start = time.perf_counter()
             targets = [true_gradients(split.server, z, y, loss) for z, y in zip(*loop_state[2:])]
+            sync()
             targets_s = time.perf_counter() - start
             times = {"loop": [], "batched": []}
             cpu = {"loop": [], "batched": []}
@@ -68,6 +77,7 @@ def main() -> None:
                             align_one(auxes[i], opts[i], zs[i], ys[i], targets[i], args.steps, loss)
                     else:
                         align_clients(auxes, opts, zs, ys, targets, args.steps, loss)
+                    sync()
                     if r >= warm:
                         times[method].append((time.perf_counter() - start) / args.steps)
                         cpu[method].append((time.process_time() - cpu_start) / args.steps)
