@@ -37,21 +37,21 @@ if [[ $DRY == 1 ]]; then   # every job on the CPU at tiny size; alignment on one
   # are shared by every rank, and a multi-threaded alignment there waits for its descheduled threads)
   SSERVER=cpu BIG_RANKS=4 FULL_RANKS=4
   FASHION_N="800 200" CIFAR_N="640 200"
-  DEFAULT_SIZE="num_clients=2 dataset.samples_per_client=128 rounds=2 align_steps=5 align_threads=1 eval_samples=200"
-  RESNET_SIZE="num_clients=4 dataset.samples_per_client=64 batch_size=32 rounds=3 align_interval=2 align_steps=5
-    align_threads=1 eval_samples=200"
+  DEFAULT_SIZE="num_clients=2 dataset.samples_per_client=128 rounds=2 fsl.align_steps=5 fsl.align_threads=1 eval.samples=200"
+  RESNET_SIZE="num_clients=4 dataset.samples_per_client=64 batch_size=32 rounds=3 fsl.align_interval=2 fsl.align_steps=5
+    fsl.align_threads=1 eval.samples=200"
   RESNET_INTERVAL=2
-  GAS_SIZE="covariance=diag num_clients=4 active_clients=2 rounds=2 local_iters=2 eval_samples=200"
+  GAS_SIZE="gas.covariance=diag num_clients=4 asynchronous.active_clients=2 rounds=2 asynchronous.local_iters=2 eval.samples=200"
   ALIGN_BENCH="--clients 2 --buffers 16 --threads 1 --repeats 1"
-  ALIGN_ROUNDS="--ranks 4 --rounds 2 num_clients=2 dataset.samples_per_client=64 eval_samples=200 align_steps=5
-    align_threads=1"
+  ALIGN_ROUNDS="--ranks 4 --rounds 2 num_clients=2 dataset.samples_per_client=64 eval.samples=200 fsl.align_steps=5
+    fsl.align_threads=1"
 else
   SSERVER=cuda BIG_RANKS=11 FULL_RANKS=12
   FASHION_N="12000 2000" CIFAR_N="50000 2000"
-  DEFAULT_SIZE="rounds=3 eval_samples=1000"
-  RESNET_SIZE="rounds=4 align_interval=3 eval_samples=2000"
+  DEFAULT_SIZE="rounds=3 eval.samples=1000"
+  RESNET_SIZE="rounds=4 fsl.align_interval=3 eval.samples=2000"
   RESNET_INTERVAL=3
-  GAS_SIZE="covariance=full rounds=4 local_iters=5 eval_samples=1000"
+  GAS_SIZE="gas.covariance=full rounds=4 asynchronous.local_iters=5 eval.samples=1000"
   ALIGN_BENCH="--clients 10 --buffers 448 --repeats 1"
   ALIGN_ROUNDS="--ranks 12 --rounds 3"   # l = 3: round 0 aligns (100 steps), rounds 1 and 2 do not
 fi
@@ -148,7 +148,7 @@ step_tests() {
 
 step_default() {
   fixture fashion
-  local common=("dataset.root=$FASHION" checkpoint_interval=0 $DEFAULT_SIZE) runs=()
+  local common=("dataset.root=$FASHION" checkpoint.interval=0 $DEFAULT_SIZE) runs=()
   job default_cpu 120 "$BIG_RANKS" "${common[@]}" device.sserver=cpu
   if [[ $DRY == 1 ]]; then
     job default_auto 120 "$BIG_RANKS" "${common[@]}" device.sserver=auto && runs+=("$RUNS/default_auto")
@@ -176,15 +176,15 @@ step_align() {
   fixture fashion
   local variants=()   # the GPU first: the CPU's alignment is the slow one, and the budget may end it
   [[ $DRY == 1 ]] && say "- gpu variants of alignment_rounds: SKIPPED (dry run: no GPU)" \
-    || variants+=(--variant "gpu_blocking=align_mode=blocking,device.sserver=cuda")
-  variants+=(--variant "cpu_blocking=align_mode=blocking")   # align_threads=0: every core while the clients wait
+    || variants+=(--variant "gpu_blocking=fsl.align_mode=blocking,device.sserver=cuda")
+  variants+=(--variant "cpu_blocking=fsl.align_mode=blocking")   # fsl.align_threads=0: every core while the clients wait
   run align_rounds 200 "$PY" benchmarks/alignment_rounds.py "${variants[@]}" $ALIGN_ROUNDS "dataset.root=$FASHION"
   say '  ```'; grep -E '^\||^FSL' "$LOGS/align_rounds.log" | sed 's/^/  /' >> "$REPORT"; say '  ```'
 }
 
 step_resnet() {
   fixture cifar10
-  local common=(-c configs/paper/cifar10_resnet18_iid.yaml "dataset.root=$DATA/cifar10" checkpoint_interval=0
+  local common=(-c configs/paper/cifar10_resnet18_iid.yaml "dataset.root=$DATA/cifar10" checkpoint.interval=0
                 $RESNET_SIZE) runs=()
   job resnet_sserver_$SSERVER 150 "$FULL_RANKS" "${common[@]}" device.sserver=$SSERVER && runs+=("$RUNS/resnet_sserver_$SSERVER")
   if [[ $DRY == 1 ]]; then
@@ -199,8 +199,8 @@ step_resnet() {
 step_gas() {
   fixture fashion
   job gas_$SSERVER 150 "$FULL_RANKS" -c configs/gas_alexnet_fmnist_shard2.yaml "dataset.root=$FASHION" \
-    checkpoint_interval=0 device.sserver=$SSERVER $GAS_SIZE && report_py gas_updates updates "$RUNS/gas_$SSERVER"
-  [[ $DRY == 1 ]] && say "  (dry run: covariance=diag on the CPU; the GPU run uses covariance=full)"
+    checkpoint.interval=0 device.sserver=$SSERVER $GAS_SIZE && report_py gas_updates updates "$RUNS/gas_$SSERVER"
+  [[ $DRY == 1 ]] && say "  (dry run: gas.covariance=diag on the CPU; the GPU run uses gas.covariance=full)"
 }
 
 {
@@ -219,7 +219,7 @@ for step in $STEPS; do
   say ""; say "($step: $((SECONDS - step_start)) s)"
 done
 say ""; say "Total: $SECONDS s."
-# every log and every run's metrics (no checkpoints: checkpoint_interval=0)
+# every log and every run's metrics (no checkpoints: checkpoint.interval=0)
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && find runs -name metrics.h5 2>/dev/null) 2>/dev/null
 rm -rf "$WORK"
 exit 0
