@@ -20,6 +20,7 @@ REPO=$PWD
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 DRY=${GPU_CHECK_DRY_RUN:-0}
 STEPS=${GPU_CHECK_STEPS:-"env install tests default align resnet gas"}
+RESNET_VARIANTS=${GPU_CHECK_RESNET:-"sserver all"}
 BUDGET=${GPU_CHECK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 560 || echo 420)}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 LOGS=$WORK/logs RUNS=$WORK/runs DATA=$WORK/data
@@ -186,8 +187,11 @@ step_resnet() {
   fixture cifar10
   local common=(-c configs/paper/cifar10_resnet18_iid.yaml "dataset.root=$DATA/cifar10" checkpoint.interval=0
                 $RESNET_SIZE) runs=()
-  job resnet_sserver_$SSERVER 150 "$FULL_RANKS" "${common[@]}" device.sserver=$SSERVER && runs+=("$RUNS/resnet_sserver_$SSERVER")
-  if [[ $DRY == 1 ]]; then
+  # GPU_CHECK_RESNET picks the variants: sserver (clients on CPU cores), all (clients on the GPU too)
+  [[ " $RESNET_VARIANTS " == *" sserver "* ]] && job resnet_sserver_$SSERVER 150 "$FULL_RANKS" "${common[@]}" \
+    device.sserver=$SSERVER && runs+=("$RUNS/resnet_sserver_$SSERVER")
+  if [[ " $RESNET_VARIANTS " != *" all "* ]]; then :
+  elif [[ $DRY == 1 ]]; then
     say "- resnet_all_cuda: SKIPPED (dry run: no GPU)"
   else
     job resnet_all_cuda 120 "$FULL_RANKS" "${common[@]}" device.sserver=cuda device.clients=cuda \
