@@ -16,7 +16,8 @@ import numpy as np
 ALGORITHMS = ["fsl_sage", "cse_fsl", "local_loss", "fed_avg", "sl_single_server", "sl_multi_server", "sl_vanilla",
               "sglr"]
 VARYING = {"wall_time", "round_seconds", "eval_seconds", "client_train_seconds", "sserver_busy_seconds",
-           "sserver_round_seconds", "wait_seconds_by_rank", "resident_bytes_by_rank", "checkpoint_seconds"}
+           "sserver_round_seconds", "wait_seconds_by_rank", "resident_bytes_by_rank", "checkpoint_seconds",
+           "client_idle_seconds_by_rank", "eval_lag_seconds", "align_seconds"}
 
 
 def run(out: str, algorithms: list[str]) -> None:

@@ -66,6 +66,10 @@ class Algorithm:
     # False: the shared parts are never averaged; they go to the F-server (as EVAL traffic, outside the paper
     # figure) only so the S-server can evaluate them (SGLR).
     averages_shared = True
+    # True: `aggregate` is the default sample-weighted FedAvg, so the F-server may fold each client's modules into a
+    # running average as they come (memory flat in the number of clients). A method that overrides `aggregate`
+    # sets it False (it then gets every client's modules at once).
+    aggregate_streams = True
     # True: defined for image classification only (a language-modelling dataset is refused at start-up)
     images_only = False
 
@@ -80,6 +84,11 @@ class Algorithm:
             self.activation_shape = tuple(client(world.example_input(2)).shape[1:])
         # language models train on label-smoothed token cross-entropy (the paper: 0.1); images on plain CE
         self.label_smoothing = self.cfg.lm.label_smoothing if world.is_token_task else 0.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "aggregate" in cls.__dict__ and "aggregate_streams" not in cls.__dict__:
+            cls.aggregate_streams = False      # its own aggregate needs every client's modules
 
     # ================================================================== hooks: client side
     def make_client(self, cid: int) -> ClientState:
