@@ -62,7 +62,7 @@ def _run_role(cfg, world, comm, log) -> dict:
     asynchronous = algo.schedule == "async"
     if asynchronous:
         from mpisage.roles.asynchronous import run_async_client as run_client
-        from mpisage.roles.asynchronous import run_async_fserver as run_fserver
+        from mpisage.roles.async_fserver import run_async_fserver as run_fserver
         from mpisage.roles.asynchronous import run_async_sserver as run_sserver
         if world.start_round >= cfg.rounds:      # resumed after its last update: nothing left to do on any rank
             if rank == F_SERVER:

@@ -2,18 +2,24 @@
 algorithm file holds only what makes the method different.
 
 A synchronous method's hooks, by role (all have defaults except the client's step):
-  client    make_client, client_step (lockstep methods: client_send + client_finish), client_report
-  S-server  make_server, expected_uploads, on_upload, end_server_round, evaluation, server_report
-  F-server  aggregate
+  client    make_client, client_step (lockstep methods: client_send + client_finish), client_report_fields +
+            client_report
+  S-server  make_server, expected_uploads, on_upload (returns `Reply`s), gathers_first_uploads (True: the round's
+            first uploads are answered together; the S-server then serves every first upload before any second one
+            and reports the previous round's evaluation before the last of them), end_server_round, evaluation,
+            server_report_fields + server_report
+  F-server  aggregate (overriding it makes `aggregate_streams` False: every client's modules arrive at once)
 Class attributes say how the loops run it: `schedule` (parallel | sequential | lockstep), `shared_parts` (what the
 F-server averages), `averages_shared` (False: the shared parts are never averaged, only evaluated).
-Asynchronous methods (GAS, FedBuff) implement `AsyncAlgorithm` instead (mpisage/algorithms/asynchronous.py).
+Asynchronous methods (GAS, FedBuff) implement `AsyncAlgorithm` instead (mpisage/algorithms/asynchronous.py); their
+S-server's figures go through the same server_report_fields + server_report.
+A new method is registered in mpisage/algorithms/__init__.py; CONTRIBUTING.md has the whole checklist.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,9 +35,18 @@ from mpisage.runtime.stateful import Stateful, transient
 from mpisage.runtime.transport import Kind
 from mpisage.runtime.world import World
 
-Schedule = Literal["parallel", "sequential", "lockstep", "async"]
+# how the role loops run a method (mpisage/algorithms/asynchronous.py has the simulated schedule of asynchronous ones)
+LoopSchedule = Literal["parallel", "sequential", "lockstep", "async"]
 # The parts of a split model, by the message kind that carries them.
 PART_KINDS = {"client": Kind.CLIENT_MODEL, "server": Kind.SERVER_MODEL, "aux": Kind.AUX_MODEL}
+
+
+class Reply(NamedTuple):
+    """One message the S-server sends in answer to an upload (`on_upload`), with the upload's seq."""
+    client: int | None          # the receiving client; None: the uploader
+    kind: Kind
+    tensor: torch.Tensor
+    paper: bool = True          # False for the further copies of one broadcast payload (the wire figure counts them)
 
 
 @dataclass
@@ -60,7 +75,7 @@ class ServerState(Stateful):
 
 class Algorithm:
     name = "base"
-    schedule: Schedule = "parallel"
+    schedule: LoopSchedule = "parallel"
     # The parts of the split each client sends the F-server after a round and gets back averaged.
     shared_parts: tuple[str, ...] = ("client",)
     # False: the shared parts are never averaged; they go to the F-server (as EVAL traffic, outside the paper
@@ -128,9 +143,8 @@ class Algorithm:
         return 0
 
     def on_upload(self, s: ServerState, round: int, cid: int, seq: int, z: torch.Tensor,
-                  y: torch.Tensor) -> list[tuple]:
-        """Handles one uploaded smashed batch; returns the replies: (kind, tensor) to the uploading client, or
-        (client id, kind, tensor) to any client (sent with the upload's seq)."""
+                  y: torch.Tensor) -> list[Reply]:
+        """Handles one uploaded smashed batch; returns the replies (`Reply`: to the uploader or to any client)."""
         return []
 
     def end_server_round(self, s: ServerState, round: int) -> None:

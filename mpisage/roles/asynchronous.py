@@ -1,5 +1,7 @@
-"""The role loops of asynchronous methods (GAS). There are no rounds: a metrics "round" is one global client-model
-update of the F-server (every Q_c client models that come back).
+"""The client and S-server loops of asynchronous methods (GAS, FedBuff), each split by schedule (simulated,
+arrival); the F-server's are in mpisage/roles/async_fserver.py. There are no rounds: a metrics "round" is one global
+client-model update of the F-server (every Q_c client models that come back), and the `round` field of an
+asynchronous message is the global model version it belongs to.
 
 F-server  schedules: C of the K clients are active; each starts from the current global client model, runs E local
           iterations and sends its model back; it is then replaced by a client drawn uniformly from the inactive
@@ -13,7 +15,7 @@ stops; then the S-server is told how many evaluations to finish. Nothing is left
 checkpoint of every rank (global model, schedule and clocks, server model and statistics, every client's optimiser,
 counters, metrics), and `resume=` continues from it: asynchrony makes the continuation a valid run, not a replay.
 With the simulated schedule a run also checkpoints every `checkpoint_interval` updates while it goes on, cut at
-the step that completes the update (`_cuts`): each rank sends its state when it has done its part of the schedule
+the step that completes the update (`checkpoint_cuts`): each rank sends its state when it has done its part of the schedule
 up to that step, the F-server writes once the update's metrics row is in. With `async_schedule=arrival` the F-server
 pauses every client rank at the update instead (a paused rank has no activation unanswered, and the S-server sends
 its state once every client rank has paused) and lets them go on once the checkpoint is written.
@@ -23,36 +25,31 @@ from __future__ import annotations
 import copy
 import time
 
-import numpy as np
 import torch
 
-from mpisage.config import to_yaml
-from mpisage.data import train_transform
 from mpisage.algorithms.base import PART_KINDS
-from mpisage.roles.shared import open_metrics, shared_modules, shared_templates
+from mpisage.data import train_transform
+from mpisage.roles.shared import shared_modules, shared_templates
 from mpisage.roles.sserver import recv_labels
-from mpisage.runtime import preemption
-from mpisage.runtime.checkpoint import (midrun_checkpoint_due, recv_checkpoint, restore_rank_state,
-                                        restore_transport, send_rank_state, transport_state, write_checkpoint)
+from mpisage.runtime.checkpoint import midrun_checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.runtime.environment import resident_bytes
-from mpisage.runtime.metrics import GIB
-from mpisage.runtime.protocol import (ASYNC_SSERVER_REPORT, CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT,
-                                      RANK_REPORT, ClientLink, recv_report, send_report)
-from mpisage.runtime.state import flatten_state, load_packed, pack_state, state_nbytes
-from mpisage.runtime.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError
+from mpisage.runtime.protocol import (CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT, RANK_REPORT, ClientLink,
+                                      async_sserver_report, send_report)
+from mpisage.runtime.state import load_packed, pack_state, state_nbytes
+from mpisage.runtime.transport import F_SERVER, S_SERVER, Kind, ProtocolError
 
 # The round field of an asynchronous message is the global model version it belongs to (the metrics' "round");
 # FINAL marks a rank's last report and the stop.
 FINAL = -1
 
 
-def _models(algo) -> dict[Kind, int]:
+def part_nbytes(algo) -> dict[Kind, int]:
     """The model parts a participation starts from and sends back (GAS: the client part; FedBuff: client and
     server), by message kind, in the order they travel, with their sizes in bytes."""
     return {kind: state_nbytes(module.state_dict()) for kind, module in shared_templates(algo).items()}
 
 
-def _cuts(algo, schedule) -> list[tuple[int, int]]:
+def checkpoint_cuts(algo, schedule) -> list[tuple[int, int]]:
     """The mid-run checkpoints of a simulated schedule, as (step index, global update): each is cut at the step
     whose returned model completes its update. Every rank keeps its state as it is when it has done all its work
     of the steps up to the cut and none after, so the checkpoint holds every message before the cut time, none
@@ -62,7 +59,7 @@ def _cuts(algo, schedule) -> list[tuple[int, int]]:
             if step.update >= 0 and midrun_checkpoint_due(algo.cfg, start + step.update)]
 
 
-def _recv_models(t, first, parts: dict[Kind, int], **expect) -> dict[Kind, torch.Tensor]:
+def recv_models(t, first, parts: dict[Kind, int], **expect) -> dict[Kind, torch.Tensor]:
     """A model message `first` (the client part) and the other parts that follow it from the same sender."""
     got = {Kind.CLIENT_MODEL: first.tensor}
     for kind, nbytes in parts.items():
@@ -81,7 +78,7 @@ class _ClientRank:
         self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
         self.hosted = algo.client_store(self.world.clients_of(self.world.rank))   # idle clients packed (client_store)
         self.transform = train_transform(self.world.data, self.cfg.dataset.augment)
-        self.parts = _models(algo)
+        self.parts = part_nbytes(algo)
         self.nbytes = self.parts[Kind.CLIENT_MODEL]
         self.uploads, self.busy = 0, 0.0
         if self.world.resume_from:
@@ -89,7 +86,7 @@ class _ClientRank:
 
     def take_start(self, first) -> dict[Kind, torch.Tensor]:
         """The global model a start message `first` begins: its client part and any other shared part."""
-        return _recv_models(self.t, first, self.parts)
+        return recv_models(self.t, first, self.parts)
 
     def begin(self, c, packed: dict[Kind, torch.Tensor]) -> dict:
         """A participation starts from the global model it was sent, with a fresh optimiser (paper eq. 8: plain local
@@ -192,7 +189,7 @@ def _run_simulated_client(algo) -> None:
     early: dict = {}                    # client id -> its start message, taken before its turn
     starts = sent = 0
     announced = None
-    cuts = _cuts(algo, schedule)
+    cuts = checkpoint_cuts(algo, schedule)
 
     def pass_cuts(before: int) -> None:
         """This rank's state for every mid-run checkpoint cut before step `before` (its steps up to the cut done)."""
@@ -250,12 +247,14 @@ class _Evaluations:
     """The S-server's queue of global models to evaluate, one test batch at a time in its idle moments, and its
     reports: each result goes to the F-server with the S-server's counters."""
 
-    def __init__(self, algo, s, server_for, steps_for=None):
-        """`server_for(version)` -> the server model to evaluate global model `version` with; `steps_for(version)`
-        -> (server steps, generated samples) as of that update (default: as they are when the result goes out)."""
-        self.steps_for = steps_for
+    def __init__(self, algo, s, server_for, figures_for=None):
+        """`server_for(version)` -> the server model to evaluate global model `version` with; `figures_for(version)`
+        -> the algorithm's report figures (`server_report_fields`) as of that update (default: as they are when
+        the result goes out)."""
+        self.figures_for = figures_for
         self.algo, self.world, self.t, self.s, self.server_for = algo, algo.world, algo.world.transport, s, server_for
-        self.parts = _models(algo)
+        self.parts = part_nbytes(algo)
+        self.report = async_sserver_report(algo.server_report_fields())
         self.queue: list[tuple[int, dict]] = []     # (version, global model parts) waiting
         self.running, self.version, self.done = None, -1, 0
         self.busy, self.start = 0.0, time.perf_counter()
@@ -286,18 +285,27 @@ class _Evaluations:
             loss, accuracy, seconds = self.running.result()
             send_report(self.t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
                         round=self.version, kind=Kind.EVAL)
-            self.report_counters(self.version, *(self.steps_for(self.version) if self.steps_for else ()))
+            self.report_counters(self.version, self.figures_for(self.version) if self.figures_for else None)
             self.running, self.done = None, self.done + 1
         return True
 
-    def report_counters(self, round: int, steps: int | None = None, generated: int | None = None) -> None:
-        t, s = self.t, self.s
-        send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
+    def report_counters(self, version: int, figures: dict | None = None) -> None:
+        """The S-server's report: counters, seconds, the algorithm's figures (default: as they are now)."""
+        t = self.t
+        send_report(t, F_SERVER, self.report, {
             "wait_seconds": t.wait_seconds, "busy_seconds": self.busy,
             "elapsed_seconds": time.perf_counter() - self.start,
-            "server_steps": getattr(s, "steps", 0) if steps is None else steps,
-            "generated_samples": getattr(s, "generated", 0) if generated is None else generated,
-            "resident_bytes": resident_bytes()}, round=round)
+            **(self.algo.server_report(self.s) if figures is None else figures),
+            "resident_bytes": resident_bytes()}, round=version)
+
+    def answer(self, act) -> None:
+        """One activation answered at once with its gradient (algo.on_activation); its seconds count as busy."""
+        t0, world, algo = time.perf_counter(), self.world, self.algo
+        labels = recv_labels(world, act)
+        progress = act.round * self.algo.cfg.local_iters + act.seq + 1          # n = tE + e
+        grad = algo.on_activation(self.s, act.client, progress, act.tensor, labels)
+        self.t.send(act.source, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
+        self.busy += time.perf_counter() - t0
 
 
 def run_async_sserver(algo) -> None:
@@ -320,14 +328,8 @@ def run_async_sserver(algo) -> None:
         # probing activations first would leave evaluation requests and the stop unread for the whole run.
         kind, src = t.wait_any([Kind.EVAL, Kind.CONTROL, Kind.ACTIVATION], idle=evals.step)
         if kind == Kind.ACTIVATION:
-            t0 = time.perf_counter()
-            act = t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of, trailing_shape=algo.activation_shape,
-                         device=world.device)
-            labels = recv_labels(world, act)
-            progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
-            grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
-            t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
-            evals.busy += time.perf_counter() - t0
+            evals.answer(t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of,
+                                trailing_shape=algo.activation_shape, device=world.device))
             evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
         elif kind == Kind.CONTROL and src in world.client_ranks:
             # a client rank paused for a mid-run checkpoint; once every one has, nothing is in flight to or from
@@ -359,14 +361,13 @@ def _run_simulated_sserver(algo) -> None:
         s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
     schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
     snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
-    steps_at: dict[int, tuple[int, int]] = {}        # version -> (server steps, generated samples) at that update
-    # (a method whose S-server only evaluates, FedBuff, has no snapshots: its steps are those of now, none)
-    evals = _Evaluations(algo, s, snapshots.pop,
-                         lambda v: steps_at.pop(v, (getattr(s, "steps", 0), getattr(s, "generated", 0))))
+    figures_at: dict[int, dict] = {}        # version -> the algorithm's report figures at that update
+    # (a method whose S-server only evaluates, FedBuff, has no snapshots: its figures are those of now)
+    evals = _Evaluations(algo, s, snapshots.pop, lambda v: figures_at.pop(v, None))
     expected_evaluations = None
     sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
     served = dict.fromkeys(world.client_ranks, 0)
-    cuts = _cuts(algo, schedule)
+    cuts = checkpoint_cuts(algo, schedule)
 
     def take(kind: Kind, src: int) -> None:
         """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
@@ -394,21 +395,14 @@ def _run_simulated_sserver(algo) -> None:
             if kind != Kind.ACTIVATION:
                 take(kind, src)
                 continue
-            t0 = time.perf_counter()
-            version = world.start_round + step.version
-            act = t.recv(Kind.ACTIVATION, r, round=version, client=step.client, seq=step.seq,
-                         trailing_shape=algo.activation_shape, device=world.device)
-            labels = recv_labels(world, act)
-            progress = act.round * cfg.local_iters + act.seq + 1          # n = tE + e
-            grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
-            t.send(r, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
+            evals.answer(t.recv(Kind.ACTIVATION, r, round=world.start_round + step.version, client=step.client,
+                                seq=step.seq, trailing_shape=algo.activation_shape, device=world.device))
             served[r] += 1
             if step.update >= 0 and world.start_round + step.update < cfg.rounds:
                 snapshots[world.start_round + step.update] = copy.deepcopy(s.model)
-                steps_at[world.start_round + step.update] = (getattr(s, "steps", 0), getattr(s, "generated", 0))
+                figures_at[world.start_round + step.update] = algo.server_report(s)
             if cuts and cuts[0][0] == i:
                 send_rank_state(t, {"server": s.state_dict()}, cuts.pop(0)[1])
-            evals.busy += time.perf_counter() - t0
             evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
             break
     # the schedule is done (or cut short by a stop): every client rank's total, then the F-server's stop
@@ -428,237 +422,6 @@ def _run_simulated_sserver(algo) -> None:
     t.flush()
 
 
-# ---------------------------------------------------------------------------------------------------- F-server
-def run_async_fserver(algo, log) -> dict:
-    world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    m = world.num_clients
-    templates = shared_templates(algo)           # the global model's parts (GAS: the client part)
-    parts = _models(algo)
-    nbytes = parts[Kind.CLIENT_MODEL]
-    threshold = cfg.comm_threshold_mb * 1024 ** 2
-    counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}   # latest reports
-    resident = np.zeros(t.size)                  # latest resident bytes per rank (client ranks: at their last model)
-    rng = world.generator("fserver")
-    global_model = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
-    version, requested = 0, 0
-    starts = dict.fromkeys(world.client_ranks, 0)
-    sim_start, sim_now = {}, 0.0
-    participations = np.zeros(m, dtype=np.int64)
-    inactive = list(range(m))
-    buffer: list[tuple[dict, int]] = []           # (returned parts, client id)
-    update_clock: dict[int, tuple[float, float]] = {}     # version -> (wall seconds, simulated seconds)
-    participations_at: dict[int, np.ndarray] = {}         # version -> returned models per client at that update
-    local_stats = np.zeros((m, 4))
-    start = time.perf_counter()
-    held: list[dict] = []       # metrics rows from the stop on
-    history = None
-    if world.resume_from:
-        # Participations in flight at the stop were abandoned, so every client is inactive again; the rest
-        # continues: the newest global model, the schedule's random stream, both clocks, counters and metrics.
-        flat = world.resume_state("fserver")
-        restore_transport(t, flat)
-        global_model = {kind: flat[f"{_part_name(kind)}/packed"].clone() for kind in templates}
-        version = requested = world.start_round
-        participations = flat["schedule/participations"].numpy().copy()
-        local_stats = flat["schedule/local_stats"].numpy().copy()
-        sim_now, wall = (float(v) for v in flat["schedule/clock"])
-        rng.set_state(flat["schedule/rng"])
-        for r in counters:
-            counters[r] = flat["schedule/reports"][r - 1].numpy().copy()
-        update_clock[version - 1] = (wall, sim_now)
-        start -= wall
-        history = {k.removeprefix("metrics/"): v.numpy() for k, v in flat.items() if k.startswith("metrics/")}
-        log(f"[mpisage] resuming after update {version} from {world.resume_from[0]}")
-    metrics = open_metrics(algo, history)
-    metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
-    # the straggler clock's inputs, so anyone can check the participation skew against the speeds
-    metrics.set("client_flops", [p.flops for p in algo.profiles])
-    metrics.set("client_uplink_bps", [p.uplink for p in algo.profiles])
-    simulated = cfg.async_schedule == "simulated"
-    if simulated:   # the F-server takes the returned models in simulated-time order, and starts the drawn clients
-        schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
-        returns = iter([step for step in schedule.steps if not np.isnan(step.returned)])
-        next_return = next(returns, None)
-        sim_offset = sim_now
-
-    cut_states: dict[int, dict] = {}     # update -> this rank's state at that mid-run checkpoint's cut
-    # mid-run checkpoints: cut where the schedule completes the update (simulated), or by pausing every client rank
-    # from the update until its checkpoint is written (arrival)
-    cuts = ({u for _, u in _cuts(algo, schedule)} if simulated else
-            {u for u in range(world.start_round, cfg.rounds) if midrun_checkpoint_due(cfg, u)})
-
-    def own_state() -> dict:
-        """The F-server's part of a checkpoint, as it is now: the global model, the schedule's state and clocks."""
-        return {**{_part_name(kind): {"packed": packed.clone()} for kind, packed in global_model.items()},
-                "transport": transport_state(t),
-                "schedule": {"participations": torch.from_numpy(participations.copy()),
-                             "local_stats": torch.from_numpy(local_stats.copy()),
-                             "clock": torch.tensor([sim_now, time.perf_counter() - start], dtype=torch.float64),
-                             "rng": rng.get_state(),
-                             "reports": torch.from_numpy(np.stack([counters[r] for r in range(1, t.size)]))}}
-
-    def write(update: int, ranks: dict, own: dict, row: dict) -> None:
-        """One checkpoint of every rank after global update `update`, its cost in `row` (the update's metrics)."""
-        began = time.perf_counter()
-        ranks["fserver"] = flatten_state({**own, "metrics": {k: torch.from_numpy(v)
-                                                             for k, v in metrics.history().items()}})
-        write_checkpoint(cfg.run_dir, update, ranks, {"config": to_yaml(cfg)}, cfg.keep_checkpoints)
-        sizes = np.array([state_nbytes(ranks[f"rank{r}" if r else "fserver"][0]) for r in range(t.size)])
-        row["checkpoint_bytes_by_rank"], row["checkpoint_seconds"] = sizes, time.perf_counter() - began
-        metrics.update_last({k: row[k] for k in ("checkpoint_bytes_by_rank", "checkpoint_seconds")})
-        log(f"[mpisage] checkpoint after update {update + 1}: {sizes.sum() / 1024 ** 2:.1f} MiB, gathered and "
-            f"written in {row['checkpoint_seconds']:.1f} s")
-
-    def draw() -> int:
-        return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
-
-    def start_client(cid: int) -> None:
-        for kind, packed in global_model.items():
-            t.send(world.rank_of(cid), kind, packed, round=version, client=cid)
-        starts[world.rank_of(cid)] += 1
-        sim_start[cid] = sim_now
-
-    for cid in (schedule.first_clients if simulated else (draw() for _ in range(algo.active))):
-        start_client(cid)
-    stop = False
-    while not stop:
-        if simulated:
-            kind, src = t.wait_first([(Kind.EVAL, S_SERVER)] + ([] if next_return is None else
-                                     [(Kind.CLIENT_MODEL, world.rank_of(next_return.client))]))
-        else:
-            kind, src = t.wait_any([Kind.EVAL, Kind.CLIENT_MODEL])      # results first: models must not starve them
-        if kind == Kind.CLIENT_MODEL:
-            if simulated:
-                step, next_return = next_return, next(returns, None)
-                msg = t.recv(Kind.CLIENT_MODEL, src, client=step.client, round=world.start_round + step.version,
-                             nbytes=nbytes)
-            else:
-                msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
-            cid = msg.client
-            returned = _recv_models(t, msg, parts)
-            local = recv_report(t, src, CLIENT_ROUND, client=cid)
-            local_stats[cid] += [local[name] for name, _ in CLIENT_ROUND.fields]
-            rank_report = recv_report(t, src, RANK_REPORT, round=msg.round)
-            counters[src], resident[src] = rank_report["counters"], rank_report["resident_bytes"]
-            participations[cid] += 1
-            if simulated:
-                if step.update >= 0:
-                    sim_now = sim_offset + schedule.update_times[step.update]
-            else:
-                sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
-            buffer.append((returned, cid))
-            if len(buffer) == algo.model_buffer:
-                global_model = {kind: algo.average_models([b[0][kind] for b in buffer], [b[1] for b in buffer],
-                                                          template) for kind, template in templates.items()}
-                buffer.clear()
-                update_clock[version] = (time.perf_counter() - start, sim_now)
-                participations_at[version] = participations.copy()
-                if requested < cfg.rounds:
-                    for kind, packed in global_model.items():
-                        t.send(S_SERVER, Kind.EVAL, packed, round=version, part=int(kind))
-                    requested += 1
-                if version in cuts:
-                    cut_states[version] = own_state()
-                    for r in () if simulated else world.client_ranks:
-                        t.send(r, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=version)    # pause
-                version += 1
-            # The replacement starts from the newest global model; the finished client may be drawn again later
-            # (at once when every client is active, C = K: then it is the only one to draw).
-            if simulated:
-                if step.replacement >= 0:
-                    start_client(step.replacement)
-                continue
-            replacement = draw() if inactive else cid
-            start_client(replacement)
-            if replacement != cid:
-                inactive.append(cid)
-            continue
-        if src != S_SERVER:
-            raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")
-        summary = _record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg)
-        stop = summary["round"] + 1 >= cfg.rounds or summary["comm_bytes"] >= threshold or \
-            preemption.requested() is not None
-        if stop:
-            held.append(summary)          # written after the drain, with the final counters
-            continue
-        metrics.append(summary)
-        if summary["round"] in cut_states:   # every row up to the cut is in: gather the other ranks' cut states
-            update = int(summary["round"])
-            ranks = {f"rank{r}": recv_checkpoint(t, r, update) for r in (*world.client_ranks, S_SERVER)}
-            write(update, ranks, cut_states.pop(update), summary)
-            for r in () if simulated else world.client_ranks:
-                t.send(r, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=update)    # go on
-
-    # drain: every client rank takes the starts in flight and reports; then the S-server finishes its evaluations
-    for r in world.client_ranks:
-        t.send(r, Kind.CONTROL, torch.tensor([starts[r]], dtype=torch.int64), round=FINAL)
-    for r in world.client_ranks:
-        while True:
-            msg = t.recv(Kind.CONTROL, r, dtype=torch.float64)
-            if msg.client >= 0:          # a model that came back after the stop: received, not used
-                CLIENT_ROUND.unpack(msg.tensor)
-                _recv_models(t, t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes), parts)
-                continue
-            counters[r] = (FINAL_CLIENT_REPORT if msg.round == FINAL else RANK_REPORT).unpack(msg.tensor)["counters"]
-            if msg.round == FINAL:
-                break
-    # (a rank may have sent its state for a mid-run checkpoint that the stop came before: dropped)
-    ranks = {f"rank{r}": recv_checkpoint(t, r, FINAL, drop_others=True) for r in world.client_ranks}
-    sent = requested - world.start_round       # evaluations this run asked for (a resumed run starts later)
-    t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
-    ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL, drop_others=True)
-    while held[-1]["round"] + 1 < requested:
-        t.wait_any([Kind.EVAL], S_SERVER)
-        held.append(_record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg))
-    counters[S_SERVER] = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=FINAL)["counters"]
-    t.flush()
-    # The last row carries the totals of the whole run: every activation answered, every model counted.
-    held[-1].update(_totals(counters, t))
-    for row in held:
-        metrics.append(row)
-    summary = held[-1]
-    last = int(summary["round"])
-    write(last, ranks, own_state(), summary)
-    if preemption.requested() and last < cfg.rounds - 1:
-        log(f"[mpisage] {preemption.requested()}: stopped after update {last + 1} with a checkpoint; run again with "
-            f"resume=auto to continue")
-    metrics.close()
-    return summary
-
-
-def _part_name(kind: Kind) -> str:
+def part_name(kind: Kind) -> str:
     """client / server / aux: how a global model part is named in the checkpoint."""
     return next(name for name, k in PART_KINDS.items() if k == kind)
-
-
-def _totals(counters: dict, t) -> dict:
-    totals = sum(counters.values()) + t.counters()
-    return {"comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()),
-            "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
-            "messages_by_kind": totals[2].sum(axis=1)}
-
-
-def _record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg) -> dict:
-    """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Participations and
-    the S-server's step counts are as of the update (with the simulated schedule, the same every run); byte figures
-    are the sums of every rank's latest report when the row is recorded, and resident memory each rank's latest."""
-    msg = t.recv(Kind.EVAL, S_SERVER, shape=(EVAL_RESULT.size,), dtype=torch.float64)
-    version = msg.round
-    result = EVAL_RESULT.unpack(msg.tensor)
-    s_rep = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=version)
-    counters[S_SERVER] = s_rep["counters"]
-    resident[F_SERVER], resident[S_SERVER] = resident_bytes(), s_rep["resident_bytes"]
-    test_loss, test_acc, eval_s = result["loss"], result["accuracy"], result["seconds"]
-    wall, sim = update_clock[version]
-    row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
-           "wall_time": wall, "simulated_time": sim, "eval_seconds": eval_s,
-           "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
-           "participations_by_client": participations_at.pop(version), "client_train_seconds": local_stats[:, 3].copy(),
-           "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
-           "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy(),
-           # filled in once the update's checkpoint (if any) is written: bytes of each rank's state, seconds
-           "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0}
-    if version % cfg.log_interval == 0:
-        log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
-            f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")
-    return row
