@@ -81,12 +81,25 @@ class _ClientRank:
         self.parts = part_nbytes(algo)
         self.nbytes = self.parts[Kind.CLIENT_MODEL]
         self.uploads, self.busy = 0, 0.0
+        self.starts = 0                  # start messages taken
+        self.announced = None            # starts the F-server sent in all, once it said stop
         if self.world.resume_from:
             self.hosted.load_state_dict(restore_rank_state(self.world, f"rank{self.world.rank}"))
 
-    def take_start(self, first) -> dict[Kind, torch.Tensor]:
-        """The global model a start message `first` begins: its client part and any other shared part."""
-        return recv_models(self.t, first, self.parts)
+    def next_start(self):
+        """The next start message (for a client this rank hosts) and the global model it begins."""
+        msg = self.t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: self.hosted, nbytes=self.nbytes)
+        self.starts += 1
+        return msg, recv_models(self.t, msg, self.parts)
+
+    def take_stop(self) -> None:
+        self.announced = int(self.t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,),
+                                         dtype=torch.int64).tensor.item())
+
+    def take_starts_left(self) -> None:
+        """Starts sent before the stop reached this rank: taken, not run."""
+        while self.starts < self.announced:
+            self.next_start()
 
     def begin(self, c, packed: dict[Kind, torch.Tensor]) -> dict:
         """A participation starts from the global model it was sent, with a fresh optimiser (paper eq. 8: plain local
@@ -135,47 +148,42 @@ def run_async_client(algo) -> None:
     if algo.cfg.async_schedule == "simulated":
         return _run_simulated_client(algo)
     rank = _ClientRank(algo)
-    t, hosted, nbytes = rank.t, rank.hosted, rank.nbytes
+    t = rank.t
     active: list[list] = []             # [client id, global version it started from, iterations done, stats]
-    starts = 0
-    starts_announced = None             # set by the F-server's stop message
-
-    def take_start() -> None:
-        nonlocal starts
-        msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted,   # a client this rank hosts
-                     nbytes=nbytes)
-        packed = rank.take_start(msg)
-        starts += 1
-        if starts_announced is None:
-            active.append([msg.client, msg.round, 0, rank.begin(hosted[msg.client], packed)])
-
-    while starts_announced is None or starts < starts_announced:
+    while rank.announced is None or rank.starts < rank.announced:
         ready = t.probe([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
-        if ready is None and (not active or starts_announced is not None):
+        if ready is None and (not active or rank.announced is not None):
             ready = t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
-        if ready is not None:
-            if ready[0] == Kind.CLIENT_MODEL:
-                take_start()
-                continue
-            msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
-            if msg.round != FINAL:
-                # a pause for the mid-run checkpoint of update msg.round: no activation of this rank is unanswered
-                # (an iteration waits for its gradient), so its state and the S-server's are a cut; the F-server
-                # says when to go on, or stops the run instead
-                send_rank_state(t, hosted.state_dict(), msg.round)
-                t.send(S_SERVER, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=msg.round)
-                msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
-            if msg.round == FINAL:
-                starts_announced = int(msg.tensor.item())
+        if ready is not None and ready[0] == Kind.CLIENT_MODEL:
+            msg, packed = rank.next_start()
+            if rank.announced is None:
+                active.append([msg.client, msg.round, 0, rank.begin(rank.hosted[msg.client], packed)])
+        elif ready is not None:
+            _obey_control(rank)
+            if rank.announced is not None:
                 active.clear()          # participations in flight are abandoned: the run is over
-            continue
-        cid, version, k, stats = active.pop(0)       # one local iteration of the next active client
-        rank.iterate(cid, version, k, stats)
-        if k + 1 < rank.cfg.local_iters:
-            active.append([cid, version, k + 1, stats])
         else:
-            rank.give_back(cid, version, stats)
+            cid, version, k, stats = active.pop(0)       # one local iteration of the next active client
+            rank.iterate(cid, version, k, stats)
+            if k + 1 < rank.cfg.local_iters:
+                active.append([cid, version, k + 1, stats])
+            else:
+                rank.give_back(cid, version, stats)
     rank.finish()
+
+
+def _obey_control(rank: _ClientRank) -> None:
+    """The F-server's pause for the mid-run checkpoint of an update, or its stop. Paused, no activation of this
+    rank is unanswered (an iteration waits for its gradient), so its state and the S-server's are a cut; the
+    F-server says when to go on, or stops the run instead."""
+    t = rank.t
+    msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
+    if msg.round != FINAL:
+        send_rank_state(t, rank.hosted.state_dict(), msg.round)
+        t.send(S_SERVER, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=msg.round)
+        msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
+    if msg.round == FINAL:
+        rank.announced = int(msg.tensor.item())
 
 
 def _run_simulated_client(algo) -> None:
@@ -183,40 +191,20 @@ def _run_simulated_client(algo) -> None:
     schedule every rank computes), so the S-server, which serves the whole schedule in that order, always waits
     for the message this rank sends next. A stop from the F-server ends it before the next iteration."""
     rank = _ClientRank(algo)
-    world, t, cfg, hosted, nbytes = rank.world, rank.t, rank.cfg, rank.hosted, rank.nbytes
+    world, t, cfg, hosted = rank.world, rank.t, rank.cfg, rank.hosted
     schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
     stats: dict[int, dict] = {}
     early: dict = {}                    # client id -> its start message, taken before its turn
-    starts = sent = 0
-    announced = None
+    sent = 0
     cuts = checkpoint_cuts(algo, schedule)
-
-    def pass_cuts(before: int) -> None:
-        """This rank's state for every mid-run checkpoint cut before step `before` (its steps up to the cut done)."""
-        while cuts and cuts[0][0] < before:
-            send_rank_state(t, hosted.state_dict(), cuts.pop(0)[1])
-
-    def take_stop() -> None:
-        nonlocal announced
-        announced = int(t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64).tensor.item())
-
     for i, step in enumerate(schedule.steps):
         if step.client not in hosted:
             continue
-        pass_cuts(i)
+        _pass_cuts(rank, cuts, i)
         cid, version, c = step.client, world.start_round + step.version, hosted[step.client]
         if step.seq == 0:
-            # starts come in the order the F-server drew them; two of this rank's clients may begin their first
-            # iterations in the other order, so a start that comes early waits here
-            while cid not in early:
-                kind, _ = t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
-                if kind == Kind.CONTROL:
-                    break
-                msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes)
-                early[msg.client] = (msg.round, rank.take_start(msg))
-                starts += 1
-            if cid not in early:
-                take_stop()
+            if not _await_start(rank, cid, early):
+                rank.take_stop()
                 break
             started_from, packed = early.pop(cid)
             if started_from != version:
@@ -224,22 +212,40 @@ def _run_simulated_client(algo) -> None:
                                     f"{version}")
             stats[cid] = rank.begin(c, packed)
         elif t.probe([Kind.CONTROL], F_SERVER):
-            take_stop()                     # participations in flight are abandoned: the run is over
+            rank.take_stop()                 # participations in flight are abandoned: the run is over
             break
         rank.iterate(cid, version, step.seq, stats[cid])
         sent += algo.uses_sserver           # activations sent
         if step.seq + 1 == cfg.local_iters:
             rank.give_back(cid, version, stats.pop(cid))
     else:
-        pass_cuts(len(schedule.steps))
-    if announced is None:
+        _pass_cuts(rank, cuts, len(schedule.steps))
+    if rank.announced is None:
         t.wait_any([Kind.CONTROL], F_SERVER)
-        take_stop()
-    for _ in range(announced - starts):      # starts sent before the stop reached this rank: taken, not run
-        rank.take_start(t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes))
+        rank.take_stop()
+    rank.take_starts_left()
     # the S-server answers exactly this many activations from this rank and skips the rest of its schedule
     t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
     rank.finish()
+
+
+def _await_start(rank: _ClientRank, cid: int, early: dict) -> bool:
+    """Client `cid`'s start message, in `early`; False when the stop comes first. Starts come in the order the
+    F-server drew them; two of this rank's clients may begin their first iterations in the other order, so a start
+    that comes early waits in `early`."""
+    while cid not in early:
+        kind, _ = rank.t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
+        if kind == Kind.CONTROL:
+            return False
+        msg, packed = rank.next_start()
+        early[msg.client] = (msg.round, packed)
+    return True
+
+
+def _pass_cuts(rank: _ClientRank, cuts: list, before: int) -> None:
+    """This rank's state for every mid-run checkpoint cut before step `before` (its steps up to the cut done)."""
+    while cuts and cuts[0][0] < before:
+        send_rank_state(rank.t, rank.hosted.state_dict(), cuts.pop(0)[1])
 
 
 # ---------------------------------------------------------------------------------------------------- S-server
@@ -355,71 +361,92 @@ def _run_simulated_sserver(algo) -> None:
     (each client rank sends its own in that order, so the next one is always on its way). A global model is
     evaluated with the server model as it was at its update's simulated time (a snapshot), not whenever its
     request arrives: same seed, same run."""
-    world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    s = algo.make_server()
-    if world.resume_from:
-        s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
-    schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
-    snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
-    figures_at: dict[int, dict] = {}        # version -> the algorithm's report figures at that update
-    # (a method whose S-server only evaluates, FedBuff, has no snapshots: its figures are those of now)
-    evals = _Evaluations(algo, s, snapshots.pop, lambda v: figures_at.pop(v, None))
-    expected_evaluations = None
-    sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
-    served = dict.fromkeys(world.client_ranks, 0)
-    cuts = checkpoint_cuts(algo, schedule)
-
-    def take(kind: Kind, src: int) -> None:
-        """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
-        nonlocal expected_evaluations
-        if kind == Kind.EVAL:
-            evals.take_request()
-            # a server that only evaluates (FedBuff) has nothing of its own at a cut: its state goes with the request
-            while not algo.uses_sserver and cuts and cuts[0][1] <= evals.queue[-1][0]:
-                send_rank_state(t, {"server": s.state_dict()}, cuts.pop(0)[1])
-        elif src == F_SERVER:
-            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
-            expected_evaluations = int(msg.tensor.item())
-        else:
-            sent_by[src] = int(t.recv(Kind.CONTROL, src, round=FINAL, shape=(1,), dtype=torch.int64).tensor.item())
-            if sent_by[src] < served[src]:
-                raise ProtocolError(f"client rank {src} says it sent {sent_by[src]} activations; "
-                                    f"{served[src]} were answered")
-
-    from_fserver = [(Kind.EVAL, F_SERVER), (Kind.CONTROL, F_SERVER)]
-    for i, step in enumerate(schedule.steps if algo.uses_sserver else ()):
-        r = world.rank_of(step.client)
-        while sent_by[r] is None or served[r] < sent_by[r]:     # else: r stopped before this step
-            kind, src = t.wait_first([(Kind.ACTIVATION, r), *from_fserver,
-                                      *([(Kind.CONTROL, r)] if sent_by[r] is None else [])], idle=evals.step)
-            if kind != Kind.ACTIVATION:
-                take(kind, src)
-                continue
-            evals.answer(t.recv(Kind.ACTIVATION, r, round=world.start_round + step.version, client=step.client,
-                                seq=step.seq, trailing_shape=algo.activation_shape, device=world.device))
-            served[r] += 1
-            if step.update >= 0 and world.start_round + step.update < cfg.rounds:
-                snapshots[world.start_round + step.update] = copy.deepcopy(s.model)
-                figures_at[world.start_round + step.update] = algo.server_report(s)
-            if cuts and cuts[0][0] == i:
-                send_rank_state(t, {"server": s.state_dict()}, cuts.pop(0)[1])
-            evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
-            break
+    srv = _SimulatedSServer(algo)
+    for i, step in enumerate(srv.schedule.steps if algo.uses_sserver else ()):
+        srv.serve(i, step)
     # the schedule is done (or cut short by a stop): every client rank's total, then the F-server's stop
-    for r in world.client_ranks:
-        while sent_by[r] is None:
-            take(*t.wait_first([(Kind.CONTROL, r), *from_fserver], idle=evals.step))
-        if served[r] != sent_by[r]:
-            raise ProtocolError(f"client rank {r} sent {sent_by[r]} activations; {served[r]} were answered")
-    while expected_evaluations is None:
-        take(*t.wait_first(from_fserver, idle=evals.step))
-    send_rank_state(t, {"server": s.state_dict()}, FINAL)      # for the stop checkpoint
-    while evals.done < expected_evaluations:
+    srv.await_client_totals()
+    while srv.expected is None:
+        srv.take(*srv.t.wait_first(srv.from_fserver, idle=srv.evals.step))
+    send_rank_state(srv.t, {"server": srv.s.state_dict()}, FINAL)      # for the stop checkpoint
+    evals = srv.evals
+    while evals.done < srv.expected:
         if not evals.step():
-            t.wait_any([Kind.EVAL], F_SERVER)
+            srv.t.wait_any([Kind.EVAL], F_SERVER)
             evals.take_request()
     evals.report_counters(FINAL)
-    t.flush()
+    srv.t.flush()
+
+
+class _SimulatedSServer:
+    """The simulated-schedule S-server's state: the schedule, the snapshots of the server at each update, the
+    evaluations, what each client rank sent and was answered, the checkpoint cuts, the stop."""
+
+    def __init__(self, algo):
+        self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
+        world, cfg = self.world, self.cfg
+        self.s = s = algo.make_server()
+        if world.resume_from:
+            s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
+        self.schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
+        self.snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
+        self.figures_at: dict[int, dict] = {}        # version -> the algorithm's report figures at that update
+        # (a method whose S-server only evaluates, FedBuff, has no snapshots: its figures are those of now)
+        self.evals = _Evaluations(algo, s, self.snapshots.pop, lambda v: self.figures_at.pop(v, None))
+        self.expected = None                 # evaluations to finish, once the F-server said stop
+        self.sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
+        self.served = dict.fromkeys(world.client_ranks, 0)
+        self.cuts = checkpoint_cuts(algo, self.schedule)
+        self.from_fserver = [(Kind.EVAL, F_SERVER), (Kind.CONTROL, F_SERVER)]
+
+    def serve(self, i: int, step) -> None:
+        """Step i of the schedule: its activation answered (taking any other message that comes first), unless its
+        client rank stopped before it."""
+        t, world, r = self.t, self.world, self.world.rank_of(step.client)
+        while self.sent_by[r] is None or self.served[r] < self.sent_by[r]:
+            kind, src = t.wait_first([(Kind.ACTIVATION, r), *self.from_fserver,
+                                      *([(Kind.CONTROL, r)] if self.sent_by[r] is None else [])],
+                                     idle=self.evals.step)
+            if kind != Kind.ACTIVATION:
+                self.take(kind, src)
+                continue
+            self.evals.answer(t.recv(Kind.ACTIVATION, r, round=world.start_round + step.version, client=step.client,
+                                     seq=step.seq, trailing_shape=self.algo.activation_shape, device=world.device))
+            self.served[r] += 1
+            update = world.start_round + step.update
+            if step.update >= 0 and update < self.cfg.rounds:
+                self.snapshots[update] = copy.deepcopy(self.s.model)
+                self.figures_at[update] = self.algo.server_report(self.s)
+            if self.cuts and self.cuts[0][0] == i:
+                send_rank_state(t, {"server": self.s.state_dict()}, self.cuts.pop(0)[1])
+            self.evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
+            return
+
+    def take(self, kind: Kind, src: int) -> None:
+        """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
+        t, cuts = self.t, self.cuts
+        if kind == Kind.EVAL:
+            self.evals.take_request()
+            # a server that only evaluates (FedBuff) has nothing of its own at a cut: its state goes with the request
+            while not self.algo.uses_sserver and cuts and cuts[0][1] <= self.evals.queue[-1][0]:
+                send_rank_state(t, {"server": self.s.state_dict()}, cuts.pop(0)[1])
+        elif src == F_SERVER:
+            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
+            self.expected = int(msg.tensor.item())
+        else:
+            self.sent_by[src] = int(t.recv(Kind.CONTROL, src, round=FINAL, shape=(1,),
+                                           dtype=torch.int64).tensor.item())
+            if self.sent_by[src] < self.served[src]:
+                raise ProtocolError(f"client rank {src} says it sent {self.sent_by[src]} activations; "
+                                    f"{self.served[src]} were answered")
+
+    def await_client_totals(self) -> None:
+        for r in self.world.client_ranks:
+            while self.sent_by[r] is None:
+                self.take(*self.t.wait_first([(Kind.CONTROL, r), *self.from_fserver], idle=self.evals.step))
+            if self.served[r] != self.sent_by[r]:
+                raise ProtocolError(f"client rank {r} sent {self.sent_by[r]} activations; {self.served[r]} were "
+                                    f"answered")
 
 
 def part_name(kind: Kind) -> str:
