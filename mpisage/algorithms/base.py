@@ -87,6 +87,8 @@ class Algorithm:
     aggregate_streams = True
     # True: defined for image classification only (a language-modelling dataset is refused at start-up)
     images_only = False
+    # the class of a client's state (a ClientState subclass when the method keeps per-client fields of its own)
+    client_state: type[ClientState] = ClientState
 
     def __init__(self, world: World):
         if self.images_only and world.is_token_task:
@@ -191,8 +193,8 @@ class Algorithm:
     def new_client(self, cid: int, model: nn.Module, optimizer: torch.optim.Optimizer, **parts) -> ClientState:
         """A client with its shard of this rank's data and its own random stream."""
         rows = torch.from_numpy(self.world.local_index[cid])
-        return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
-                           self.world.generator("client", cid), **parts)
+        return self.client_state(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
+                                 self.world.generator("client", cid), **parts)
 
     def store(self, ids, make, *, in_use: int = 2, **kwargs) -> ClientStore:
         """A store of per-client state (mpisage/runtime/client_store.py) laid out by the config's client_store;

@@ -54,6 +54,11 @@ class AuxClient(Stateful):
 
 
 @dataclass
+class FslSageClient(ClientState):
+    aux_switch_step: float = transient(default=math.nan)   # the step of this round at which it took its aligned aux
+
+
+@dataclass
 class FslSageServer(ServerState):
     """Every client's AuxClient, idle ones packed in a ClientStore (config client_store); `aux`, `aux_optimizer`,
     `buffer_z`, `buffer_y`, `buffer_fill` read them as per-client mappings. A reference from them is valid until
@@ -82,10 +87,7 @@ def one_client_server(model: nn.Module | None, aux: nn.Module | None = None,
 
 class FslSage(Algorithm):
     name = "fsl_sage"
-
-    def __init__(self, world):
-        super().__init__(world)
-        self.switch_step: dict[int, int] = {}    # client -> the step of this round at which it took its aligned aux
+    client_state = FslSageClient
 
     def is_align_round(self, round: int) -> bool:
         return round % self.cfg.align_interval == 0
@@ -117,17 +119,18 @@ class FslSage(Algorithm):
     def _take_aligned_aux(self, c: ClientState, link: ClientLink, k: int, wait: bool) -> None:
         """Loads this alignment round's aligned aux if it has arrived (with `wait`: once it arrives) and the client
         has not taken it yet; remembers the step k from which the client steps on it."""
-        if c.cid in self.switch_step or not (wait or link.ready(Kind.AUX_MODEL)):
+        if not math.isnan(c.aux_switch_step) or not (wait or link.ready(Kind.AUX_MODEL)):
             return
         load_packed(c.aux, link.receive(Kind.AUX_MODEL, seq=0, nbytes=state_nbytes(c.aux.state_dict())))
-        self.switch_step[c.cid] = k
+        c.aux_switch_step = k
 
     def client_report_fields(self) -> dict:
         return {"aux_switch_step": 1}
 
     def client_report(self, c: ClientState, round: int) -> dict:
         """The step at which the client took its aligned aux this round (0 when blocking; NaN: no alignment)."""
-        return {"aux_switch_step": self.switch_step.pop(c.cid, math.nan)}
+        switched, c.aux_switch_step = c.aux_switch_step, math.nan
+        return {"aux_switch_step": switched}
 
     # ------------------------------------------------------------------ S-server
     def make_server(self) -> FslSageServer:
