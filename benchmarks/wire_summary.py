@@ -13,10 +13,8 @@ import os
 import numpy as np
 from scipy import stats
 
-from mpisage.runtime.metrics import read_rounds
+from mpisage.runtime.metrics import GIB, read_rounds
 from mpisage.runtime.transport import Kind
-
-GIB = 1024 ** 3
 
 
 def interval(values: list[float]) -> str:

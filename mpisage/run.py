@@ -62,7 +62,7 @@ def _run_role(cfg, world, comm, log) -> dict:
     asynchronous = algo.schedule == "async"
     if asynchronous:
         from mpisage.roles.asynchronous import run_async_client as run_client
-        from mpisage.roles.asynchronous import run_async_fserver as run_fserver
+        from mpisage.roles.async_fserver import run_async_fserver as run_fserver
         from mpisage.roles.asynchronous import run_async_sserver as run_sserver
         if world.start_round >= cfg.rounds:      # resumed after its last update: nothing left to do on any rank
             if rank == F_SERVER:
@@ -115,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mpisage.runtime.checkpoint import CheckpointError
     from mpisage.data import DataError
+    from mpisage.runtime.metrics import GIB
 
     try:
         summary = run_job(cfg, comm)
         if rank == 0 and summary:
             logger.info(f"[mpisage] done: test acc {summary['test_acc']:.4f} after {summary['round'] + 1} rounds, "
-                        f"{summary['comm_bytes'] / 1024 ** 3:.3f} GiB, metrics in {cfg.run_dir}/metrics.h5")
+                        f"{summary['comm_bytes'] / GIB:.3f} GiB, metrics in {cfg.run_dir}/metrics.h5")
     except (ConfigError, DataError, CheckpointError) as e:
         # Start-up checks that need MPI or data (rank counts, partitions, files) fail identically on every rank.
         if rank == 0:

@@ -230,10 +230,10 @@ def test_targets_kept_at_each_first_upload_give_the_per_client_alignment(float64
                     p.mul_(1.05)
             algo._buffer(s, cid, z, y)
         algo.align(now, cid)
-        algo.align_target(deferred, cid)
-    kept_first = deferred.align_target[0][2].clone()
+        algo.keep_align_target(deferred, cid)
+    kept_first = deferred.align_targets[0][2].clone()
     algo.align_many(deferred, range(3), batched=True)
-    assert not deferred.align_target            # every kept target was used once
+    assert not deferred.align_targets            # every kept target was used once
     for cid in range(3):
         assert deferred.align_loss[cid] == pytest.approx(now.align_loss[cid], rel=1e-9)
         _assert_same(([now.aux[cid]], [now.aux_optimizer[cid]], []),
@@ -257,7 +257,7 @@ def test_overlap_aligns_on_the_buffer_as_it_was_at_the_first_upload(float64):
     for s in (now, deferred):
         algo._buffer(s, 0, *first)
     algo.align(now, 0)
-    algo.align_target(deferred, 0)
+    algo.keep_align_target(deferred, 0)
     algo._buffer(deferred, 0, *later)             # the client's next upload, before the alignment runs
     assert torch.equal(algo.buffered(deferred, 0)[0], later[0])
     algo.align_many(deferred, [0])

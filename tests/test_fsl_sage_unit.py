@@ -92,7 +92,7 @@ def test_an_alignment_round_aligns_every_client_once_all_first_uploads_are_in():
     for cid in range(3):
         for a, b in zip(gathered.aux[cid].parameters(), one_by_one.aux[cid].parameters()):
             assert torch.equal(a, b)
-    assert not gathered.align_target
+    assert not gathered.align_targets
 
 
 def test_buffer_grows_only_as_samples_come_and_then_rings():

@@ -1,4 +1,4 @@
-"""The base of asynchronous methods (GAS; FedBuff and CA2FL to come): no rounds, C of the K clients active at a
+"""The base of asynchronous methods (GAS, FedBuff): no rounds, C of the K clients active at a
 time, each running E local iterations from the newest global client model and sending its model back; every Q_c
 returned models make one global update. The role loops are mpisage/roles/asynchronous.py; an asynchronous method
 fills in the hooks below.
@@ -68,8 +68,27 @@ class Step:
     replacement: int  # last iteration: the client that starts when this model is back (-1: none, the run ends)
 
 
+class ClientPool:
+    """The scheduler's draw-and-replace, used by both schedules (simulated and arrival): the inactive clients and
+    the uniform draws among them from the F-server's random stream."""
+
+    def __init__(self, num_clients: int, generator: torch.Generator):
+        self.inactive, self.generator = list(range(num_clients)), generator
+
+    def draw(self) -> int:
+        return self.inactive.pop(int(torch.randint(len(self.inactive), (1,), generator=self.generator)))
+
+    def replace(self, finished: int) -> int:
+        """The client that starts when `finished` returns its model: one drawn from the inactive ones, after which
+        `finished` may be drawn again later; with every client active (C = K) the finished client goes again."""
+        replacement = self.draw() if self.inactive else finished
+        if replacement != finished:
+            self.inactive.append(finished)
+        return replacement
+
+
 @dataclass
-class Schedule:
+class SimulatedSchedule:
     """Every local iteration of a run in simulated-time order, and the time of every global update."""
     steps: list[Step] = field(default_factory=list)
     update_times: list[float] = field(default_factory=list)
@@ -81,7 +100,7 @@ class Schedule:
 
 
 def simulate_schedule(pass_s, activation_s, model_s, active: int, model_buffer: int, local_iters: int, updates: int,
-                      generator: torch.Generator, start_time: float = 0.0) -> Schedule:
+                      generator: torch.Generator, start_time: float = 0.0) -> SimulatedSchedule:
     """The straggler schedule of gas_sglr.md (and of the authors' code): the active client whose clock is earliest
     acts next, one iteration at a time. A client's clock is the moment its activation reaches the S-server: forward
     (pass_s[k]) + upload (activation_s[k]) after it starts, then backward + forward + upload per further iteration;
@@ -91,21 +110,18 @@ def simulate_schedule(pass_s, activation_s, model_s, active: int, model_buffer: 
     clients' speeds and the draws, never on training, so every rank computes the same one; it ends with the
     update number `updates`."""
     num_clients = len(pass_s)
-    inactive = list(range(num_clients))
+    pool = ClientPool(num_clients, generator)
     heap: list[tuple[float, int, int, int, int]] = []     # (time, insertion order, client, version, seq)
     order = 0
-
-    def draw() -> int:
-        return inactive.pop(int(torch.randint(len(inactive), (1,), generator=generator)))
 
     def begin(cid: int, at: float, version: int) -> None:
         nonlocal order
         heapq.heappush(heap, (at + pass_s[cid] + activation_s[cid], order, cid, version, 0))
         order += 1
 
-    out = Schedule()
+    out = SimulatedSchedule()
     for _ in range(min(active, num_clients)):
-        out.first_clients.append(draw())
+        out.first_clients.append(pool.draw())
         begin(out.first_clients[-1], start_time, 0)
     version, buffered, latest = 0, 0, start_time
     while version < updates:
@@ -126,12 +142,9 @@ def simulate_schedule(pass_s, activation_s, model_s, active: int, model_buffer: 
         if version == updates:
             out.steps.append(Step(at, cid, started, seq, back, update, -1))
             break
-        # the replacement starts from the newest global model; with C = K the finished client goes again itself
-        replacement = draw() if inactive else cid
+        replacement = pool.replace(cid)        # it starts from the newest global model
         out.steps.append(Step(at, cid, started, seq, back, update, replacement))
         begin(replacement, back, version)
-        if replacement != cid:
-            inactive.append(cid)
     return out
 
 
@@ -195,7 +208,7 @@ class AsyncAlgorithm(Algorithm):
         return (self.cfg.asynchronous.local_iters * self.iteration_seconds[cid]
                 + self.profiles[cid].model_seconds(self.model_bits))
 
-    def simulated_schedule(self, updates: int, start_round: int = 0) -> Schedule:
+    def simulated_schedule(self, updates: int, start_round: int = 0) -> SimulatedSchedule:
         """The simulated schedule of `updates` global updates from update `start_round` on (a resumed run starts
         every client afresh, with draws of its own). Every rank computes the same one."""
         return simulate_schedule([p.pass_seconds(self.client_macs) for p in self.profiles],

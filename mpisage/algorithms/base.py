@@ -2,18 +2,24 @@
 algorithm file holds only what makes the method different.
 
 A synchronous method's hooks, by role (all have defaults except the client's step):
-  client    make_client, client_step (lockstep methods: client_send + client_finish), client_report
-  S-server  make_server, expected_uploads, on_upload, end_server_round, evaluation, server_report
-  F-server  aggregate
+  client    make_client, client_step (lockstep methods: client_send + client_finish), client_report_fields +
+            client_report
+  S-server  make_server, expected_uploads, on_upload (returns `Reply`s), gathers_first_uploads (True: the round's
+            first uploads are answered together; the S-server then serves every first upload before any second one
+            and reports the previous round's evaluation before the last of them), end_server_round, evaluation,
+            server_report_fields + server_report
+  F-server  aggregate (overriding it makes `aggregate_streams` False: every client's modules arrive at once)
 Class attributes say how the loops run it: `schedule` (parallel | sequential | lockstep), `shared_parts` (what the
 F-server averages), `averages_shared` (False: the shared parts are never averaged, only evaluated).
-Asynchronous methods (GAS, FedBuff) implement `AsyncAlgorithm` instead (mpisage/algorithms/asynchronous.py).
+Asynchronous methods (GAS, FedBuff) implement `AsyncAlgorithm` instead (mpisage/algorithms/asynchronous.py); their
+S-server's figures go through the same server_report_fields + server_report.
+A new method is registered in mpisage/algorithms/__init__.py; CONTRIBUTING.md has the whole checklist.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,9 +35,18 @@ from mpisage.runtime.stateful import Stateful, transient
 from mpisage.runtime.transport import Kind
 from mpisage.runtime.world import World
 
-Schedule = Literal["parallel", "sequential", "lockstep", "async"]
+# how the role loops run a method (mpisage/algorithms/asynchronous.py has the simulated schedule of asynchronous ones)
+LoopSchedule = Literal["parallel", "sequential", "lockstep", "async"]
 # The parts of a split model, by the message kind that carries them.
 PART_KINDS = {"client": Kind.CLIENT_MODEL, "server": Kind.SERVER_MODEL, "aux": Kind.AUX_MODEL}
+
+
+class Reply(NamedTuple):
+    """One message the S-server sends in answer to an upload (`on_upload`), with the upload's seq."""
+    client: int | None          # the receiving client; None: the uploader
+    kind: Kind
+    tensor: torch.Tensor
+    paper: bool = True          # False for the further copies of one broadcast payload (the wire figure counts them)
 
 
 @dataclass
@@ -60,14 +75,20 @@ class ServerState(Stateful):
 
 class Algorithm:
     name = "base"
-    schedule: Schedule = "parallel"
+    schedule: LoopSchedule = "parallel"
     # The parts of the split each client sends the F-server after a round and gets back averaged.
     shared_parts: tuple[str, ...] = ("client",)
     # False: the shared parts are never averaged; they go to the F-server (as EVAL traffic, outside the paper
     # figure) only so the S-server can evaluate them (SGLR).
     averages_shared = True
+    # True: `aggregate` is the default sample-weighted FedAvg, so the F-server may fold each client's modules into a
+    # running average as they come (memory flat in the number of clients). A method that overrides `aggregate`
+    # sets it False (it then gets every client's modules at once).
+    aggregate_streams = True
     # True: defined for image classification only (a language-modelling dataset is refused at start-up)
     images_only = False
+    # the class of a client's state (a ClientState subclass when the method keeps per-client fields of its own)
+    client_state: type[ClientState] = ClientState
 
     def __init__(self, world: World):
         if self.images_only and world.is_token_task:
@@ -80,6 +101,11 @@ class Algorithm:
             self.activation_shape = tuple(client(world.example_input(2)).shape[1:])
         # language models train on label-smoothed token cross-entropy (the paper: 0.1); images on plain CE
         self.label_smoothing = self.cfg.lm.label_smoothing if world.is_token_task else 0.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "aggregate" in cls.__dict__ and "aggregate_streams" not in cls.__dict__:
+            cls.aggregate_streams = False      # its own aggregate needs every client's modules
 
     # ================================================================== hooks: client side
     def make_client(self, cid: int) -> ClientState:
@@ -119,9 +145,8 @@ class Algorithm:
         return 0
 
     def on_upload(self, s: ServerState, round: int, cid: int, seq: int, z: torch.Tensor,
-                  y: torch.Tensor) -> list[tuple]:
-        """Handles one uploaded smashed batch; returns the replies: (kind, tensor) to the uploading client, or
-        (client id, kind, tensor) to any client (sent with the upload's seq)."""
+                  y: torch.Tensor) -> list[Reply]:
+        """Handles one uploaded smashed batch; returns the replies (`Reply`: to the uploader or to any client)."""
         return []
 
     def end_server_round(self, s: ServerState, round: int) -> None:
@@ -168,8 +193,8 @@ class Algorithm:
     def new_client(self, cid: int, model: nn.Module, optimizer: torch.optim.Optimizer, **parts) -> ClientState:
         """A client with its shard of this rank's data and its own random stream."""
         rows = torch.from_numpy(self.world.local_index[cid])
-        return ClientState(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
-                           self.world.generator("client", cid), **parts)
+        return self.client_state(cid, self.world.data.train_x[rows], self.world.data.train_y[rows], model, optimizer,
+                                 self.world.generator("client", cid), **parts)
 
     def store(self, ids, make, *, in_use: int = 2, **kwargs) -> ClientStore:
         """A store of per-client state (mpisage/runtime/client_store.py) laid out by the config's client_store;

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from mpisage.algorithms.alignment import align_clients, align_one, true_gradients
-from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.algorithms.base import Algorithm, ClientState, Reply, ServerState
 from mpisage.algorithms.training import count_correct, count_scored, make_optimizer, optimizer_step
 from mpisage.runtime.client_store import ClientStore, FieldView
 from mpisage.runtime.protocol import ClientLink
@@ -54,6 +54,11 @@ class AuxClient(Stateful):
 
 
 @dataclass
+class FslSageClient(ClientState):
+    aux_switch_step: float = transient(default=math.nan)   # the step of this round at which it took its aligned aux
+
+
+@dataclass
 class FslSageServer(ServerState):
     """Every client's AuxClient, idle ones packed in a ClientStore (config client_store); `aux`, `aux_optimizer`,
     `buffer_z`, `buffer_y`, `buffer_fill` read them as per-client mappings. A reference from them is valid until
@@ -63,7 +68,7 @@ class FslSageServer(ServerState):
     align_seconds: float = transient(default=0.0)                                   # this round's, reported
     # (buffered z, y, true cut-layer gradients) kept from a client's first upload of an alignment round until its
     # aux steps run
-    align_target: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = transient(default_factory=dict)
+    align_targets: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = transient(default_factory=dict)
 
     def __getattr__(self, name):          # the per-client views (only called for names not found otherwise)
         if name in AUX_CLIENT_FIELDS and self.__dict__.get("clients") is not None:
@@ -82,10 +87,7 @@ def one_client_server(model: nn.Module | None, aux: nn.Module | None = None,
 
 class FslSage(Algorithm):
     name = "fsl_sage"
-
-    def __init__(self, world):
-        super().__init__(world)
-        self.switch_step: dict[int, int] = {}    # client -> the step of this round at which it took its aligned aux
+    client_state = FslSageClient
 
     def is_align_round(self, round: int) -> bool:
         return round % self.cfg.fsl.align_interval == 0
@@ -117,17 +119,18 @@ class FslSage(Algorithm):
     def _take_aligned_aux(self, c: ClientState, link: ClientLink, k: int, wait: bool) -> None:
         """Loads this alignment round's aligned aux if it has arrived (with `wait`: once it arrives) and the client
         has not taken it yet; remembers the step k from which the client steps on it."""
-        if c.cid in self.switch_step or not (wait or link.ready(Kind.AUX_MODEL)):
+        if not math.isnan(c.aux_switch_step) or not (wait or link.ready(Kind.AUX_MODEL)):
             return
         load_packed(c.aux, link.receive(Kind.AUX_MODEL, seq=0, nbytes=state_nbytes(c.aux.state_dict())))
-        self.switch_step[c.cid] = k
+        c.aux_switch_step = k
 
     def client_report_fields(self) -> dict:
         return {"aux_switch_step": 1}
 
     def client_report(self, c: ClientState, round: int) -> dict:
         """The step at which the client took its aligned aux this round (0 when blocking; NaN: no alignment)."""
-        return {"aux_switch_step": self.switch_step.pop(c.cid, math.nan)}
+        switched, c.aux_switch_step = c.aux_switch_step, math.nan
+        return {"aux_switch_step": switched}
 
     # ------------------------------------------------------------------ S-server
     def make_server(self) -> FslSageServer:
@@ -165,13 +168,13 @@ class FslSage(Algorithm):
             if seq == 0 and self.is_align_round(round):
                 if not self.gathers_first_uploads(round):
                     self.align(s, cid)
-                    return [(Kind.AUX_MODEL, pack_state(s.aux[cid].state_dict()))]
-                self.align_target(s, cid)
-        if seq == 0 and len(s.align_target) == self.world.num_clients:
-            cids = sorted(s.align_target)
+                    return [Reply(None, Kind.AUX_MODEL, pack_state(s.aux[cid].state_dict()))]
+                self.keep_align_target(s, cid)
+        if seq == 0 and len(s.align_targets) == self.world.num_clients:
+            cids = sorted(s.align_targets)
             self.align_many(s, cids)
             with self.aux_of(s, cids):
-                return [(c, Kind.AUX_MODEL, pack_state(s.aux[c].state_dict())) for c in cids]
+                return [Reply(c, Kind.AUX_MODEL, pack_state(s.aux[c].state_dict())) for c in cids]
         return []
 
     def _buffer(self, s: FslSageServer, cid: int, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -220,7 +223,7 @@ class FslSage(Algorithm):
             return 1
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    def align_target(self, s: FslSageServer, cid: int) -> None:
+    def keep_align_target(self, s: FslSageServer, cid: int) -> None:
         """The first half of an alignment, kept until `align_many` runs the second: client `cid`'s true cut-layer
         gradients on the current server model (train mode; scale 1/N). Called at the client's first upload of an
         alignment round, it gives `align_many` exactly the targets of a per-client `align` at that moment, however
@@ -231,11 +234,11 @@ class FslSage(Algorithm):
             z, y = z.clone(), y.clone()
         start = time.perf_counter()
         with threads(self.align_threads()):     # as align_many would compute it: the same sums, bit for bit
-            s.align_target[cid] = (z, y, true_gradients(s.model, z, y, self.train_loss))
+            s.align_targets[cid] = (z, y, true_gradients(s.model, z, y, self.train_loss))
         s.align_seconds += time.perf_counter() - start
 
     def align_many(self, s: FslSageServer, cids, batched: bool | None = None) -> dict[int, float]:
-        """`align` for several clients: the targets `align_target` kept for them (or, for clients without one,
+        """`align` for several clients: the targets `keep_align_target` kept for them (or, for clients without one,
         computed now, one after another on the current server model: exactly as that many `align` calls with no
         upload between them), then all their auxiliary steps as one batched computation
         (mpisage.algorithms.alignment) or, by default on CPU, the per-client loop: on CPU the loop's convolutions
@@ -249,7 +252,7 @@ class FslSage(Algorithm):
         return losses
 
     def _align_many(self, s: FslSageServer, cids: list[int], batched: bool | None) -> dict[int, float]:
-        kept = s.align_target
+        kept = s.align_targets
         for cid in cids:
             if cid not in kept:
                 z, y = self.buffered(s, cid)

@@ -255,6 +255,13 @@ class Gas(AsyncAlgorithm):
         optimizer_step(s.optimizer, self.cfg)
         s.steps += 1
 
+    def server_report_fields(self) -> dict:
+        return {"server_steps": 1, "generated_samples": 1}
+
+    def server_report(self, s: GasServer) -> dict:
+        """As of the update each evaluated model completes (with the simulated schedule, the same every run)."""
+        return {"server_steps": s.steps, "generated_samples": s.generated}
+
     def describe(self) -> dict:
         return {**super().describe(), "server_buffer": self.server_buffer, "generative": self.cfg.gas.generative,
                 "covariance": self.cfg.gas.covariance}

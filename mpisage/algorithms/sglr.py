@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.algorithms.base import Algorithm, ClientState, Reply, ServerState
 from mpisage.algorithms.evaluation import MeanEvaluation
 from mpisage.algorithms.training import apply_schedule, make_optimizer, optimizer_step
 from mpisage.config import ConfigError
@@ -127,9 +127,9 @@ class Sglr(Algorithm):
         receivers = self.mean_receivers(s, round)
         mean = torch.stack([g for c, g in zip(cids, slices) if c in receivers]).mean(0) if receivers else None
         first = min(receivers, default=None)
-        # (client, kind, tensor, paper): the mean is one broadcast payload, in the paper figure once (with its first
-        # receiver); every copy sent is in the wire figure
-        return [(c, Kind.GRADIENT, mean, c == first) if c in receivers else (c, Kind.GRADIENT, g, True)
+        # the mean is one broadcast payload, in the paper figure once (with its first receiver); every copy sent is
+        # in the wire figure
+        return [Reply(c, Kind.GRADIENT, mean, c == first) if c in receivers else Reply(c, Kind.GRADIENT, g)
                 for c, g in zip(cids, slices)]
 
     def evaluation(self, s, modules):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mpisage.algorithms.base import Algorithm, ClientState, ServerState
+from mpisage.algorithms.base import Algorithm, ClientState, Reply, ServerState
 from mpisage.algorithms.training import make_optimizer
 from mpisage.runtime.client_store import ClientStore
 from mpisage.runtime.protocol import ClientLink
@@ -34,7 +34,7 @@ class SplitFedV2(Algorithm):
         return self.world.steps_per_round(cid)
 
     def on_upload(self, s, round, cid, seq, z, y):
-        return [(Kind.GRADIENT, self.server_step(s, cid, z, y, return_grad=True))]
+        return [Reply(None, Kind.GRADIENT, self.server_step(s, cid, z, y, return_grad=True))]
 
 
 @dataclass
@@ -61,7 +61,7 @@ class SplitFedV1(SplitFedV2):
     def on_upload(self, s, round, cid, seq, z, y):
         c = s.copies[cid]
         grad = self.server_step(s, cid, z, y, model=c.model, optimizer=c.optimizer, return_grad=True)
-        return [(Kind.GRADIENT, grad)]
+        return [Reply(None, Kind.GRADIENT, grad)]
 
     def end_server_round(self, s: SplitFedV1Server, round: int) -> None:
         """Average the server copies (weights n_i / n, whole state_dict) and give every copy the average;

@@ -1,5 +1,7 @@
-"""The role loops of asynchronous methods (GAS). There are no rounds: a metrics "round" is one global client-model
-update of the F-server (every Q_c client models that come back).
+"""The client and S-server loops of asynchronous methods (GAS, FedBuff), each split by schedule (simulated,
+arrival); the F-server's are in mpisage/roles/async_fserver.py. There are no rounds: a metrics "round" is one global
+client-model update of the F-server (every Q_c client models that come back), and the `round` field of an
+asynchronous message is the global model version it belongs to.
 
 F-server  schedules: C of the K clients are active; each starts from the current global client model, runs E local
           iterations and sends its model back; it is then replaced by a client drawn uniformly from the inactive
@@ -13,9 +15,9 @@ stops; then the S-server is told how many evaluations to finish. Nothing is left
 checkpoint of every rank (global model, schedule and clocks, server model and statistics, every client's optimiser,
 counters, metrics), and `resume=` continues from it: asynchrony makes the continuation a valid run, not a replay.
 With the simulated schedule a run also checkpoints every `checkpoint.interval` updates while it goes on, cut at
-the step that completes the update (`_cuts`): each rank sends its state when it has done its part of the schedule
-up to that step, the F-server writes once the update's metrics row is in. With `asynchronous.schedule=arrival` the
-F-server pauses every client rank at the update instead (a paused rank has no activation unanswered, and the S-server sends
+the step that completes the update (`checkpoint_cuts`): each rank sends its state when it has done its part of the schedule
+up to that step, the F-server writes once the update's metrics row is in. With `asynchronous.schedule=arrival` the F-server
+pauses every client rank at the update instead (a paused rank has no activation unanswered, and the S-server sends
 its state once every client rank has paused) and lets them go on once the checkpoint is written.
 """
 from __future__ import annotations
@@ -23,36 +25,31 @@ from __future__ import annotations
 import copy
 import time
 
-import numpy as np
 import torch
 
-from mpisage.config import to_yaml
-from mpisage.data import train_transform
 from mpisage.algorithms.base import PART_KINDS
-from mpisage.roles.shared import open_metrics, shared_modules, shared_templates
+from mpisage.data import train_transform
+from mpisage.roles.shared import shared_modules, shared_templates
 from mpisage.roles.sserver import recv_labels
-from mpisage.runtime import preemption
-from mpisage.runtime.checkpoint import (midrun_checkpoint_due, recv_checkpoint, restore_rank_state,
-                                        restore_transport, send_rank_state, transport_state, write_checkpoint)
+from mpisage.runtime.checkpoint import midrun_checkpoint_due, restore_rank_state, send_rank_state
 from mpisage.runtime.environment import resident_bytes
-from mpisage.runtime.metrics import GIB
-from mpisage.runtime.protocol import (ASYNC_SSERVER_REPORT, CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT,
-                                      RANK_REPORT, ClientLink, recv_report, send_report)
-from mpisage.runtime.state import flatten_state, load_packed, pack_state, state_nbytes
-from mpisage.runtime.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError
+from mpisage.runtime.protocol import (CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT, RANK_REPORT, ClientLink,
+                                      async_sserver_report, send_report)
+from mpisage.runtime.state import load_packed, pack_state, state_nbytes
+from mpisage.runtime.transport import F_SERVER, S_SERVER, Kind, ProtocolError
 
 # The round field of an asynchronous message is the global model version it belongs to (the metrics' "round");
 # FINAL marks a rank's last report and the stop.
 FINAL = -1
 
 
-def _models(algo) -> dict[Kind, int]:
+def part_nbytes(algo) -> dict[Kind, int]:
     """The model parts a participation starts from and sends back (GAS: the client part; FedBuff: client and
     server), by message kind, in the order they travel, with their sizes in bytes."""
     return {kind: state_nbytes(module.state_dict()) for kind, module in shared_templates(algo).items()}
 
 
-def _cuts(algo, schedule) -> list[tuple[int, int]]:
+def checkpoint_cuts(algo, schedule) -> list[tuple[int, int]]:
     """The mid-run checkpoints of a simulated schedule, as (step index, global update): each is cut at the step
     whose returned model completes its update. Every rank keeps its state as it is when it has done all its work
     of the steps up to the cut and none after, so the checkpoint holds every message before the cut time, none
@@ -62,7 +59,7 @@ def _cuts(algo, schedule) -> list[tuple[int, int]]:
             if step.update >= 0 and midrun_checkpoint_due(algo.cfg, start + step.update)]
 
 
-def _recv_models(t, first, parts: dict[Kind, int], **expect) -> dict[Kind, torch.Tensor]:
+def recv_models(t, first, parts: dict[Kind, int], **expect) -> dict[Kind, torch.Tensor]:
     """A model message `first` (the client part) and the other parts that follow it from the same sender."""
     got = {Kind.CLIENT_MODEL: first.tensor}
     for kind, nbytes in parts.items():
@@ -81,15 +78,28 @@ class _ClientRank:
         self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
         self.hosted = algo.client_store(self.world.clients_of(self.world.rank))   # idle clients packed (client_store)
         self.transform = train_transform(self.world.data, self.cfg.dataset.augment)
-        self.parts = _models(algo)
+        self.parts = part_nbytes(algo)
         self.nbytes = self.parts[Kind.CLIENT_MODEL]
         self.uploads, self.busy = 0, 0.0
+        self.starts = 0                  # start messages taken
+        self.announced = None            # starts the F-server sent in all, once it said stop
         if self.world.resume_from:
             self.hosted.load_state_dict(restore_rank_state(self.world, f"rank{self.world.rank}"))
 
-    def take_start(self, first) -> dict[Kind, torch.Tensor]:
-        """The global model a start message `first` begins: its client part and any other shared part."""
-        return _recv_models(self.t, first, self.parts)
+    def next_start(self):
+        """The next start message (for a client this rank hosts) and the global model it begins."""
+        msg = self.t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: self.hosted, nbytes=self.nbytes)
+        self.starts += 1
+        return msg, recv_models(self.t, msg, self.parts)
+
+    def take_stop(self) -> None:
+        self.announced = int(self.t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,),
+                                         dtype=torch.int64).tensor.item())
+
+    def take_starts_left(self) -> None:
+        """Starts sent before the stop reached this rank: taken, not run."""
+        while self.starts < self.announced:
+            self.next_start()
 
     def begin(self, c, packed: dict[Kind, torch.Tensor]) -> dict:
         """A participation starts from the global model it was sent, with a fresh optimiser (paper eq. 8: plain local
@@ -107,7 +117,7 @@ class _ClientRank:
         x = self.transform(c.x[idx].to(self.world.device), c.generator)
         y = c.y[idx].to(self.world.device)
         self.algo.client_iteration(c, ClientLink(self.t, cid, version), k, x, y)
-        if cfg.asynchronous.straggler_delay_s > 0:   # real heterogeneity, in proportion to the simulated slowness
+        if cfg.asynchronous.straggler_delay_s > 0:     # real heterogeneity, proportional to the client's simulated slowness
             time.sleep(cfg.asynchronous.straggler_delay_s * self.algo.slowness[cid])
         elapsed = time.perf_counter() - start
         self.busy += elapsed
@@ -138,47 +148,42 @@ def run_async_client(algo) -> None:
     if algo.cfg.asynchronous.schedule == "simulated":
         return _run_simulated_client(algo)
     rank = _ClientRank(algo)
-    t, hosted, nbytes = rank.t, rank.hosted, rank.nbytes
+    t = rank.t
     active: list[list] = []             # [client id, global version it started from, iterations done, stats]
-    starts = 0
-    starts_announced = None             # set by the F-server's stop message
-
-    def take_start() -> None:
-        nonlocal starts
-        msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted,   # a client this rank hosts
-                     nbytes=nbytes)
-        packed = rank.take_start(msg)
-        starts += 1
-        if starts_announced is None:
-            active.append([msg.client, msg.round, 0, rank.begin(hosted[msg.client], packed)])
-
-    while starts_announced is None or starts < starts_announced:
+    while rank.announced is None or rank.starts < rank.announced:
         ready = t.probe([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
-        if ready is None and (not active or starts_announced is not None):
+        if ready is None and (not active or rank.announced is not None):
             ready = t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
-        if ready is not None:
-            if ready[0] == Kind.CLIENT_MODEL:
-                take_start()
-                continue
-            msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
-            if msg.round != FINAL:
-                # a pause for the mid-run checkpoint of update msg.round: no activation of this rank is unanswered
-                # (an iteration waits for its gradient), so its state and the S-server's are a cut; the F-server
-                # says when to go on, or stops the run instead
-                send_rank_state(t, hosted.state_dict(), msg.round)
-                t.send(S_SERVER, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=msg.round)
-                msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
-            if msg.round == FINAL:
-                starts_announced = int(msg.tensor.item())
+        if ready is not None and ready[0] == Kind.CLIENT_MODEL:
+            msg, packed = rank.next_start()
+            if rank.announced is None:
+                active.append([msg.client, msg.round, 0, rank.begin(rank.hosted[msg.client], packed)])
+        elif ready is not None:
+            _obey_control(rank)
+            if rank.announced is not None:
                 active.clear()          # participations in flight are abandoned: the run is over
-            continue
-        cid, version, k, stats = active.pop(0)       # one local iteration of the next active client
-        rank.iterate(cid, version, k, stats)
-        if k + 1 < rank.cfg.asynchronous.local_iters:
-            active.append([cid, version, k + 1, stats])
         else:
-            rank.give_back(cid, version, stats)
+            cid, version, k, stats = active.pop(0)       # one local iteration of the next active client
+            rank.iterate(cid, version, k, stats)
+            if k + 1 < rank.cfg.asynchronous.local_iters:
+                active.append([cid, version, k + 1, stats])
+            else:
+                rank.give_back(cid, version, stats)
     rank.finish()
+
+
+def _obey_control(rank: _ClientRank) -> None:
+    """The F-server's pause for the mid-run checkpoint of an update, or its stop. Paused, no activation of this
+    rank is unanswered (an iteration waits for its gradient), so its state and the S-server's are a cut; the
+    F-server says when to go on, or stops the run instead."""
+    t = rank.t
+    msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
+    if msg.round != FINAL:
+        send_rank_state(t, rank.hosted.state_dict(), msg.round)
+        t.send(S_SERVER, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=msg.round)
+        msg = t.recv(Kind.CONTROL, F_SERVER, shape=(1,), dtype=torch.int64)
+    if msg.round == FINAL:
+        rank.announced = int(msg.tensor.item())
 
 
 def _run_simulated_client(algo) -> None:
@@ -186,40 +191,20 @@ def _run_simulated_client(algo) -> None:
     schedule every rank computes), so the S-server, which serves the whole schedule in that order, always waits
     for the message this rank sends next. A stop from the F-server ends it before the next iteration."""
     rank = _ClientRank(algo)
-    world, t, cfg, hosted, nbytes = rank.world, rank.t, rank.cfg, rank.hosted, rank.nbytes
+    world, t, cfg, hosted = rank.world, rank.t, rank.cfg, rank.hosted
     schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
     stats: dict[int, dict] = {}
     early: dict = {}                    # client id -> its start message, taken before its turn
-    starts = sent = 0
-    announced = None
-    cuts = _cuts(algo, schedule)
-
-    def pass_cuts(before: int) -> None:
-        """This rank's state for every mid-run checkpoint cut before step `before` (its steps up to the cut done)."""
-        while cuts and cuts[0][0] < before:
-            send_rank_state(t, hosted.state_dict(), cuts.pop(0)[1])
-
-    def take_stop() -> None:
-        nonlocal announced
-        announced = int(t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64).tensor.item())
-
+    sent = 0
+    cuts = checkpoint_cuts(algo, schedule)
     for i, step in enumerate(schedule.steps):
         if step.client not in hosted:
             continue
-        pass_cuts(i)
+        _pass_cuts(rank, cuts, i)
         cid, version, c = step.client, world.start_round + step.version, hosted[step.client]
         if step.seq == 0:
-            # starts come in the order the F-server drew them; two of this rank's clients may begin their first
-            # iterations in the other order, so a start that comes early waits here
-            while cid not in early:
-                kind, _ = t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
-                if kind == Kind.CONTROL:
-                    break
-                msg = t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes)
-                early[msg.client] = (msg.round, rank.take_start(msg))
-                starts += 1
-            if cid not in early:
-                take_stop()
+            if not _await_start(rank, cid, early):
+                rank.take_stop()
                 break
             started_from, packed = early.pop(cid)
             if started_from != version:
@@ -227,22 +212,40 @@ def _run_simulated_client(algo) -> None:
                                     f"{version}")
             stats[cid] = rank.begin(c, packed)
         elif t.probe([Kind.CONTROL], F_SERVER):
-            take_stop()                     # participations in flight are abandoned: the run is over
+            rank.take_stop()                 # participations in flight are abandoned: the run is over
             break
         rank.iterate(cid, version, step.seq, stats[cid])
         sent += algo.uses_sserver           # activations sent
         if step.seq + 1 == cfg.asynchronous.local_iters:
             rank.give_back(cid, version, stats.pop(cid))
     else:
-        pass_cuts(len(schedule.steps))
-    if announced is None:
+        _pass_cuts(rank, cuts, len(schedule.steps))
+    if rank.announced is None:
         t.wait_any([Kind.CONTROL], F_SERVER)
-        take_stop()
-    for _ in range(announced - starts):      # starts sent before the stop reached this rank: taken, not run
-        rank.take_start(t.recv(Kind.CLIENT_MODEL, F_SERVER, clients_of=lambda _: hosted, nbytes=nbytes))
+        rank.take_stop()
+    rank.take_starts_left()
     # the S-server answers exactly this many activations from this rank and skips the rest of its schedule
     t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
     rank.finish()
+
+
+def _await_start(rank: _ClientRank, cid: int, early: dict) -> bool:
+    """Client `cid`'s start message, in `early`; False when the stop comes first. Starts come in the order the
+    F-server drew them; two of this rank's clients may begin their first iterations in the other order, so a start
+    that comes early waits in `early`."""
+    while cid not in early:
+        kind, _ = rank.t.wait_any([Kind.CONTROL, Kind.CLIENT_MODEL], F_SERVER)
+        if kind == Kind.CONTROL:
+            return False
+        msg, packed = rank.next_start()
+        early[msg.client] = (msg.round, packed)
+    return True
+
+
+def _pass_cuts(rank: _ClientRank, cuts: list, before: int) -> None:
+    """This rank's state for every mid-run checkpoint cut before step `before` (its steps up to the cut done)."""
+    while cuts and cuts[0][0] < before:
+        send_rank_state(rank.t, rank.hosted.state_dict(), cuts.pop(0)[1])
 
 
 # ---------------------------------------------------------------------------------------------------- S-server
@@ -250,12 +253,14 @@ class _Evaluations:
     """The S-server's queue of global models to evaluate, one test batch at a time in its idle moments, and its
     reports: each result goes to the F-server with the S-server's counters."""
 
-    def __init__(self, algo, s, server_for, steps_for=None):
-        """`server_for(version)` -> the server model to evaluate global model `version` with; `steps_for(version)`
-        -> (server steps, generated samples) as of that update (default: as they are when the result goes out)."""
-        self.steps_for = steps_for
+    def __init__(self, algo, s, server_for, figures_for=None):
+        """`server_for(version)` -> the server model to evaluate global model `version` with; `figures_for(version)`
+        -> the algorithm's report figures (`server_report_fields`) as of that update (default: as they are when
+        the result goes out)."""
+        self.figures_for = figures_for
         self.algo, self.world, self.t, self.s, self.server_for = algo, algo.world, algo.world.transport, s, server_for
-        self.parts = _models(algo)
+        self.parts = part_nbytes(algo)
+        self.report = async_sserver_report(algo.server_report_fields())
         self.queue: list[tuple[int, dict]] = []     # (version, global model parts) waiting
         self.running, self.version, self.done = None, -1, 0
         self.busy, self.start = 0.0, time.perf_counter()
@@ -286,18 +291,27 @@ class _Evaluations:
             loss, accuracy, seconds = self.running.result()
             send_report(self.t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
                         round=self.version, kind=Kind.EVAL)
-            self.report_counters(self.version, *(self.steps_for(self.version) if self.steps_for else ()))
+            self.report_counters(self.version, self.figures_for(self.version) if self.figures_for else None)
             self.running, self.done = None, self.done + 1
         return True
 
-    def report_counters(self, round: int, steps: int | None = None, generated: int | None = None) -> None:
-        t, s = self.t, self.s
-        send_report(t, F_SERVER, ASYNC_SSERVER_REPORT, {
+    def report_counters(self, version: int, figures: dict | None = None) -> None:
+        """The S-server's report: counters, seconds, the algorithm's figures (default: as they are now)."""
+        t = self.t
+        send_report(t, F_SERVER, self.report, {
             "wait_seconds": t.wait_seconds, "busy_seconds": self.busy,
             "elapsed_seconds": time.perf_counter() - self.start,
-            "server_steps": getattr(s, "steps", 0) if steps is None else steps,
-            "generated_samples": getattr(s, "generated", 0) if generated is None else generated,
-            "resident_bytes": resident_bytes()}, round=round)
+            **(self.algo.server_report(self.s) if figures is None else figures),
+            "resident_bytes": resident_bytes()}, round=version)
+
+    def answer(self, act) -> None:
+        """One activation answered at once with its gradient (algo.on_activation); its seconds count as busy."""
+        t0, world, algo = time.perf_counter(), self.world, self.algo
+        labels = recv_labels(world, act)
+        progress = act.round * self.algo.cfg.asynchronous.local_iters + act.seq + 1          # n = tE + e
+        grad = algo.on_activation(self.s, act.client, progress, act.tensor, labels)
+        self.t.send(act.source, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
+        self.busy += time.perf_counter() - t0
 
 
 def run_async_sserver(algo) -> None:
@@ -320,14 +334,8 @@ def run_async_sserver(algo) -> None:
         # probing activations first would leave evaluation requests and the stop unread for the whole run.
         kind, src = t.wait_any([Kind.EVAL, Kind.CONTROL, Kind.ACTIVATION], idle=evals.step)
         if kind == Kind.ACTIVATION:
-            t0 = time.perf_counter()
-            act = t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of, trailing_shape=algo.activation_shape,
-                         device=world.device)
-            labels = recv_labels(world, act)
-            progress = act.round * cfg.asynchronous.local_iters + act.seq + 1          # n = tE + e
-            grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
-            t.send(src, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
-            evals.busy += time.perf_counter() - t0
+            evals.answer(t.recv(Kind.ACTIVATION, src, clients_of=world.clients_of,
+                                trailing_shape=algo.activation_shape, device=world.device))
             evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
         elif kind == Kind.CONTROL and src in world.client_ranks:
             # a client rank paused for a mid-run checkpoint; once every one has, nothing is in flight to or from
@@ -353,312 +361,94 @@ def _run_simulated_sserver(algo) -> None:
     (each client rank sends its own in that order, so the next one is always on its way). A global model is
     evaluated with the server model as it was at its update's simulated time (a snapshot), not whenever its
     request arrives: same seed, same run."""
-    world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    s = algo.make_server()
-    if world.resume_from:
-        s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
-    schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
-    snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
-    steps_at: dict[int, tuple[int, int]] = {}        # version -> (server steps, generated samples) at that update
-    # (a method whose S-server only evaluates, FedBuff, has no snapshots: its steps are those of now, none)
-    evals = _Evaluations(algo, s, snapshots.pop,
-                         lambda v: steps_at.pop(v, (getattr(s, "steps", 0), getattr(s, "generated", 0))))
-    expected_evaluations = None
-    sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
-    served = dict.fromkeys(world.client_ranks, 0)
-    cuts = _cuts(algo, schedule)
-
-    def take(kind: Kind, src: int) -> None:
-        """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
-        nonlocal expected_evaluations
-        if kind == Kind.EVAL:
-            evals.take_request()
-            # a server that only evaluates (FedBuff) has nothing of its own at a cut: its state goes with the request
-            while not algo.uses_sserver and cuts and cuts[0][1] <= evals.queue[-1][0]:
-                send_rank_state(t, {"server": s.state_dict()}, cuts.pop(0)[1])
-        elif src == F_SERVER:
-            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
-            expected_evaluations = int(msg.tensor.item())
-        else:
-            sent_by[src] = int(t.recv(Kind.CONTROL, src, round=FINAL, shape=(1,), dtype=torch.int64).tensor.item())
-            if sent_by[src] < served[src]:
-                raise ProtocolError(f"client rank {src} says it sent {sent_by[src]} activations; "
-                                    f"{served[src]} were answered")
-
-    from_fserver = [(Kind.EVAL, F_SERVER), (Kind.CONTROL, F_SERVER)]
-    for i, step in enumerate(schedule.steps if algo.uses_sserver else ()):
-        r = world.rank_of(step.client)
-        while sent_by[r] is None or served[r] < sent_by[r]:     # else: r stopped before this step
-            kind, src = t.wait_first([(Kind.ACTIVATION, r), *from_fserver,
-                                      *([(Kind.CONTROL, r)] if sent_by[r] is None else [])], idle=evals.step)
-            if kind != Kind.ACTIVATION:
-                take(kind, src)
-                continue
-            t0 = time.perf_counter()
-            version = world.start_round + step.version
-            act = t.recv(Kind.ACTIVATION, r, round=version, client=step.client, seq=step.seq,
-                         trailing_shape=algo.activation_shape, device=world.device)
-            labels = recv_labels(world, act)
-            progress = act.round * cfg.asynchronous.local_iters + act.seq + 1          # n = tE + e
-            grad = algo.on_activation(s, act.client, progress, act.tensor, labels)
-            t.send(r, Kind.GRADIENT, grad, round=act.round, client=act.client, seq=act.seq)
-            served[r] += 1
-            if step.update >= 0 and world.start_round + step.update < cfg.rounds:
-                snapshots[world.start_round + step.update] = copy.deepcopy(s.model)
-                steps_at[world.start_round + step.update] = (getattr(s, "steps", 0), getattr(s, "generated", 0))
-            if cuts and cuts[0][0] == i:
-                send_rank_state(t, {"server": s.state_dict()}, cuts.pop(0)[1])
-            evals.busy += time.perf_counter() - t0
-            evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
-            break
+    srv = _SimulatedSServer(algo)
+    for i, step in enumerate(srv.schedule.steps if algo.uses_sserver else ()):
+        srv.serve(i, step)
     # the schedule is done (or cut short by a stop): every client rank's total, then the F-server's stop
-    for r in world.client_ranks:
-        while sent_by[r] is None:
-            take(*t.wait_first([(Kind.CONTROL, r), *from_fserver], idle=evals.step))
-        if served[r] != sent_by[r]:
-            raise ProtocolError(f"client rank {r} sent {sent_by[r]} activations; {served[r]} were answered")
-    while expected_evaluations is None:
-        take(*t.wait_first(from_fserver, idle=evals.step))
-    send_rank_state(t, {"server": s.state_dict()}, FINAL)      # for the stop checkpoint
-    while evals.done < expected_evaluations:
+    srv.await_client_totals()
+    while srv.expected is None:
+        srv.take(*srv.t.wait_first(srv.from_fserver, idle=srv.evals.step))
+    send_rank_state(srv.t, {"server": srv.s.state_dict()}, FINAL)      # for the stop checkpoint
+    evals = srv.evals
+    while evals.done < srv.expected:
         if not evals.step():
-            t.wait_any([Kind.EVAL], F_SERVER)
+            srv.t.wait_any([Kind.EVAL], F_SERVER)
             evals.take_request()
     evals.report_counters(FINAL)
-    t.flush()
+    srv.t.flush()
 
 
-# ---------------------------------------------------------------------------------------------------- F-server
-def run_async_fserver(algo, log) -> dict:
-    world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    m = world.num_clients
-    templates = shared_templates(algo)           # the global model's parts (GAS: the client part)
-    parts = _models(algo)
-    nbytes = parts[Kind.CLIENT_MODEL]
-    threshold = cfg.comm_threshold_mb * 1024 ** 2
-    counters = {r: np.zeros((3, NUM_KINDS, 3), dtype=np.int64) for r in range(1, t.size)}   # latest reports
-    resident = np.zeros(t.size)                  # latest resident bytes per rank (client ranks: at their last model)
-    rng = world.generator("fserver")
-    global_model = {kind: pack_state(module.state_dict()) for kind, module in templates.items()}
-    version, requested = 0, 0
-    starts = dict.fromkeys(world.client_ranks, 0)
-    sim_start, sim_now = {}, 0.0
-    participations = np.zeros(m, dtype=np.int64)
-    inactive = list(range(m))
-    buffer: list[tuple[dict, int]] = []           # (returned parts, client id)
-    update_clock: dict[int, tuple[float, float]] = {}     # version -> (wall seconds, simulated seconds)
-    participations_at: dict[int, np.ndarray] = {}         # version -> returned models per client at that update
-    local_stats = np.zeros((m, 4))
-    start = time.perf_counter()
-    held: list[dict] = []       # metrics rows from the stop on
-    history = None
-    if world.resume_from:
-        # Participations in flight at the stop were abandoned, so every client is inactive again; the rest
-        # continues: the newest global model, the schedule's random stream, both clocks, counters and metrics.
-        flat = world.resume_state("fserver")
-        restore_transport(t, flat)
-        global_model = {kind: flat[f"{_part_name(kind)}/packed"].clone() for kind in templates}
-        version = requested = world.start_round
-        participations = flat["schedule/participations"].numpy().copy()
-        local_stats = flat["schedule/local_stats"].numpy().copy()
-        sim_now, wall = (float(v) for v in flat["schedule/clock"])
-        rng.set_state(flat["schedule/rng"])
-        for r in counters:
-            counters[r] = flat["schedule/reports"][r - 1].numpy().copy()
-        update_clock[version - 1] = (wall, sim_now)
-        start -= wall
-        history = {k.removeprefix("metrics/"): v.numpy() for k, v in flat.items() if k.startswith("metrics/")}
-        log(f"[mpisage] resuming after update {version} from {world.resume_from[0]}")
-    metrics = open_metrics(algo, history)
-    metrics.set("simulated_seconds_per_participation", [algo.participation_seconds(c) for c in range(m)])
-    # the straggler clock's inputs, so anyone can check the participation skew against the speeds
-    metrics.set("client_flops", [p.flops for p in algo.profiles])
-    metrics.set("client_uplink_bps", [p.uplink for p in algo.profiles])
-    simulated = cfg.asynchronous.schedule == "simulated"
-    if simulated:   # the F-server takes the returned models in simulated-time order, and starts the drawn clients
-        schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
-        returns = iter([step for step in schedule.steps if not np.isnan(step.returned)])
-        next_return = next(returns, None)
-        sim_offset = sim_now
+class _SimulatedSServer:
+    """The simulated-schedule S-server's state: the schedule, the snapshots of the server at each update, the
+    evaluations, what each client rank sent and was answered, the checkpoint cuts, the stop."""
 
-    cut_states: dict[int, dict] = {}     # update -> this rank's state at that mid-run checkpoint's cut
-    # mid-run checkpoints: cut where the schedule completes the update (simulated), or by pausing every client rank
-    # from the update until its checkpoint is written (arrival)
-    cuts = ({u for _, u in _cuts(algo, schedule)} if simulated else
-            {u for u in range(world.start_round, cfg.rounds) if midrun_checkpoint_due(cfg, u)})
+    def __init__(self, algo):
+        self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
+        world, cfg = self.world, self.cfg
+        self.s = s = algo.make_server()
+        if world.resume_from:
+            s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
+        self.schedule = algo.simulated_schedule(max(cfg.rounds - world.start_round, 0), world.start_round)
+        self.snapshots: dict[int, torch.nn.Module] = {}      # version -> the server model at that update
+        self.figures_at: dict[int, dict] = {}        # version -> the algorithm's report figures at that update
+        # (a method whose S-server only evaluates, FedBuff, has no snapshots: its figures are those of now)
+        self.evals = _Evaluations(algo, s, self.snapshots.pop, lambda v: self.figures_at.pop(v, None))
+        self.expected = None                 # evaluations to finish, once the F-server said stop
+        self.sent_by = dict.fromkeys(world.client_ranks)     # activations a client rank sent in all, once it stopped
+        self.served = dict.fromkeys(world.client_ranks, 0)
+        self.cuts = checkpoint_cuts(algo, self.schedule)
+        self.from_fserver = [(Kind.EVAL, F_SERVER), (Kind.CONTROL, F_SERVER)]
 
-    def own_state() -> dict:
-        """The F-server's part of a checkpoint, as it is now: the global model, the schedule's state and clocks."""
-        return {**{_part_name(kind): {"packed": packed.clone()} for kind, packed in global_model.items()},
-                "transport": transport_state(t),
-                "schedule": {"participations": torch.from_numpy(participations.copy()),
-                             "local_stats": torch.from_numpy(local_stats.copy()),
-                             "clock": torch.tensor([sim_now, time.perf_counter() - start], dtype=torch.float64),
-                             "rng": rng.get_state(),
-                             "reports": torch.from_numpy(np.stack([counters[r] for r in range(1, t.size)]))}}
+    def serve(self, i: int, step) -> None:
+        """Step i of the schedule: its activation answered (taking any other message that comes first), unless its
+        client rank stopped before it."""
+        t, world, r = self.t, self.world, self.world.rank_of(step.client)
+        while self.sent_by[r] is None or self.served[r] < self.sent_by[r]:
+            kind, src = t.wait_first([(Kind.ACTIVATION, r), *self.from_fserver,
+                                      *([(Kind.CONTROL, r)] if self.sent_by[r] is None else [])],
+                                     idle=self.evals.step)
+            if kind != Kind.ACTIVATION:
+                self.take(kind, src)
+                continue
+            self.evals.answer(t.recv(Kind.ACTIVATION, r, round=world.start_round + step.version, client=step.client,
+                                     seq=step.seq, trailing_shape=self.algo.activation_shape, device=world.device))
+            self.served[r] += 1
+            update = world.start_round + step.update
+            if step.update >= 0 and update < self.cfg.rounds:
+                self.snapshots[update] = copy.deepcopy(self.s.model)
+                self.figures_at[update] = self.algo.server_report(self.s)
+            if self.cuts and self.cuts[0][0] == i:
+                send_rank_state(t, {"server": self.s.state_dict()}, self.cuts.pop(0)[1])
+            self.evals.step()     # a busy S-server is never idle: evaluate one batch per activation served
+            return
 
-    def write(update: int, ranks: dict, own: dict, row: dict) -> None:
-        """One checkpoint of every rank after global update `update`, its cost in `row` (the update's metrics)."""
-        began = time.perf_counter()
-        ranks["fserver"] = flatten_state({**own, "metrics": {k: torch.from_numpy(v)
-                                                             for k, v in metrics.history().items()}})
-        write_checkpoint(cfg.run_dir, update, ranks, {"config": to_yaml(cfg)}, cfg.checkpoint.keep)
-        sizes = np.array([state_nbytes(ranks[f"rank{r}" if r else "fserver"][0]) for r in range(t.size)])
-        row["checkpoint_bytes_by_rank"], row["checkpoint_seconds"] = sizes, time.perf_counter() - began
-        metrics.update_last({k: row[k] for k in ("checkpoint_bytes_by_rank", "checkpoint_seconds")})
-        log(f"[mpisage] checkpoint after update {update + 1}: {sizes.sum() / 1024 ** 2:.1f} MiB, gathered and "
-            f"written in {row['checkpoint_seconds']:.1f} s")
-
-    def draw() -> int:
-        return inactive.pop(int(torch.randint(len(inactive), (1,), generator=rng)))
-
-    def start_client(cid: int) -> None:
-        for kind, packed in global_model.items():
-            t.send(world.rank_of(cid), kind, packed, round=version, client=cid)
-        starts[world.rank_of(cid)] += 1
-        sim_start[cid] = sim_now
-
-    for cid in (schedule.first_clients if simulated else (draw() for _ in range(algo.active))):
-        start_client(cid)
-    stop = False
-    while not stop:
-        if simulated:
-            kind, src = t.wait_first([(Kind.EVAL, S_SERVER)] + ([] if next_return is None else
-                                     [(Kind.CLIENT_MODEL, world.rank_of(next_return.client))]))
+    def take(self, kind: Kind, src: int) -> None:
+        """A message other than the next activation: an evaluation request, the stop, a client rank's total."""
+        t, cuts = self.t, self.cuts
+        if kind == Kind.EVAL:
+            self.evals.take_request()
+            # a server that only evaluates (FedBuff) has nothing of its own at a cut: its state goes with the request
+            while not self.algo.uses_sserver and cuts and cuts[0][1] <= self.evals.queue[-1][0]:
+                send_rank_state(t, {"server": self.s.state_dict()}, cuts.pop(0)[1])
+        elif src == F_SERVER:
+            msg = t.recv(Kind.CONTROL, F_SERVER, round=FINAL, shape=(1,), dtype=torch.int64)
+            self.expected = int(msg.tensor.item())
         else:
-            kind, src = t.wait_any([Kind.EVAL, Kind.CLIENT_MODEL])      # results first: models must not starve them
-        if kind == Kind.CLIENT_MODEL:
-            if simulated:
-                step, next_return = next_return, next(returns, None)
-                msg = t.recv(Kind.CLIENT_MODEL, src, client=step.client, round=world.start_round + step.version,
-                             nbytes=nbytes)
-            else:
-                msg = t.recv(Kind.CLIENT_MODEL, src, clients_of=world.clients_of, nbytes=nbytes)
-            cid = msg.client
-            returned = _recv_models(t, msg, parts)
-            local = recv_report(t, src, CLIENT_ROUND, client=cid)
-            local_stats[cid] += [local[name] for name, _ in CLIENT_ROUND.fields]
-            rank_report = recv_report(t, src, RANK_REPORT, round=msg.round)
-            counters[src], resident[src] = rank_report["counters"], rank_report["resident_bytes"]
-            participations[cid] += 1
-            if simulated:
-                if step.update >= 0:
-                    sim_now = sim_offset + schedule.update_times[step.update]
-            else:
-                sim_now = max(sim_now, sim_start[cid] + algo.participation_seconds(cid))
-            buffer.append((returned, cid))
-            if len(buffer) == algo.model_buffer:
-                global_model = {kind: algo.average_models([b[0][kind] for b in buffer], [b[1] for b in buffer],
-                                                          template) for kind, template in templates.items()}
-                buffer.clear()
-                update_clock[version] = (time.perf_counter() - start, sim_now)
-                participations_at[version] = participations.copy()
-                if requested < cfg.rounds:
-                    for kind, packed in global_model.items():
-                        t.send(S_SERVER, Kind.EVAL, packed, round=version, part=int(kind))
-                    requested += 1
-                if version in cuts:
-                    cut_states[version] = own_state()
-                    for r in () if simulated else world.client_ranks:
-                        t.send(r, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=version)    # pause
-                version += 1
-            # The replacement starts from the newest global model; the finished client may be drawn again later
-            # (at once when every client is active, C = K: then it is the only one to draw).
-            if simulated:
-                if step.replacement >= 0:
-                    start_client(step.replacement)
-                continue
-            replacement = draw() if inactive else cid
-            start_client(replacement)
-            if replacement != cid:
-                inactive.append(cid)
-            continue
-        if src != S_SERVER:
-            raise ProtocolError(f"EVAL message from rank {src}: only the S-server (rank 1) sends results")
-        summary = _record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg)
-        stop = summary["round"] + 1 >= cfg.rounds or summary["comm_bytes"] >= threshold or \
-            preemption.requested() is not None
-        if stop:
-            held.append(summary)          # written after the drain, with the final counters
-            continue
-        metrics.append(summary)
-        if summary["round"] in cut_states:   # every row up to the cut is in: gather the other ranks' cut states
-            update = int(summary["round"])
-            ranks = {f"rank{r}": recv_checkpoint(t, r, update) for r in (*world.client_ranks, S_SERVER)}
-            write(update, ranks, cut_states.pop(update), summary)
-            for r in () if simulated else world.client_ranks:
-                t.send(r, Kind.CONTROL, torch.zeros(1, dtype=torch.int64), round=update)    # go on
+            self.sent_by[src] = int(t.recv(Kind.CONTROL, src, round=FINAL, shape=(1,),
+                                           dtype=torch.int64).tensor.item())
+            if self.sent_by[src] < self.served[src]:
+                raise ProtocolError(f"client rank {src} says it sent {self.sent_by[src]} activations; "
+                                    f"{self.served[src]} were answered")
 
-    # drain: every client rank takes the starts in flight and reports; then the S-server finishes its evaluations
-    for r in world.client_ranks:
-        t.send(r, Kind.CONTROL, torch.tensor([starts[r]], dtype=torch.int64), round=FINAL)
-    for r in world.client_ranks:
-        while True:
-            msg = t.recv(Kind.CONTROL, r, dtype=torch.float64)
-            if msg.client >= 0:          # a model that came back after the stop: received, not used
-                CLIENT_ROUND.unpack(msg.tensor)
-                _recv_models(t, t.recv(Kind.CLIENT_MODEL, r, client=msg.client, nbytes=nbytes), parts)
-                continue
-            counters[r] = (FINAL_CLIENT_REPORT if msg.round == FINAL else RANK_REPORT).unpack(msg.tensor)["counters"]
-            if msg.round == FINAL:
-                break
-    # (a rank may have sent its state for a mid-run checkpoint that the stop came before: dropped)
-    ranks = {f"rank{r}": recv_checkpoint(t, r, FINAL, drop_others=True) for r in world.client_ranks}
-    sent = requested - world.start_round       # evaluations this run asked for (a resumed run starts later)
-    t.send(S_SERVER, Kind.CONTROL, torch.tensor([sent], dtype=torch.int64), round=FINAL)
-    ranks["rank1"] = recv_checkpoint(t, S_SERVER, FINAL, drop_others=True)
-    while held[-1]["round"] + 1 < requested:
-        t.wait_any([Kind.EVAL], S_SERVER)
-        held.append(_record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg))
-    counters[S_SERVER] = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=FINAL)["counters"]
-    t.flush()
-    # The last row carries the totals of the whole run: every activation answered, every model counted.
-    held[-1].update(_totals(counters, t))
-    for row in held:
-        metrics.append(row)
-    summary = held[-1]
-    last = int(summary["round"])
-    write(last, ranks, own_state(), summary)
-    if preemption.requested() and last < cfg.rounds - 1:
-        log(f"[mpisage] {preemption.requested()}: stopped after update {last + 1} with a checkpoint; run again with "
-            f"resume=auto to continue")
-    metrics.close()
-    return summary
+    def await_client_totals(self) -> None:
+        for r in self.world.client_ranks:
+            while self.sent_by[r] is None:
+                self.take(*self.t.wait_first([(Kind.CONTROL, r), *self.from_fserver], idle=self.evals.step))
+            if self.served[r] != self.sent_by[r]:
+                raise ProtocolError(f"client rank {r} sent {self.sent_by[r]} activations; {self.served[r]} were "
+                                    f"answered")
 
 
-def _part_name(kind: Kind) -> str:
+def part_name(kind: Kind) -> str:
     """client / server / aux: how a global model part is named in the checkpoint."""
     return next(name for name, k in PART_KINDS.items() if k == kind)
-
-
-def _totals(counters: dict, t) -> dict:
-    totals = sum(counters.values()) + t.counters()
-    return {"comm_bytes": int(totals[1].sum()), "wire_bytes": int(totals[0].sum()),
-            "paper_bytes_by_kind": totals[1].sum(axis=1), "wire_bytes_by_kind": totals[0].sum(axis=1),
-            "messages_by_kind": totals[2].sum(axis=1)}
-
-
-def _record(t, counters, resident, update_clock, local_stats, participations_at, log, cfg) -> dict:
-    """Receives one evaluation result (and the S-server's counters) and returns its metrics row. Participations and
-    the S-server's step counts are as of the update (with the simulated schedule, the same every run); byte figures
-    are the sums of every rank's latest report when the row is recorded, and resident memory each rank's latest."""
-    msg = t.recv(Kind.EVAL, S_SERVER, shape=(EVAL_RESULT.size,), dtype=torch.float64)
-    version = msg.round
-    result = EVAL_RESULT.unpack(msg.tensor)
-    s_rep = recv_report(t, S_SERVER, ASYNC_SSERVER_REPORT, round=version)
-    counters[S_SERVER] = s_rep["counters"]
-    resident[F_SERVER], resident[S_SERVER] = resident_bytes(), s_rep["resident_bytes"]
-    test_loss, test_acc, eval_s = result["loss"], result["accuracy"], result["seconds"]
-    wall, sim = update_clock[version]
-    row = {"round": version, "test_acc": test_acc, "test_loss": test_loss, **_totals(counters, t),
-           "wall_time": wall, "simulated_time": sim, "eval_seconds": eval_s,
-           "round_seconds": wall - (update_clock[version - 1][0] if version else 0.0),
-           "participations_by_client": participations_at.pop(version), "client_train_seconds": local_stats[:, 3].copy(),
-           "sserver_busy_seconds": s_rep["busy_seconds"], "server_steps": s_rep["server_steps"],
-           "generated_samples": s_rep["generated_samples"], "resident_bytes_by_rank": resident.copy(),
-           # filled in once the update's checkpoint (if any) is written: bytes of each rank's state, seconds
-           "checkpoint_bytes_by_rank": np.zeros(t.size, dtype=np.int64), "checkpoint_seconds": 0.0}
-    if version % cfg.runtime.log_interval == 0:
-        log(f"update {version + 1:4d}/{cfg.rounds} | test acc {test_acc:.4f} | loss {test_loss:.4f} | "
-            f"{row['comm_bytes'] / GIB:8.3f} GiB | wall {wall:7.1f} s | simulated {sim:8.1f} s")
-    return row

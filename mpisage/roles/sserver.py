@@ -64,64 +64,85 @@ def recv_labels(world, act) -> torch.Tensor:
 
 
 def run_sserver(algo: Algorithm) -> None:
-    world, t, cfg = algo.world, algo.world.transport, algo.cfg
-    s = algo.make_server()
-    report = sserver_round_report(world.num_clients, algo.server_report_fields())
-    eval_modules = eval_templates(algo)     # receive each round's global modules, for evaluation
-    evaluation, eval_round = None, -1      # the previous round's evaluation, run in idle moments
+    srv = SServer(algo)
+    for round in range(srv.world.start_round, srv.cfg.rounds):
+        srv.serve_uploads(round)
+        srv.report_round(round)
+        stop = srv.await_decision(round)
+        srv.take_evaluation(round)
+        if checkpoint_due(srv.cfg, round, stop):
+            send_rank_state(srv.t, {"server": srv.s.state_dict()}, round)
+        if stop:
+            srv.finish_evaluation()
+            break
+    srv.t.flush()
 
-    def evaluate_in_background() -> bool:
-        if evaluation is None:
-            return False
-        evaluation.step()
-        if evaluation.done:       # report at once: the F-server writes the round's row when it comes
-            finish_evaluation()
-        return True
 
-    def finish_evaluation() -> None:
-        nonlocal evaluation
-        if evaluation is not None:
-            loss, accuracy, seconds = evaluation.result()
-            send_report(t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
-                        round=eval_round, kind=Kind.EVAL)
-            evaluation = None
+class SServer:
+    """The synchronous S-server's state across rounds (the server state; the previous round's evaluation, run in
+    idle moments) and one method per step of a round."""
 
-    if world.resume_from:
-        s.load_state_dict(restore_rank_state(world, "rank1"), "server", world.device)
-    for round in range(world.start_round, cfg.rounds):
-        start, busy = time.perf_counter(), 0.0
+    def __init__(self, algo: Algorithm):
+        self.algo, self.world, self.t, self.cfg = algo, algo.world, algo.world.transport, algo.cfg
+        self.s = algo.make_server()
+        self.report = sserver_round_report(self.world.num_clients, algo.server_report_fields())
+        self.eval_modules = eval_templates(algo)     # receive each round's global modules, for evaluation
+        self.evaluation, self.eval_round = None, -1  # the previous round's evaluation, run in idle moments
+        self.start, self.busy = time.perf_counter(), 0.0     # the round's start, its seconds of computing
+        if self.world.resume_from:
+            self.s.load_state_dict(restore_rank_state(self.world, "rank1"), "server", self.world.device)
+
+    def serve_uploads(self, round: int) -> None:
+        """Every upload of the round answered (`on_upload`'s replies sent with the upload's seq)."""
+        algo, world, s = self.algo, self.world, self.s
+        self.start, self.busy = time.perf_counter(), 0.0
         s.train_stats[:] = 0
         expected = {cid: algo.expected_uploads(cid) for cid in range(world.num_clients)}
         first_uploads = 0
-        for act, labels in _uploads(algo, round, expected, idle=evaluate_in_background):
+        for act, labels in _uploads(algo, round, expected, idle=self.evaluate_in_background):
             t0 = time.perf_counter()
             first_uploads += act.seq == 0
             if first_uploads == world.num_clients and act.seq == 0 and algo.gathers_first_uploads(round):
-                finish_evaluation()     # the last first upload starts a long computation: report round r-1 now
+                self.finish_evaluation()     # the last first upload starts a long computation: report round r-1 now
             for reply in algo.on_upload(s, round, act.client, act.seq, act.tensor, labels):
-                # (kind, tensor) to the uploader, (client, kind, tensor) or (client, kind, tensor, paper): `paper`
-                # false for the further copies of one broadcast payload (the wire figure still counts them)
-                cid, kind, tensor, *paper = reply if len(reply) >= 3 else (act.client, *reply)
-                t.send(world.rank_of(cid), kind, tensor, round=round, client=cid, seq=act.seq,
-                       paper=paper[0] if paper else True)
-            busy += time.perf_counter() - t0
+                cid = act.client if reply.client is None else reply.client
+                self.t.send(world.rank_of(cid), reply.kind, reply.tensor, round=round, client=cid, seq=act.seq,
+                            paper=reply.paper)
+            self.busy += time.perf_counter() - t0
         algo.end_server_round(s, round)
-        send_report(t, F_SERVER, report, {
-            "wait_seconds": t.wait_seconds, "busy_seconds": busy, "round_seconds": time.perf_counter() - start,
-            "train_stats": s.train_stats, **algo.server_report(s), "resident_bytes": resident_bytes()}, round=round)
 
-        stop = t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64,
-                      idle=evaluate_in_background).tensor.item()
-        finish_evaluation()     # round r-1's, if the idle moments did not suffice: its modules take round r's now
-        for (kind, cid), module in eval_modules.items():
-            msg = t.recv(Kind.EVAL, F_SERVER, round=round, client=cid, part=int(kind),
-                         nbytes=state_nbytes(module.state_dict()))
+    def report_round(self, round: int) -> None:
+        send_report(self.t, F_SERVER, self.report, {
+            "wait_seconds": self.t.wait_seconds, "busy_seconds": self.busy,
+            "round_seconds": time.perf_counter() - self.start, "train_stats": self.s.train_stats,
+            **self.algo.server_report(self.s), "resident_bytes": resident_bytes()}, round=round)
+
+    def await_decision(self, round: int) -> bool:
+        """The F-server's continue/stop flag (evaluating meanwhile)."""
+        return bool(self.t.recv(Kind.CONTROL, F_SERVER, round=round, shape=(1,), dtype=torch.int64,
+                                idle=self.evaluate_in_background).tensor.item())
+
+    def take_evaluation(self, round: int) -> None:
+        """The round's global modules, to evaluate in the idle moments of the next round (round r-1's evaluation is
+        finished first, if the idle moments did not suffice: its modules take round r's now)."""
+        self.finish_evaluation()
+        for (kind, cid), module in self.eval_modules.items():
+            msg = self.t.recv(Kind.EVAL, F_SERVER, round=round, client=cid, part=int(kind),
+                              nbytes=state_nbytes(module.state_dict()))
             load_packed(module, msg.tensor)
-        evaluation, eval_round = algo.evaluation(s, eval_modules), round
-        if checkpoint_due(cfg, round, stop):
-            send_rank_state(t, {"server": s.state_dict()}, round)
-        if stop:
-            finish_evaluation()
-            break
-    t.flush()
+        self.evaluation, self.eval_round = self.algo.evaluation(self.s, self.eval_modules), round
 
+    def evaluate_in_background(self) -> bool:
+        if self.evaluation is None:
+            return False
+        self.evaluation.step()
+        if self.evaluation.done:       # report at once: the F-server writes the round's row when it comes
+            self.finish_evaluation()
+        return True
+
+    def finish_evaluation(self) -> None:
+        if self.evaluation is not None:
+            loss, accuracy, seconds = self.evaluation.result()
+            send_report(self.t, F_SERVER, EVAL_RESULT, {"loss": loss, "accuracy": accuracy, "seconds": seconds},
+                        round=self.eval_round, kind=Kind.EVAL)
+            self.evaluation = None

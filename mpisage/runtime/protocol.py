@@ -6,6 +6,8 @@ result) travel as one float64 vector laid out by a `Schema`: an ordered list of 
 shape that both sides know from the config. A sender fills the fields by name and a receiver reads them by name;
 nobody slices by position. Algorithms add fields of their own to the S-server's round report
 (`Algorithm.server_report_fields`). Nothing is pickled: the layout is code, the payload is raw float64.
+A report's header says which schema lays it out (`part` = the schema's tag), so a receiver that may get one of
+several reports (`recv_any_report`) reads which one it is instead of guessing from the other header fields.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ class Schema:
 
     def extended(self, **fields) -> "Schema":
         return Schema(self.name, self.fields + Schema.of(self.name, **fields).fields)
+
+    @property
+    def tag(self) -> int:
+        """Which report this is, in its message header (0: a schema outside REPORT_TAGS)."""
+        return REPORT_TAGS.get(self.name, 0)
 
     @property
     def size(self) -> int:
@@ -74,6 +81,9 @@ class Schema:
 
 
 # ------------------------------------------------------------------------------------------- the schemas
+# the header tag of each report (an extended schema keeps its base's name, and its tag)
+REPORT_TAGS = {"evaluation": 1, "client round": 2, "rank": 3, "final client rank": 4, "S-server round": 5,
+               "asynchronous S-server": 6}
 EVAL_RESULT = Schema.of("evaluation", loss=1, accuracy=1, seconds=1)
 CLIENT_ROUND = Schema.of("client round", loss_sum=1, correct=1, samples=1, seconds=1)
 
@@ -97,8 +107,11 @@ def sserver_round_report(num_clients: int, algorithm_fields: dict) -> Schema:
                      train_stats=(num_clients, 3), **algorithm_fields, resident_bytes=1)
 
 
-ASYNC_SSERVER_REPORT = Schema.of("asynchronous S-server", counters=COUNTERS_SHAPE, wait_seconds=1, busy_seconds=1,
-                                 elapsed_seconds=1, server_steps=1, generated_samples=1, resident_bytes=1)
+def async_sserver_report(algorithm_fields: dict) -> Schema:
+    """The asynchronous S-server's report with each evaluation result (and at the stop): its counters and seconds,
+    the algorithm's own fields (`Algorithm.server_report_fields`, as of the evaluated update), its memory."""
+    return Schema.of("asynchronous S-server", counters=COUNTERS_SHAPE, wait_seconds=1, busy_seconds=1,
+                     elapsed_seconds=1, **algorithm_fields, resident_bytes=1)
 
 
 # ------------------------------------------------------------------------------------------- sending reports
@@ -109,15 +122,28 @@ def send_report(t: Transport, dest: int, schema: Schema, values: dict, *, round:
     if any(name == "counters" for name, _ in schema.fields):
         t.count(kind, dest, schema.nbytes)
         payload = schema.pack({**values, "counters": t.counters().astype(np.float64)})
-        t.send(dest, kind, payload, round=round, client=client, count=False)
+        t.send(dest, kind, payload, round=round, client=client, part=schema.tag, count=False)
     else:
-        t.send(dest, kind, schema.pack(values), round=round, client=client)
+        t.send(dest, kind, schema.pack(values), round=round, client=client, part=schema.tag)
 
 
 def recv_report(t: Transport, source: int, schema: Schema, *, round: int | None = None,
                 client: int | None = None, kind: Kind = Kind.CONTROL, idle=None) -> dict:
-    msg = t.recv(kind, source, round=round, client=client, dtype=torch.float64, shape=(schema.size,), idle=idle)
+    msg = t.recv(kind, source, round=round, client=client, part=schema.tag, dtype=torch.float64,
+                 shape=(schema.size,), idle=idle)
     return schema.unpack(msg.tensor)
+
+
+def recv_any_report(t: Transport, source: int, schemas, *, kind: Kind = Kind.CONTROL):
+    """The next report from `source`, whichever of `schemas` its header says it is: (schema, values, message)."""
+    by_tag = {schema.tag: schema for schema in schemas}
+    if len(by_tag) != len(schemas) or 0 in by_tag:
+        raise ValueError(f"recv_any_report needs schemas with distinct tags: {[s.name for s in schemas]}")
+    msg = t.recv(kind, source, dtype=torch.float64)
+    if msg.part not in by_tag:
+        raise ProtocolError(f"{kind.name} message from rank {source}: a report of tag {msg.part}, expected one of "
+                            f"{sorted((s.tag, s.name) for s in schemas)}")
+    return by_tag[msg.part], by_tag[msg.part].unpack(msg.tensor), msg
 
 
 # ------------------------------------------------------------------------------------------- a client's link

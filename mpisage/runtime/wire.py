@@ -34,26 +34,95 @@ FLOAT16_MAX = 65504.0
 
 @dataclass(frozen=True)
 class WireFormat:
+    """One wire format: its payload size, codec, error bound and range check, all in one object."""
     name: str
     code: int                    # header dtype code (see mpisage.runtime.transport.WIRE_CODE_BASE)
     element_dtype: torch.dtype   # what the payload buffer holds
 
     def payload_nbytes(self, shape: tuple[int, ...]) -> int:
         """Bytes on the wire for a float32 tensor of `shape` in this format (the closed form)."""
-        numel = math.prod(shape)
-        if self.name == "int8":
-            return numel + 4 * _rows(shape)
-        return numel * torch.empty(0, dtype=self.element_dtype).element_size()
+        return math.prod(shape) * torch.empty(0, dtype=self.element_dtype).element_size()
 
     def payload_numel(self, shape: tuple[int, ...]) -> int:
         """Elements of `element_dtype` in the payload buffer."""
         return self.payload_nbytes(shape) // torch.empty(0, dtype=self.element_dtype).element_size()
 
+    def check(self, t: torch.Tensor, what: str) -> None:
+        """Refuses what the format cannot carry faithfully (non-finite values, in any format)."""
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(f"non-finite values in {what}: refused before {self.name} encoding")
+
+    def encode(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, payload: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FloatFormat(WireFormat):
+    """A narrower float: relative error `relative_error`, values up to `max_abs` (None: float32's range), and
+    below its normal range half its smallest subnormal step (`subnormal_error`)."""
+    relative_error: float = 0.0
+    max_abs: float | None = None
+    subnormal_error: float = 0.0
+
+    def check(self, t: torch.Tensor, what: str) -> None:
+        super().check(t, what)
+        if self.max_abs is not None and t.numel() and t.abs().max().item() > self.max_abs:
+            raise FloatingPointError(f"{what} holds |x| = {t.abs().max().item():.4g}, beyond {self.name}'s "
+                                     f"{self.max_abs:g}: set the wire key to bfloat16 (float32's range) or float32")
+
+    def encode(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().contiguous().view(-1).to(self.element_dtype)
+
+    def decode(self, payload: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return payload.view(-1).to(torch.float32).view(shape)
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().abs().to(torch.float64)
+        if not self.subnormal_error:
+            return a * self.relative_error
+        return torch.maximum(a * self.relative_error, torch.full_like(a, self.subnormal_error))
+
+
+@dataclass(frozen=True)
+class Int8Format(WireFormat):
+    """Symmetric int8 with one float32 scale per sample: the int8 values then the scales, as raw bytes."""
+
+    def payload_nbytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) + 4 * _rows(shape)
+
+    def encode(self, t: torch.Tensor) -> torch.Tensor:
+        rows = _per_sample(t.detach().contiguous())
+        scale = rows.abs().amax(dim=1) / INT8_LEVELS if rows.shape[1] else rows.new_zeros(rows.shape[0])
+        # an all-zero sample has scale 0: divide by 1 instead (its values are 0 either way)
+        q = torch.round(rows / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1))
+        q = q.clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+        return torch.cat([q.view(-1).view(torch.uint8), scale.to(torch.float32).view(torch.uint8)])
+
+    def decode(self, payload: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = payload.view(-1)
+        q = _per_sample(flat[:numel].view(torch.int8).to(torch.float32).view(shape))
+        scale = flat[numel:].clone().view(torch.float32)   # a copy: the scales start at any byte offset
+        return (q * scale.unsqueeze(1)).view(shape)
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _per_sample(x.detach().abs().to(torch.float64))
+        half_step = rows.amax(dim=1, keepdim=True) / INT8_LEVELS / 2 if rows.shape[1] else rows[:, :1]
+        # plus float32 rounding of the scale, the division and the product (a few ulps of |x|)
+        return (half_step * (1 + 2.0 ** -20) + rows * 2.0 ** -22).reshape(x.shape)
+
 
 WIRE_FORMATS = {
-    "bfloat16": WireFormat("bfloat16", 0, torch.bfloat16),
-    "float16": WireFormat("float16", 1, torch.float16),
-    "int8": WireFormat("int8", 2, torch.uint8),     # int8 values then float32 scales, as raw bytes
+    "bfloat16": FloatFormat("bfloat16", 0, torch.bfloat16, relative_error=2.0 ** -8),
+    "float16": FloatFormat("float16", 1, torch.float16, relative_error=2.0 ** -11, max_abs=FLOAT16_MAX,
+                           subnormal_error=2.0 ** -25),
+    "int8": Int8Format("int8", 2, torch.uint8),     # int8 values then float32 scales, as raw bytes
 }
 
 
@@ -68,51 +137,25 @@ def _per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(rows, x.numel() // rows if rows else 0)
 
 
+# the codec by format, as functions (the transport and the tests call these)
 def check_finite(t: torch.Tensor, fmt: WireFormat, what: str) -> None:
-    """Refuses a tensor the format cannot carry faithfully: non-finite values (any format) and, for float16,
-    magnitudes beyond its range. `what` names the message (kind, client, round)."""
-    if not torch.isfinite(t).all():
-        raise FloatingPointError(f"non-finite values in {what}: refused before {fmt.name} encoding")
-    if fmt.name == "float16" and t.numel() and t.abs().max().item() > FLOAT16_MAX:
-        raise FloatingPointError(f"{what} holds |x| = {t.abs().max().item():.4g}, beyond float16's {FLOAT16_MAX:g}: "
-                                 f"set the wire key to bfloat16 (float32's range) or float32")
+    """Refuses a tensor the format cannot carry faithfully. `what` names the message (kind, client, round)."""
+    fmt.check(t, what)
 
 
 def encode(t: torch.Tensor, fmt: WireFormat) -> torch.Tensor:
     """A float32 tensor -> the flat payload of `fmt` (on the tensor's device)."""
-    x = t.detach().contiguous()
-    if fmt.name != "int8":
-        return x.view(-1).to(fmt.element_dtype)
-    rows = _per_sample(x)
-    scale = rows.abs().amax(dim=1) / INT8_LEVELS if rows.shape[1] else rows.new_zeros(rows.shape[0])
-    # an all-zero sample has scale 0: divide by 1 instead (its values are 0 either way)
-    q = torch.round(rows / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1))
-    q = q.clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    return torch.cat([q.view(-1).view(torch.uint8), scale.to(torch.float32).view(torch.uint8)])
+    return fmt.encode(t)
 
 
 def decode(payload: torch.Tensor, fmt: WireFormat, shape: tuple[int, ...]) -> torch.Tensor:
     """A payload of `fmt` -> the float32 tensor of `shape` (on the payload's device)."""
-    if fmt.name != "int8":
-        return payload.view(-1).to(torch.float32).view(shape)
-    numel = math.prod(shape)
-    flat = payload.view(-1)
-    q = _per_sample(flat[:numel].view(torch.int8).to(torch.float32).view(shape))
-    scale = flat[numel:].clone().view(torch.float32)   # a copy: the scales start at any byte offset
-    return (q * scale.unsqueeze(1)).view(shape)
+    return fmt.decode(payload, shape)
 
 
 def error_bound(x: torch.Tensor, fmt: WireFormat) -> torch.Tensor:
     """Per-element bound on |decode(encode(x)) - x| for float32 `x` (the tests hold the codec to it)."""
-    a = x.detach().abs().to(torch.float64)
-    if fmt.name == "bfloat16":
-        return a * 2.0 ** -8
-    if fmt.name == "float16":   # relative 2^-11 for normal values, half the subnormal step (2^-25) below 2^-14
-        return torch.maximum(a * 2.0 ** -11, torch.full_like(a, 2.0 ** -25))
-    rows = _per_sample(a)
-    half_step = rows.amax(dim=1, keepdim=True) / INT8_LEVELS / 2 if rows.shape[1] else rows[:, :1]
-    # plus float32 rounding of the scale, the division and the product (a few ulps of |x|)
-    return (half_step * (1 + 2.0 ** -20) + rows * 2.0 ** -22).reshape(x.shape)
+    return fmt.error_bound(x)
 
 
 def parse(kind_key: str, value: str) -> WireFormat | None:

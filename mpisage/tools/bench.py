@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 from mpisage.runtime.environment import job_command
-from mpisage.runtime.metrics import read_rounds
+from mpisage.runtime.metrics import GIB, read_rounds
 
 FIXED = ["algorithm=fsl_sage", "model=cnn", "dataset=fashion_mnist", "dataset.distribution=iid", "batch_size=64",
          "seed=200", "checkpoint.interval=1000"]
@@ -39,7 +39,7 @@ def figures(metrics_path: str) -> dict:
         "client_idle_fraction": float(np.median(client_idle[pick])),
         "eval_seconds": float(np.median(r["eval_seconds"][pick])),
         "test_acc": float(r["test_acc"][-1]),
-        "gib_per_round": float(np.median(np.diff(np.concatenate([[0], r["comm_bytes"]]))[pick]) / 1024 ** 3),
+        "gib_per_round": float(np.median(np.diff(np.concatenate([[0], r["comm_bytes"]]))[pick]) / GIB),
     }
 
 

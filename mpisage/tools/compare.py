@@ -41,9 +41,7 @@ import yaml  # noqa: E402
 
 from mpisage.config import read_stored_config  # noqa: E402
 from mpisage.runtime.environment import job_command  # noqa: E402
-from mpisage.runtime.metrics import read_attrs, read_rounds  # noqa: E402
-
-GIB = 1024 ** 3
+from mpisage.runtime.metrics import GIB, read_attrs, read_rounds, run_finished  # noqa: E402
 NOT_REACHED = "not reached"
 # (row key, column header) in table order; the same keys are the CSV header.
 COLUMNS = [("method", "method"), ("rounds", "rounds"), ("best_acc", "best test acc"),
@@ -139,8 +137,7 @@ def is_complete(run_dir: str) -> bool:
         r = read_rounds(metrics_path(run_dir))
         cfg = read_stored_config(read_attrs(metrics_path(run_dir))["config"])
         done = len(r["test_acc"])
-        return done > 0 and (done >= int(cfg["rounds"])
-                             or r["comm_bytes"][-1] >= float(cfg["comm_threshold_mb"]) * 1024 ** 2)
+        return done > 0 and run_finished(done, r["comm_bytes"][-1], int(cfg["rounds"]), float(cfg["comm_threshold_mb"]))
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
         return False
 

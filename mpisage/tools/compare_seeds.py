@@ -36,9 +36,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from mpisage.config import read_stored_config  # noqa: E402
-from mpisage.runtime.metrics import read_attrs, read_dataset, read_rounds  # noqa: E402
-
-GIB = 1024 ** 3
+from mpisage.runtime.metrics import GIB, read_attrs, read_dataset, read_rounds, run_finished  # noqa: E402
 CONFIDENCE = 0.95
 # Per-target figures: (key, metrics column, scale, label). simulated_time exists for asynchronous (GAS) runs only.
 TO_TARGET = [("gib", "comm_bytes", 1 / GIB, "GiB"), ("wall_s", "wall_time", 1.0, "wall s"),
@@ -372,7 +370,7 @@ def run_state(run_dir: str, cfg) -> tuple[str, str]:
     if differences:
         return "different", "; ".join(differences)
     done = len(r.get("test_acc", ()))
-    if done and (done >= cfg.rounds or r["comm_bytes"][-1] >= cfg.comm_threshold_mb * 1024 ** 2):
+    if done and run_finished(done, r["comm_bytes"][-1], cfg.rounds, cfg.comm_threshold_mb):
         return "finished", f"{done} rounds"
     return "partial", f"{done} rounds of {cfg.rounds}"
 

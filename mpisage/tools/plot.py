@@ -12,9 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mpisage.runtime.metrics import read_attrs, read_rounds  # noqa: E402
-
-GIB = 1024 ** 3
+from mpisage.runtime.metrics import GIB, read_attrs, read_rounds  # noqa: E402
 
 
 def label_of(run_dir: str) -> str:
