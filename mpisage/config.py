@@ -88,6 +88,7 @@ class Config:
     comm_threshold_mb: float = 204800.0  # stop after the round in which the paper-figure load reaches this (MiB)
     deterministic: bool = False          # canonical message order on the S-server: bit-identical reruns
     resume: Optional[str] = None         # "auto": the newest valid checkpoint in run_dir; or a checkpoint path
+    overwrite: bool = False              # a new run in a run_dir holding another run's files moves them aside
 
     # optimiser (Adam on clients and S-server, as in the FSL-SAGE paper; GAS uses SGD)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
