@@ -45,7 +45,7 @@ def line_with(out: str, *words: str) -> str:
 def metrics_rounds(run_dir: str) -> str:
     from mpisage.runtime.metrics import read_rounds
     try:
-        return str(list(read_rounds(os.path.join(run_dir, "metrics.h5"))["round"]))
+        return str([int(r) for r in read_rounds(os.path.join(run_dir, "metrics.h5"))["round"]])
     except Exception as e:  # noqa: BLE001 - the outcome is what is printed
         return f"UNREADABLE ({type(e).__name__})"
 
@@ -86,12 +86,16 @@ def main() -> None:
     # 2. two jobs on one run_dir, with and without HDF5's own file locking
     for env, label in (({}, ""), ({"HDF5_USE_FILE_LOCKING": "FALSE"}, " (HDF5 locking off)")):
         d = R("twice" + ("_nolock" if env else ""))
-        first = launch(S + ["rounds=40", f"run_dir={d}"], n, env=env, wait=False)
+        first = launch(S + ["rounds=200", f"run_dir={d}"], n, env=env, wait=False)
+        while not os.path.exists(os.path.join(d, "mpisage.lock")) and first.poll() is None:
+            time.sleep(0.1)
         time.sleep(3)
         rc, out = launch(S + [f"run_dir={d}"], n, env=env)
+        time.sleep(2)
+        os.killpg(first.pid, signal.SIGTERM)      # the first job, undisturbed, stops with a checkpoint
         first_out, _ = first.communicate(timeout=300)
-        report("2 second job on a run_dir" + label, f"exit {rc}: {line_with(out, 'in use')[:150]}; first job exit "
-               f"{first.returncode}, metrics rounds {len(eval(metrics_rounds(d)))}")
+        report("2 second job on a run_dir" + label, f"exit {rc}: {line_with(out, 'in use')[:150]}; first job "
+               f"(SIGTERM after) exit {first.returncode}, {line_with(first_out, 'stopped after')[:60]}")
     # a lock left by a job that died: this host, a pid that no longer exists
     d = R("stale")
     os.makedirs(d)

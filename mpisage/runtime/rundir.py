@@ -72,19 +72,38 @@ def prepare_fresh_run(cfg) -> None:
     if not found:
         return
     names = ", ".join(os.path.basename(p) for p in found[:4]) + (" ..." if len(found) > 4 else "")
+    if cfg.resume == "auto" and not cfg.overwrite and _same_run_without_checkpoint(cfg, found):
+        _move_aside(cfg.run_dir, found, "the metrics of this run's start, which ended before its first checkpoint")
+        return
     if not cfg.overwrite:
         raise RunDirError(
             f"run_dir {cfg.run_dir} already holds another run ({names}); a new run would overwrite it. Use "
             f"resume=auto to continue that run, another run_dir=, or overwrite=true to move its files aside into "
             f"{cfg.run_dir}/replaced-<time>/")
-    aside = os.path.join(cfg.run_dir, time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime()))
+    _move_aside(cfg.run_dir, found, "overwrite=true: the previous run's files")
+
+
+def _same_run_without_checkpoint(cfg, found: list[str]) -> bool:
+    """resume=auto finding only a metrics file written with this very config: this run, stopped before its first
+    checkpoint (its rounds are done again), not another run."""
+    if [os.path.basename(p) for p in found] != ["metrics.h5"]:
+        return False
+    from mpisage.runtime.checkpoint import config_differences
+    from mpisage.runtime.metrics import read_attrs
+    try:
+        return not config_differences(str(read_attrs(found[0])["config"]), cfg)
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _move_aside(run_dir: str, found: list[str], what: str) -> None:
+    aside = os.path.join(run_dir, time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime()))
     while os.path.exists(aside):
         aside += "+"
     os.makedirs(aside)
     for p in found:
         os.replace(p, os.path.join(aside, os.path.basename(p)))
-    logger.warning(f"[mpisage] overwrite=true: moved the previous run's {len(found)} file(s) in {cfg.run_dir} "
-                   f"to {aside}")
+    logger.warning(f"[mpisage] {what} ({len(found)} file(s)) moved from {run_dir} to {aside}")
 
 
 class DiskFull(OSError):
