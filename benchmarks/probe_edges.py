@@ -19,16 +19,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-PY = sys.executable
-MPIRUN = os.path.join(os.path.dirname(PY), "mpirun")
 ENV = {**os.environ, "PYTHONPATH": ROOT, "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMP_NUM_THREADS": "1",
        "MPISAGE_TRACEBACK": "0"}
 
 
 def launch(args: list[str], ranks: int, env=None, wait=True):
-    cmd = [MPIRUN, "-n", str(ranks), PY, "-m", "mpisage.run", *args]
+    from mpisage.runtime.environment import job_command
+    cmd, job_env = job_command(ranks, args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**ENV, **(env or {})}, start_new_session=True)
+                            env={**job_env, **ENV, **(env or {})})
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=300)
@@ -52,6 +51,21 @@ def metrics_rounds(run_dir: str) -> str:
 
 def checkpoints(run_dir: str) -> str:
     return ",".join(os.path.basename(p)[16:22].lstrip("0") or "0" for p in sorted(glob.glob(f"{run_dir}/checkpoint_*")))
+
+
+def rank_pid(run_dir: str, rank: int) -> int:
+    """The process of `rank` in the job writing `run_dir`."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and f"run_dir={run_dir}".encode() in cmd:
+            return int(pid)
+    raise RuntimeError(f"no process of rank {rank} writes {run_dir}")
 
 
 def report(name: str, outcome: str) -> None:
@@ -92,9 +106,9 @@ def main() -> None:
         time.sleep(3)
         rc, out = launch(S + [f"run_dir={d}"], n, env=env)
         time.sleep(2)
-        os.killpg(first.pid, signal.SIGTERM)      # the first job, undisturbed, stops with a checkpoint
+        first.send_signal(signal.SIGTERM)      # the first job, undisturbed, stops with a checkpoint
         first_out, _ = first.communicate(timeout=300)
-        report("2 second job on a run_dir" + label, f"exit {rc}: {line_with(out, 'in use')[:150]}; first job "
+        report("2 second job on a run_dir" + label, f"exit {rc}: {line_with(out, 'in use')}; first job "
                f"(SIGTERM after) exit {first.returncode}, {line_with(first_out, 'stopped after')[:60]}")
     # a lock left by a job that died: this host, a pid that no longer exists
     d = R("stale")
@@ -151,9 +165,8 @@ def main() -> None:
     job = launch(S + ["rounds=40", f"run_dir={d}"], n, wait=False)
     while len(glob.glob(d + "/checkpoint_*.h5")) < 2 and job.poll() is None:
         time.sleep(0.2)
-    victim = subprocess.run(["pgrep", "-f", "-n", f"mpisage.run.*run_dir={d}"], capture_output=True, text=True)
     killed_at = time.monotonic()
-    os.kill(int(victim.stdout.split()[0]), signal.SIGKILL)
+    os.kill(rank_pid(d, n - 1), signal.SIGKILL)
     job.communicate(timeout=120)
     ended = time.monotonic() - killed_at
     rc, out = launch(S + ["rounds=6", f"run_dir={d}", "resume=auto"], n)
@@ -163,7 +176,7 @@ def main() -> None:
     job = launch(S + ["rounds=40", f"run_dir={d}"], n, wait=False)
     while not glob.glob(d + "/checkpoint_*.h5") and job.poll() is None:
         time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGTERM)
+    job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=120)
     report("good: SIGTERM", f"exit {job.returncode}: {line_with(out, 'stopped after')}")
     newest = sorted(glob.glob(d + "/checkpoint_*.h5"))[-1]
@@ -185,10 +198,25 @@ def disk_full(work: str, S: list[str], n: int) -> str:
         d = os.path.join(mnt, "run")
         rc, out = launch(S + ["rounds=20", "keep_checkpoints=2", f"run_dir={d}"], n)
         tmp = glob.glob(d + "/*.tmp")
-        return (f"exit {rc}: {line_with(out, 'no space')[:120]}; segfault: {'egmentation' in out or rc in (11, 139)}; "
-                f"partial files left: {len(tmp)}; metrics rounds {metrics_rounds(d)}")
+        lines = [f"checkpoints: exit {rc}: {line_with(out, 'no space')[:150]}; segfault: "
+                 f"{'egmentation' in out or rc in (11, 139)}; partial files left: {len(tmp)}; metrics rounds "
+                 f"{metrics_rounds(d)}"]
+        # the metrics file: the disk all but full (3 MiB left) before the run starts
+        shutil.rmtree(d)
+        with open(os.path.join(mnt, "filler"), "wb") as f:
+            f.write(b"\0" * (shutil.disk_usage(mnt).free - 3 * 1024 ** 2))
+        d = os.path.join(mnt, "run2")
+        rc, out = launch(S + ["rounds=2", f"run_dir={d}"], n)
+        lines.append(f"metrics: exit {rc}: {line_with(out, 'no space')[:150]}; segfault: "
+                     f"{'egmentation' in out or rc in (11, 139)}")
+        return "\n" + " " * 35 + ("\n" + " " * 35).join(lines)
     finally:
-        subprocess.run(["umount", mnt])
+        for _ in range(10):       # the aborted job's processes may take a moment to let go of it
+            if subprocess.run(["umount", mnt], capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            subprocess.run(["umount", "-l", mnt])
 
 
 if __name__ == "__main__":
