@@ -79,7 +79,7 @@ def write_checkpoint(run_dir: str, round: int, ranks: dict[str, tuple[dict[str, 
         # a partial file would keep the disk full and the next write failing: it goes, the older checkpoints stay
         if os.path.exists(tmp):
             os.remove(tmp)
-        rundir.raise_if_disk_full(e, tmp)
+        rundir.raise_if_disk_full(e, final)
         raise
     os.replace(tmp, final)
     dir_fd = os.open(run_dir, os.O_RDONLY)
