@@ -200,3 +200,22 @@ def test_resume_auto_before_any_checkpoint_restarts_the_same_run_but_refuses_ano
     rundir.prepare_fresh_run(_cfg(tmp_path, resume="auto"))        # its own start: moved aside, started again
     assert not (tmp_path / "metrics.h5").exists()
     assert [os.listdir(tmp_path / d) for d in os.listdir(tmp_path)] == [["metrics.h5"]]
+
+
+def test_a_missing_dataset_root_and_the_files_used_are_said(tmp_path, caplog, monkeypatch):
+    from mpisage.data import datasets, write_fashion_mnist_fixture
+    standard = tmp_path / "standard"
+    write_fashion_mnist_fixture(str(standard), 20, 10)
+    monkeypatch.setattr(datasets, "FASHION_DEBIAN_DIR", str(standard))
+    caplog.set_level(logging.INFO, logger="mpisage")
+    datasets.load_dataset("fashion_mnist", str(tmp_path / "nowhere"))
+    assert f"dataset.root={tmp_path / 'nowhere'} does not exist" in caplog.text
+    assert f"reading the idx files in {standard}" in caplog.text
+
+
+def test_a_non_finite_loss_suggests_the_learning_rate():
+    from types import SimpleNamespace
+
+    from mpisage.roles.client import _tally, new_round_stats
+    with pytest.raises(FloatingPointError, match="client 4 in round 2, local step 7: .*learning rate"):
+        _tally(new_round_stats(), (float("nan"), 0), SimpleNamespace(cid=4), 2, 7, 8)
