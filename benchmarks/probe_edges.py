@@ -53,21 +53,6 @@ def checkpoints(run_dir: str) -> str:
     return ",".join(os.path.basename(p)[16:22].lstrip("0") or "0" for p in sorted(glob.glob(f"{run_dir}/checkpoint_*")))
 
 
-def rank_pid(run_dir: str, rank: int) -> int:
-    """The process of `rank` in the job writing `run_dir`."""
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if f"PMI_RANK={rank}".encode() in env and f"run_dir={run_dir}".encode() in cmd:
-            return int(pid)
-    raise RuntimeError(f"no process of rank {rank} writes {run_dir}")
-
-
 def report(name: str, outcome: str) -> None:
     print(f"{name:<34} {outcome}", flush=True)
 
@@ -166,7 +151,8 @@ def main() -> None:
     while len(glob.glob(d + "/checkpoint_*.h5")) < 2 and job.poll() is None:
         time.sleep(0.2)
     killed_at = time.monotonic()
-    os.kill(rank_pid(d, n - 1), signal.SIGKILL)
+    from mpisage.runtime.process import find_rank_process
+    os.kill(find_rank_process(n - 1, f"run_dir={d}"), signal.SIGKILL)
     job.communicate(timeout=120)
     ended = time.monotonic() - killed_at
     rc, out = launch(S + ["rounds=6", f"run_dir={d}", "resume=auto"], n)
