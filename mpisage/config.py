@@ -258,6 +258,7 @@ class Config:
     seed: int = 200                      # data split, initialisation and sampling
     run_dir: str = "runs/default"        # metrics.h5, checkpoints and logs
     resume: Optional[str] = None         # "auto": the newest valid checkpoint in run_dir; or a checkpoint path
+    overwrite: bool = False              # a new run in a run_dir holding another run's files moves them aside
     comm_threshold_mb: float = 204800.0  # stop after the round in which the paper-figure load reaches this (MiB)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)              # data and its split
     optim: OptimConfig = field(default_factory=OptimConfig)                    # optimiser of every model

@@ -16,7 +16,12 @@ logger = logging.getLogger("mpisage")
 
 
 def _fail(rank: int, role: str, exc: BaseException) -> None:
+    from mpisage.runtime.rundir import DiskFull
     from mpisage.runtime.transport import abort_job
+    if isinstance(exc, DiskFull):     # a plain fact, not a bug: no traceback
+        abort_job(f"[mpisage] rank {rank}: {exc}; free space (the checkpoints and metrics already written are "
+                  f"intact) and run again with resume=auto\n[mpisage] aborting all ranks\n")
+        return
     detail = "".join(traceback.format_exception(exc)) if os.environ.get("MPISAGE_TRACEBACK", "1") != "0" else ""
     abort_job(f"{detail}[mpisage] rank {rank} ({role}) failed: {type(exc).__name__}: {exc}\n"
               f"[mpisage] aborting all ranks\n")
@@ -24,6 +29,16 @@ def _fail(rank: int, role: str, exc: BaseException) -> None:
 
 def run_job(cfg, comm, log=None) -> dict:
     """Runs one job on `comm` (every rank calls it); returns the last round's metrics on rank 0, {} elsewhere."""
+    from mpisage.runtime.rundir import claim
+    lock = claim(cfg, comm)       # first: a run_dir held by another job is refused before any work
+    try:
+        return _run_job(cfg, comm, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_job(cfg, comm, log) -> dict:
     import torch
     from mpi4py import MPI
 
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(e.code)
         return 0
     from mpisage.runtime.checkpoint import CheckpointError
+    from mpisage.runtime.rundir import RunDirError
     from mpisage.data import DataError
     from mpisage.runtime.metrics import GIB
 
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         # Start-up checks that need MPI or data (rank counts, partitions, files) fail identically on every rank.
         if rank == 0:
-            what = {DataError: "data", CheckpointError: "checkpoint"}.get(type(e), "config")
+            what = {DataError: "data", CheckpointError: "checkpoint", RunDirError: "run_dir"}.get(type(e), "config")
             sys.stderr.write(f"[mpisage] {what} error: {e}\n")
         return 2
     except BaseException as e:  # noqa: BLE001 - any failure must take the whole job down, not hang it

@@ -142,17 +142,8 @@ def test_nan_stops_the_run_naming_round_and_client(tmp_path):
 
 
 def _rank_pid(tmp_path, rank: int) -> int:
-    for pid in os.listdir("/proc"):                 # the process of that rank in this test's job
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if f"PMI_RANK={rank}".encode() in env and str(tmp_path).encode() in cmd and b"mpisage.run" in cmd:
-            return int(pid)
-    raise AssertionError(f"could not find rank {rank}'s process")
+    from mpisage.runtime.process import find_rank_process
+    return find_rank_process(rank, str(tmp_path))      # the process of that rank in this test's job
 
 
 def test_killed_client_rank_ends_the_job_and_last_checkpoint_loads(tmp_path):

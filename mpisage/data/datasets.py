@@ -14,11 +14,13 @@ import fcntl
 import gzip
 import hashlib
 import json
+import logging
 import os
 import pickle
 import sys
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .files import DataError, DataNotFound, user_cache_dir, write_atomically
+
+logger = logging.getLogger("mpisage")     # rank 0 prints info lines, the other ranks only warnings
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "cinic10", "e2e")
 
@@ -163,7 +167,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
             raw = f.read()
         if path.endswith(".gz"):
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a corrupt stream a zlib.error
         raise DataError(f"fashion_mnist: cannot read {path}: {e}. Delete it and fetch it again.") from e
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:4] != bytes((0, 0, 0x08, ndim)):
@@ -194,8 +198,11 @@ def _read_fashion_dir(directory: str) -> ImageDataset:
 
 def _load_fashion_mnist(root: str | None) -> ImageDataset:
     candidates = _fashion_candidates(root)
+    if root and not os.path.isdir(root):
+        logger.info(f"[mpisage] dataset.root={root} does not exist; looking in the standard places")
     for d in candidates:
         if all(_find_idx(d, base) for base in FASHION_FILES):
+            logger.info(f"[mpisage] fashion_mnist: reading the idx files in {d}")
             return _read_fashion_dir(d)
     cache = candidates[-1]
     try:

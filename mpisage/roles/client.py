@@ -41,7 +41,8 @@ def _tally(stats: dict, local: tuple[float, int] | None, c: ClientState, round: 
     if local is None:            # the loss lives on the S-server, which checks what it receives
         local = (np.nan, 0)
     elif not np.isfinite(local[0]):
-        raise FloatingPointError(f"non-finite training loss on client {c.cid} in round {round}, local step {k}")
+        raise FloatingPointError(f"non-finite training loss on client {c.cid} in round {round}, local step {k}: the "
+                                 f"usual cause is a learning rate too high for the model (try a smaller lr)")
     stats["loss_sum"] += local[0]
     stats["correct"] += local[1]
     stats["samples"] += n

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import torch
 
+from mpisage.runtime import rundir
 from mpisage.runtime.state import flatten_state, named_manifest, numpy_of, pack_state, state_nbytes, unpack_named
 from mpisage.runtime.stateful import CheckpointError
 from mpisage.runtime.transport import F_SERVER, Kind, Transport
@@ -56,30 +57,53 @@ def write_checkpoint(run_dir: str, round: int, ranks: dict[str, tuple[dict[str, 
     """ranks: group name -> (flat tensors, plain values). Returns the path written."""
     final = os.path.join(run_dir, f"checkpoint_round{round:06d}.h5")
     tmp = final + ".tmp"
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["round"] = round
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        for group, (tensors, plain) in ranks.items():
-            g = f.create_group(group)
-            g.attrs["plain"] = json.dumps(plain, default=str)
-            for name, t in tensors.items():
-                arr = numpy_of(t)
-                d = g.create_dataset(name, data=arr)
-                d.attrs["dtype"] = str(t.dtype).removeprefix("torch.")
-                d.attrs["crc32"] = zlib.crc32(np.ascontiguousarray(arr).view(np.uint8).tobytes()) if arr.size else 0
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    run = rundir.run_id(run_dir)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["round"] = round
+            f.attrs["run_id"] = run
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            for group, (tensors, plain) in ranks.items():
+                g = f.create_group(group)
+                g.attrs["plain"] = json.dumps(plain, default=str)
+                for name, t in tensors.items():
+                    arr = numpy_of(t)
+                    d = g.create_dataset(name, data=arr)
+                    d.attrs["dtype"] = str(t.dtype).removeprefix("torch.")
+                    d.attrs["crc32"] = zlib.crc32(np.ascontiguousarray(arr).view(np.uint8).tobytes()) if arr.size else 0
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException as e:
+        # a partial file would keep the disk full and the next write failing: it goes, the older checkpoints stay
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        rundir.raise_if_disk_full(e, final)
+        raise
     os.replace(tmp, final)
     dir_fd = os.open(run_dir, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in own_checkpoints(run_dir, run, round)[:-keep]:
         os.remove(old)
     return final
+
+
+def own_checkpoints(run_dir: str, run: str, upto: int) -> list[str]:
+    """Checkpoints in run_dir written by run `run` up to round `upto`, oldest first: the only ones its rotation may
+    delete (never another run's, never a later round of a branch this run was resumed from)."""
+    own = []
+    for path in list_checkpoints(run_dir):
+        try:
+            with h5py.File(path, "r") as f:
+                if str(f.attrs.get("run_id", "")) == run and int(f.attrs["round"]) <= upto:
+                    own.append(path)
+        except (OSError, KeyError, ValueError):
+            continue     # unreadable: not known to be ours, so kept (resume=auto skips it)
+    return own
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -123,7 +147,8 @@ def read_checkpoint(path: str, groups: list[str] | None = None) -> tuple[dict, d
 
 # Keys that may change between a checkpoint and its resumption without changing the computation (thread counts
 # only reorder float sums).
-RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "runtime.log_interval", "runtime.comm_timeout_s",
+RESUMABLE_CHANGES = {"rounds", "resume", "run_dir", "overwrite", "runtime.log_interval", "runtime.comm_timeout_s",
+                     "runtime.heartbeat_s", "runtime.heartbeat_timeout_s",
                      "checkpoint.interval", "checkpoint.keep", "runtime.torch_threads", "fsl.align_threads",
                      "comm_threshold_mb", "eval.batch_size",
                      "client_store.backend", "client_store.slots", "client_store.directory"}   # layout, not values
@@ -152,14 +177,17 @@ def config_differences(stored_yaml: str, cfg) -> list[str]:
     return list(walk(stored, now, defaults))
 
 
-def choose_checkpoint(cfg) -> tuple[str, int] | None:
+def choose_checkpoint(cfg, size: int | None = None) -> tuple[str, int] | None:
     """The checkpoint to resume from (rank 0 decides): `resume=auto` takes the newest one in run_dir that
-    verifies, falling back past corrupt ones; `resume=PATH` takes that file or fails. None: start afresh."""
+    verifies, falling back past corrupt ones; `resume=PATH` takes that file or fails. None: start afresh. A
+    checkpoint of a job with another rank count than `size` is refused."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
         candidates = list_checkpoints(cfg.run_dir)[::-1]
         if not candidates:
+            logging.getLogger("mpisage").warning(f"[mpisage] resume=auto: no checkpoint in {cfg.run_dir}; "
+                                                 f"starting afresh")
             return None
     else:
         if not os.path.isfile(cfg.resume):
@@ -168,7 +196,7 @@ def choose_checkpoint(cfg) -> tuple[str, int] | None:
         candidates = [cfg.resume]
     for path in candidates:
         try:
-            attrs, _ = read_checkpoint(path)
+            attrs, groups = read_checkpoint(path)
         except CheckpointError as e:
             if cfg.resume != "auto":
                 raise
@@ -179,11 +207,24 @@ def choose_checkpoint(cfg) -> tuple[str, int] | None:
             from mpisage.config import ConfigError
             raise ConfigError(f"checkpoint {path} was written with another config; resuming it needs the same "
                               f"settings:\n  " + "\n  ".join(differences))
+        check_rank_layout(path, groups, size)
         return path, int(attrs["round"])
     if cfg.resume == "auto":
         raise CheckpointError(f"no checkpoint in {cfg.run_dir} verifies (all are truncated or corrupt); "
                               f"start afresh without resume=auto or point resume= at a good file")
     return None
+
+
+def check_rank_layout(path: str, groups: dict, size: int | None) -> None:
+    """Refuses, before anything is opened for writing, a checkpoint of a job with another number of ranks: each
+    client rank's state holds its own clients' optimisers, data order and random streams, dealt round-robin by the
+    rank count; re-dealing them is not an exact re-mapping in general (a rank runs its clients in turn and keeps
+    per-rank state), so it is refused rather than guessed."""
+    written = 1 + sum(g.startswith("rank") for g in groups)      # the F-server's group plus one per other rank
+    if size is not None and written != size:
+        raise CheckpointError(f"checkpoint {path} was written by a job of {written} ranks ({written - 2} client "
+                              f"ranks); this job has {size} ({size - 2} client ranks). Resume it with "
+                              f"`mpirun -n {written}`, or start a new run in another run_dir")
 
 
 def agree_on_checkpoint(t: Transport, cfg) -> tuple[str, int] | None:
@@ -193,7 +234,10 @@ def agree_on_checkpoint(t: Transport, cfg) -> tuple[str, int] | None:
     if t.rank == 0:
         error, chosen = None, None
         try:
-            chosen = choose_checkpoint(cfg)
+            chosen = choose_checkpoint(cfg, t.size)
+            if chosen is None:
+                rundir.prepare_fresh_run(cfg)
+            rundir.adopt_run_id(cfg.run_dir, chosen[0] if chosen else None)
         except (ConfigError, CheckpointError) as e:
             error = e
         status = 2 if error else int(chosen is not None)

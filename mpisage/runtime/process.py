@@ -12,3 +12,19 @@ def prepare_rank_environment(env: dict | None = None) -> dict:
     for name, value in RANK_ENVIRONMENT.items():
         env.setdefault(name, value)
     return env
+
+
+def find_rank_process(rank: int, marker: str) -> int:
+    """The pid of MPI rank `rank` of the local `python -m mpisage.run` job whose command line contains `marker`
+    (its run_dir, say): for fault-injection tests and probes (kill -9, SIGSTOP one rank). Linux (/proc), MPICH."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and marker.encode() in cmd and b"mpisage.run" in cmd:
+            return int(pid)
+    raise LookupError(f"no process of rank {rank} of a job with {marker!r} in its command line")

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_existing and is_complete(run_dir):
             print(f"[compare] {method}: reusing the complete run in {run_dir}", flush=True)
         else:
-            rc = run_method(method, args.ranks, overrides, run_dir)
+            # a rerun replaces the method's earlier run: its files are moved aside (run_dir/replaced-<time>/)
+            rc = run_method(method, args.ranks, [*overrides, "overwrite=true"], run_dir)
             if rc == 0 and not os.path.isfile(metrics_path(run_dir)):
                 rc = -1    # "succeeded" without training (e.g. --help among the overrides): nothing to compare
             if rc != 0:
