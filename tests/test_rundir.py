@@ -118,7 +118,7 @@ def test_resumable_changes_include_the_heartbeat(tmp_path):
     from mpisage.config import to_yaml
     from mpisage.runtime.checkpoint import config_differences
     stored = to_yaml(_cfg(tmp_path))
-    assert config_differences(stored, _cfg(tmp_path, heartbeat_s=2, heartbeat_timeout_s=20, rounds=40)) == []
+    assert config_differences(stored, _cfg(tmp_path, **{"runtime.heartbeat_s": 2, "runtime.heartbeat_timeout_s": 20, "rounds": 40})) == []
     assert config_differences(stored, _cfg(tmp_path, seed=7)) != []
 
 
