@@ -101,7 +101,8 @@ def render() -> str:
         if doc:
             out += [" ".join(doc.split()), ""]
         out += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        out += [f"| `{key}` | {tp} | {default} | {text.replace('|', chr(92) + '|')} |" for key, tp, default, text in rows]
+        out += [f"| `{key}` | {tp} | {default} | {text.replace('|', chr(92) + '|')} |"
+                for key, tp, default, text in rows]
         out.append("")
     return "\n".join(out)
 
