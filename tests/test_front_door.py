@@ -205,6 +205,12 @@ def test_time_limit_requeues_an_unfinished_run(tmp_path):
     assert scontrol == ["scontrol requeue 77"], out
     assert f"run_dir={tmp_path / 'run'}" in srun[0] and "resume=auto" in srun[0] and "torch_threads=2" in srun[0]
     assert srun[0].rstrip().endswith("rounds=4")
+    # the keys the batch scripts add themselves are valid ones (key renames must reach slurm/launch.sh too)
+    args = shlex.split(srun[0])
+    proc = subprocess.run([sys.executable, "-m", "mpisage.run", "--print-config",
+                           *args[args.index("mpisage.run") + 1:]], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_time_limit_on_a_finished_run_does_not_requeue(tmp_path):
