@@ -226,3 +226,43 @@ def test_requeue_opt_out(tmp_path):
 def test_run_ending_on_its_own_does_not_requeue(tmp_path):
     rc, out, _, scontrol = _batch_job(tmp_path, signal_it=False)
     assert rc == 0 and scontrol == [], out
+
+
+def test_compare_sbatch_requeues_a_comparison_stopped_part_way(tmp_path):
+    """compare.sbatch hands USR1 to the compare tool and requeues when the tool says it stopped part-way (exit 3)."""
+    venv, log = tmp_path / "venv", tmp_path / "log"
+    (venv / "bin").mkdir(parents=True)
+    # python stand-in: the compare tool, which on USR1 stops its run and exits 3 (mpisage.tools.compare.STOPPED)
+    _stub(venv / "bin", "python", f'echo "compare $*" >> {log}\ntrap \'echo "compare got USR1" >> {log}; exit 3\' USR1\n'
+          f'touch {tmp_path}/started\nfor i in $(seq 600); do sleep 0.1; done; exit 0')
+    _stub(tmp_path, "scontrol", f'echo "scontrol $*" >> {log}')
+    job_env = {**ENV, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": ROOT, "SLURM_JOB_ID": "78",
+               "SLURM_NTASKS": "12", "SLURM_CPUS_PER_TASK": "2", "VENV": str(venv)}
+    job = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "compare.sbatch"), "--seeds", "3", "--methods",
+                            "fsl_sage,fed_avg", "rounds=8"], env=job_env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()[0]
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=120)
+    lines = open(log).read().splitlines()
+    assert job.returncode == 0, out
+    assert "compare got USR1" in lines and "scontrol requeue 78" in lines, (lines, out)
+    assert lines[0].startswith("compare -m mpisage.tools.compare --seeds 3 --methods fsl_sage,fed_avg rounds=8 --ranks 12")
+
+
+def test_compare_tool_forwards_a_stop_signal_and_starts_no_further_run(monkeypatch, tmp_path):
+    import threading
+
+    from mpisage.tools import compare
+    marker = tmp_path / "child-got-usr1"
+    child = ["bash", "-c", f"trap 'touch {marker}; exit 0' USR1; for i in $(seq 600); do sleep 0.1; done; exit 9"]
+    monkeypatch.setattr(compare, "job_command", lambda ranks, overrides: (child, dict(os.environ)))
+    before = signal.getsignal(signal.SIGUSR1)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    with pytest.raises(SystemExit) as stopped:
+        compare.run_method("fsl_sage", 3, [], str(tmp_path / "run"))
+    assert stopped.value.code == compare.STOPPED and marker.exists()
+    assert signal.getsignal(signal.SIGUSR1) == before      # the tool's forwarding handler is gone again
