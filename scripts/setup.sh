@@ -28,7 +28,7 @@ if [ "$HAVE" = none ]; then
   fi
   echo "[setup] installing $TORCH_SPEC ($TORCH_KIND build${INDEX_ARGS[1]:+ from ${INDEX_ARGS[1]}})"
   $PIP install "$TORCH_SPEC" ${INDEX_ARGS[@]+"${INDEX_ARGS[@]}"}
-  echo "[setup] got torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'):" \
+  echo "[setup] got torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null):" \
        "the $(bash scripts/torch_build.sh kind "$VENV/bin/python") build"
 elif [ "$TORCH_KIND" != given ] && [ "$HAVE" != "$TORCH_KIND" ]; then
   if [ "$TORCH_KIND" = cpu ]; then
