@@ -47,7 +47,11 @@ run_and_requeue() {
     unfinished="the comparison stopped part-way (its runs are checkpointed)"
   fi
   if [ -z "$unfinished" ]; then
-    echo "[slurm] $SIGNALLED arrived but the work had finished (exit code $status): not requeued"
+    if [ "$status" = 0 ]; then
+      echo "[slurm] $SIGNALLED arrived but the work had finished: not requeued"
+    else
+      echo "[slurm] the work failed (exit code $status; see the messages above): not requeued"
+    fi
     return "$status"
   fi
   if [ "${MPISAGE_REQUEUE:-1}" = 0 ]; then

@@ -167,7 +167,7 @@ def _fake_metrics(run_dir, rounds_done: int, rounds: int) -> None:
         f.create_dataset("rounds/comm_bytes", data=np.arange(1, rounds_done + 1) * 1000)
 
 
-def _batch_job(tmp_path, signal_it: bool, rounds_done: int = 2, **env):
+def _batch_job(tmp_path, signal_it: bool, rounds_done: int = 2, srun_exit: int = 0, **env):
     """Runs slurm/cpu.sbatch with stand-in srun/scontrol; returns (exit code, srun's arguments, scontrol's)."""
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
@@ -175,7 +175,7 @@ def _batch_job(tmp_path, signal_it: bool, rounds_done: int = 2, **env):
     _fake_metrics(run_dir, rounds_done, 4)      # what the run has written by the time the signal comes
     # srun: tells the test it is up, and on USR1 stops (as mpisage does: checkpoint, exit 0).
     _stub(bin_dir, "srun", f'echo "srun $*" >> {log}\n'
-          f'trap \'echo "srun got USR1" >> {log}; exit 0\' USR1\n'
+          f'trap \'echo "srun got USR1" >> {log}; exit {srun_exit}\' USR1\n'
           f'touch {tmp_path}/started\nfor i in $(seq 600); do sleep 0.1; done; exit 0')
     _stub(bin_dir, "scontrol", f'echo "scontrol $*" >> {log}')
     job_env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": ROOT, "SLURM_JOB_ID": "77",
@@ -216,6 +216,11 @@ def test_time_limit_requeues_an_unfinished_run(tmp_path):
 def test_time_limit_on_a_finished_run_does_not_requeue(tmp_path):
     rc, out, _, scontrol = _batch_job(tmp_path, signal_it=True, rounds_done=4)
     assert rc == 0 and scontrol == [] and "not requeued" in out, out
+
+
+def test_a_failed_run_is_not_requeued(tmp_path):
+    rc, out, _, scontrol = _batch_job(tmp_path, signal_it=True, srun_exit=1)
+    assert rc == 1 and scontrol == [] and "failed (exit code 1" in out, out
 
 
 def test_requeue_opt_out(tmp_path):
