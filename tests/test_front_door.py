@@ -256,6 +256,10 @@ def test_compare_sbatch_requeues_a_comparison_stopped_part_way(tmp_path):
     assert job.returncode == 0, out
     assert "compare got USR1" in lines and "scontrol requeue 78" in lines, (lines, out)
     assert lines[0].startswith("compare -m mpisage.tools.compare --seeds 3 --methods fsl_sage,fed_avg rounds=8 --ranks 12")
+    overrides = [w for w in lines[0].split()[3:] if "=" in w and not w.startswith("-")]   # the script's own keys too
+    proc = subprocess.run([sys.executable, "-m", "mpisage.run", "--print-config", *overrides], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and len(overrides) == 2, (overrides, proc.stderr)
 
 
 def test_compare_tool_forwards_a_stop_signal_and_starts_no_further_run(monkeypatch, tmp_path):
