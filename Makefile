@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: setup.py scripts/setup.sh
+$(VENV)/.setup-done: setup.py scripts/setup.sh scripts/torch_build.sh
 	bash scripts/setup.sh
 
 run: setup

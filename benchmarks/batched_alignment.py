@@ -4,7 +4,7 @@
                                                       [--repeats 3] [--steps 1] [--align-steps 100]
                                                       [--device cpu|cuda]
 
-ResNet-18 split (fsl_sage.md), default aux (layer3 + avgpool + fc, BatchNorm in train mode), Fashion-MNIST at
+ResNet-18 split (the FSL-SAGE paper's), default aux (layer3 + avgpool + fc, BatchNorm in train mode), Fashion-MNIST at
 32x32x3: smashed samples [128, 4, 4], random tensors (timing does not depend on the values). Every alignment step
 does the same work (the whole buffer, every step), so each repeat times `steps` steps of all clients and the figure
 per alignment is that time x `fsl.align_steps` (100 in the paper), plus the targets (one server forward + backward per

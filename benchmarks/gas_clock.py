@@ -1,7 +1,7 @@
 """Simulated seconds per global update and the participation skew of GAS's straggler schedule, next to the
 authors' timing model (github eejiarong/GAS, GAS_main.py, read for its figures: per image 5,603,328 operations per
 pass of the AlexNet client, 131,072 activation bits, 620,544 client-model bits; the active client with the
-earliest clock acts next). Both use the straggler model of gas_sglr.md with the same speeds per seed.
+earliest clock acts next). Both use the straggler model of the GAS paper with the same speeds per seed.
 
     python benchmarks/gas_clock.py [--seeds 10] [--updates 50]
 

@@ -1,4 +1,6 @@
 """Entry point: `mpirun -n 11 python -m mpisage.run [-c configs/X.yaml] [key=value ...]`.
+`python -m mpisage.run --print-config [-c FILE] [key=value ...]` validates the same arguments and prints the resolved
+config as YAML, without MPI or data (exit 0; a bad value: the one-line config error, exit 2).
 
 Rank 0 is the F-server, rank 1 the S-server, ranks 2.. the clients. Any exception on any rank aborts the whole
 job (MPI_Abort) after printing the rank, its role and the reason, so nothing hangs."""
@@ -108,7 +110,23 @@ def configure_logging(rank: int) -> None:
     logger.propagate = False
 
 
+def print_config(argv: list[str]) -> int:
+    """--print-config: the config a run with these arguments would use, checked as a run checks it (no MPI)."""
+    from mpisage.config import ConfigError, load_config, parse_args, to_yaml
+    try:
+        sys.stdout.write(to_yaml(load_config(*parse_args(argv))))
+    except ConfigError as e:
+        sys.stderr.write(f"[mpisage] config error: {e}\n")
+        return 2
+    except SystemExit as e:   # --help
+        print(e.code)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--print-config" in argv:
+        return print_config([a for a in argv if a != "--print-config"])
     from mpi4py import MPI
 
     from mpisage.config import ConfigError, load_config, parse_args
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(rank)
     try:
         # Every rank parses the same arguments identically, so a bad config stops every rank the same way.
-        cfg = load_config(*parse_args(sys.argv[1:] if argv is None else argv))
+        cfg = load_config(*parse_args(argv))
     except ConfigError as e:
         if rank == 0:
             sys.stderr.write(f"[mpisage] config error: {e}\n")

@@ -9,8 +9,10 @@
 #              directory to continue that run (resume=auto takes its newest checkpoint).
 #   SRUN_MPI   srun's MPI plug-in; default pmix (Open MPI 4/5, and MPICH built with PMIx). MPICH and Intel MPI
 #              built for PMI-2 need SRUN_MPI=pmi2; `srun --mpi=list` shows what the site offers.
-#   VENV       the virtual environment; default .venv (build it once on the cluster with the site MPI loaded:
-#              `module load <mpi>; TORCH_SPEC=torch bash scripts/setup.sh`, so that mpi4py uses that MPI)
+#   VENV       the virtual environment; default .venv (build it once on a login node: `bash scripts/setup.sh`;
+#              load the site MPI module first, and in the batch script too: mpi4py loads the libmpi it finds
+#              when the job runs)
+#   MPISAGE_REQUEUE=0  do not requeue the job when the time limit stops the run (see slurm/requeue.sh)
 set -euo pipefail
 VENV=${VENV:-.venv}
 JOB="${SLURM_JOB_NAME:-mpisage}-${SLURM_JOB_ID:-0}"
@@ -46,6 +48,7 @@ fi
 echo "[slurm] job $JOB: ${SLURM_NTASKS:-?} ranks on $NODES node(s), $THREADS thread(s) each, run_dir $RUN_DIR"
 # srun does not pass --cpus-per-task on from sbatch (Slurm >= 22.05): give it explicitly.
 # --gpu-bind=none: every rank of a node sees the node's GPU(s); the device map, not Slurm, decides who uses one.
-srun --mpi="${SRUN_MPI:-pmix}" --cpus-per-task="$THREADS" ${SRUN_GPU_ARGS:-} \
+source slurm/requeue.sh
+run_and_requeue "$RUN_DIR" srun --mpi="${SRUN_MPI:-pmix}" --cpus-per-task="$THREADS" ${SRUN_GPU_ARGS:-} \
   "$VENV/bin/python" -m mpisage.run run_dir="$RUN_DIR" resume=auto runtime.torch_threads="$THREADS" \
   "${DEVICE_ARGS[@]}" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "$@"   # (empty arrays trip `set -u` before bash 4.4)

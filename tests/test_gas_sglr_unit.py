@@ -213,7 +213,7 @@ def test_straggler_profiles_and_macs():
 
 
 def _reference_clock(pass_s, act_s, model_s, first, replacements, local_iters, n_steps):
-    """The straggler clock written out as the spec words it, one client iteration at a time: the active client
+    """The straggler clock written out as the GAS paper words it, one client iteration at a time: the active client
     whose clock is earliest acts; its clock advances by backward + forward + upload, or, after its last iteration,
     by backward + model upload, and its replacement inherits that clock. Returns [(time, client)]."""
     clock = {c: pass_s[c] + act_s[c] for c in first}

@@ -1,4 +1,4 @@
-"""Multi-rank tests of the baselines (baselines.md): the paper-figure bytes of a round equal the closed form for
+"""Multi-rank tests of the baselines (the FSL-SAGE paper's): the paper-figure bytes of a round equal the closed form for
 every method, the wire figure is that plus headers and bookkeeping, and split learning with one client trains
 exactly the model a single process trains on the joined network."""
 import os

@@ -134,7 +134,7 @@ def test_a_slow_evaluation_does_not_hold_the_next_round(shared_tmp, monkeypatch)
 
 @pytest.mark.parametrize("wire", ["float32", "bfloat16", "int8"])
 def test_resnet18_round_bytes_match_closed_form(wire, shared_tmp):
-    """fsl_sage.md: per round, every uploaded smashed batch (numel x 4 B, ragged last batch at its size) +
+    """The FSL-SAGE paper's accounting: per round, every uploaded smashed batch (numel x 4 B, ragged last batch at its size) +
     2 x client model per client; plus one aux model per client in alignment rounds. Labels and headers are
     wire-only. Checked to the byte on the ResNet-18 split with a CIFAR-10 fixture. With wire.activations a batch
     costs 2 B per element (bfloat16) or 1 B per element + a 4 B scale per sample (int8)."""

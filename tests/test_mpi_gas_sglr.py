@@ -1,6 +1,6 @@
 """Multi-rank runs of the two other systems: GAS (asynchronous) and SGLR (lockstep parallel split learning). Their
 byte counters must match a hand count of one iteration, and their metrics and checkpoints are written like every
-other method's. Inside the same runs, recorders on the S-server and the client ranks check what the issue names:
+other method's. Inside the same runs, recorders on the S-server and the client ranks check the GAS paper's rules:
 every GAS server batch holds all the real activations and, once every label has statistics, tops every label up to B, the running statistics
 equal those of all activations concatenated, and what each SGLR client receives over MPI is the element-wise mean
 of the slices (for the sampled receivers) or its own slice (for the rest), recomputed independently."""

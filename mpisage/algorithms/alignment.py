@@ -1,5 +1,5 @@
-"""FSL-SAGE's alignment of the auxiliary models to the server (fsl_sage.md, "Alignment"), one client at a time or
-several clients as one batched computation.
+"""FSL-SAGE's alignment of the auxiliary models to the server (the FSL-SAGE paper, Nair et al., ICML 2025), one client
+at a time or several clients as one batched computation.
 
 Per client: true cut-layer gradients G of the current server model on the client's buffer (`true_gradients`), then
 `steps` Adam steps of the client's auxiliary model on sum((g_aux(z) - G)^2), g_aux the input gradient of the aux's

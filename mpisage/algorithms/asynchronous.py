@@ -3,7 +3,8 @@ time, each running E local iterations from the newest global client model and se
 returned models make one global update. The role loops are mpisage/roles/asynchronous.py; an asynchronous method
 fills in the hooks below.
 
-The straggler clock of gas_sglr.md lives here too: every client has a compute speed and an uplink rate, which give
+The straggler clock of the GAS paper (and of its authors' code, eejiarong/GAS) lives here too: every client has a
+compute speed and an uplink rate, which give
 the simulated seconds of an iteration and of a participation (the time axis of the GAS paper's figures).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mpisage.runtime.world import derive_seed
 
 @dataclass
 class ClientProfile:
-    """The straggler model of gas_sglr.md: compute speed c (FLOP/s) and uplink rate R (bit/s) of one client."""
+    """The straggler model of the GAS paper: compute speed c (FLOP/s) and uplink rate R (bit/s) of one client."""
     flops: float
     uplink: float
 
@@ -101,7 +102,7 @@ class SimulatedSchedule:
 
 def simulate_schedule(pass_s, activation_s, model_s, active: int, model_buffer: int, local_iters: int, updates: int,
                       generator: torch.Generator, start_time: float = 0.0) -> SimulatedSchedule:
-    """The straggler schedule of gas_sglr.md (and of the authors' code): the active client whose clock is earliest
+    """The straggler schedule of the GAS paper (and of the authors' code): the active client whose clock is earliest
     acts next, one iteration at a time. A client's clock is the moment its activation reaches the S-server: forward
     (pass_s[k]) + upload (activation_s[k]) after it starts, then backward + forward + upload per further iteration;
     after its last one, backward + model upload (model_s[k]) bring its model to the F-server, and the client drawn

@@ -1,7 +1,7 @@
 """FedAvg (McMahan et al. 2017): every client trains its own full copy of the whole model (client part + server
 part) for the round; the F-server averages both parts. Nothing goes to the S-server during the round; it only
 evaluates the averaged model. (The FSL-SAGE authors' code shares one server-part object between clients, so its
-average is a no-op; here each client owns its copy, as baselines.md asks.)"""
+average is a no-op; here each client owns its copy, as in the FSL-SAGE paper's FedAvg baseline.)"""
 from __future__ import annotations
 
 from mpisage.algorithms.base import Algorithm, ClientState

@@ -1,6 +1,7 @@
 """Local-loss split learning: the client trains its model together with an auxiliary head on its own loss every
 batch, so no gradient ever comes back; it uploads the smashed batch every h-th batch and the single server model
-takes one step on it. Client and auxiliary models are both averaged by the F-server each round (baselines.md).
+takes one step on it. Client and auxiliary models are both averaged by the F-server each round (as in the
+FSL-SAGE paper's CSE-FSL baseline).
 
 - cse_fsl (Mu & Shen 2023): h = fsl.server_update_interval (default 5).
 - local_loss (Han et al. 2021): the same with an upload on every batch (h = 1).

@@ -1,4 +1,4 @@
-"""Split learning with gradients returned on every batch (baselines.md):
+"""Split learning with gradients returned on every batch (SplitFed, Thapa et al., AAAI 2022):
 
 - sl_single_server (SplitFed v2, Thapa et al. 2022): clients in parallel, ONE server model stepped by every
   client's batches in the order they are served (arrival order; canonical client order when deterministic).

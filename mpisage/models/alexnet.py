@@ -1,4 +1,5 @@
-"""The AlexNet-style split of GAS (gas_sglr.md), no BatchNorm ("alexnet").
+"""The AlexNet-style split of GAS (the GAS paper, AAAI 2025, and its authors' code, github.com/eejiarong/GAS), no
+BatchNorm ("alexnet").
 
 Client: conv(3->32) maxpool ReLU conv(32->64) maxpool ReLU   -> smashed [64, s/4, s/4] (64x8x8 at 32, 64x7x7 at 28)
 Server: conv(64->128) conv(128->256) conv(256->256) maxpool(3, 2) ReLU flatten fc(1024) fc(512) fc(classes)

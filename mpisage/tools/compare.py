@@ -14,7 +14,9 @@ OUT/gas:gas.generative=false). Then:
 - OUT/accuracy_vs_gib.png  test accuracy against paper-figure GiB (target as a dashed line) and against wall time.
 
 `--skip-existing` reuses a method whose run_dir already holds a complete metrics.h5, so an interrupted comparison
-resumes where it stopped. A failed run is reported and the others still run; the exit code is then 1.
+resumes where it stopped. A failed run is reported and the others still run; the exit code is then 1. SIGUSR1 or
+SIGTERM (Slurm's time-limit warning, pre-emption) is passed to the running job, which checkpoints and stops; the
+tool then starts no further run and exits 3.
 
 With `--seeds N` (seeds 0..N-1) or `--seed-list 3,5,8` every method runs once per seed, paired (seed s: the same
 partition and initial weights for every method), in OUT/M/seed<s> with resume=auto, and the summary gives means
@@ -29,6 +31,7 @@ import argparse
 import csv
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -142,12 +145,31 @@ def is_complete(run_dir: str) -> bool:
         return False
 
 
+STOPPED = 3      # exit code: a stop signal ended the comparison part-way (slurm/compare.sbatch requeues on it)
+
+
 def run_method(method: str, ranks: int, overrides: list[str], run_dir: str) -> int:
     # The method's own overrides, algorithm and run_dir come last: they win over the shared ones.
     algorithm, *own = method.split(":")
     cmd, env = job_command(ranks, [*overrides, *own, f"algorithm={algorithm}", f"run_dir={run_dir}"])
     print(f"[compare] {method}: {shlex.join(cmd)}", flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    job = subprocess.Popen(cmd, env=env)
+    received = []
+
+    def forward(signum, frame):      # Slurm's time-limit warning (or a pre-emption): the run checkpoints and stops
+        received.append(signal.Signals(signum).name)
+        job.send_signal(signum)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        rc = job.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:     # start no other run: the job is about to end; the same command continues later
+        print(f"[compare] {received[0]}: {method} stopped (exit code {rc}); no further runs started; rerun the same "
+              f"command to continue", file=sys.stderr, flush=True)
+        sys.exit(STOPPED)
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
