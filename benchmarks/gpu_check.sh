@@ -133,7 +133,8 @@ step_install() {
     "$PY" -c 'from mpi4py import MPI' 2>/dev/null || pip_install mpi4py --no-deps --force-reinstall mpi4py
     report_py env_probe_after_mpich env
   fi
-  pip_install mpisage --no-deps -e . || say "  (mpisage runs from the working tree all the same: PYTHONPATH=$REPO)"
+  # no build isolation: an isolated build would fetch setuptools from an index, and the machine has no network
+  pip_install mpisage --no-deps --no-build-isolation -e . || say "  (mpisage runs from the working tree all the same: PYTHONPATH=$REPO)"
 }
 
 step_tests() {

@@ -237,21 +237,21 @@ class FslSage(Algorithm):
             s.align_targets[cid] = (z, y, true_gradients(s.model, z, y, self.train_loss))
         s.align_seconds += time.perf_counter() - start
 
-    def align_many(self, s: FslSageServer, cids, batched: bool | None = None) -> dict[int, float]:
+    def align_many(self, s: FslSageServer, cids, batched: bool = False) -> dict[int, float]:
         """`align` for several clients: the targets `keep_align_target` kept for them (or, for clients without one,
         computed now, one after another on the current server model: exactly as that many `align` calls with no
-        upload between them), then all their auxiliary steps as one batched computation
-        (mpisage.algorithms.alignment) or, by default on CPU, the per-client loop: on CPU the loop's convolutions
-        are already compute-bound and the batched steps measured 1.3x (64-sample buffers) to 1.7x (448) the CPU
-        time of the loop (benchmarks/batched_alignment.py); batched=None batches on accelerators only. Returns each
-        client's last loss."""
+        upload between them), then their auxiliary steps: by default the per-client loop, or with batched=True as
+        one batched computation (mpisage.algorithms.alignment). The loop is the faster path on both kinds of device
+        measured (benchmarks/batched_alignment.py, 10 clients x 448-sample buffers, ResNet-18 aux, seconds per step):
+        CPU 7.17 loop against 13.40 batched, an H200 0.106 against 0.300 (docs/results.md, "First contact with a
+        GPU"). Returns each client's last loss."""
         cids, start = list(cids), time.perf_counter()
         with threads(self.align_threads()), self.aux_of(s, cids):     # every aligned client live together
             losses = self._align_many(s, cids, batched)
         s.align_seconds += time.perf_counter() - start
         return losses
 
-    def _align_many(self, s: FslSageServer, cids: list[int], batched: bool | None) -> dict[int, float]:
+    def _align_many(self, s: FslSageServer, cids: list[int], batched: bool) -> dict[int, float]:
         kept = s.align_targets
         for cid in cids:
             if cid not in kept:
@@ -261,8 +261,6 @@ class FslSage(Algorithm):
         buffers, targets = [(z, y) for z, y, _ in held], [g for _, _, g in held]
         auxes = [s.aux[cid] for cid in cids]
         optimizers = [s.aux_optimizer[cid] for cid in cids]
-        if batched is None:
-            batched = next(s.model.parameters()).device.type != "cpu"
         if batched:
             losses = align_clients(auxes, optimizers, [z for z, _ in buffers], [y for _, y in buffers], targets,
                                    self.cfg.fsl.align_steps, self.train_loss)
