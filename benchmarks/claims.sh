@@ -4,6 +4,9 @@
 #
 #   bash benchmarks/claims.sh                 every claim, seeds 0 1 2, seed-major (partial results are paired)
 #   CLAIMS="sglr gas" SEEDS="0 1" bash benchmarks/claims.sh
+#   CLAIMS=gas SEEDS="$(seq -s ' ' 0 9)" bash benchmarks/claims.sh             GAS and its ablation at 10 seeds
+#   CLAIMS=fsl_sage_dir1 SEEDS="0 1 2 3 4" bash benchmarks/claims.sh         the Dirichlet gap at 5 seeds
+#   CLAIMS="gas_u100 fsl_sage_n600 fsl_sage_n2000" bash benchmarks/claims.sh   100 updates; the crossover sizes
 #
 # Resumable: finished runs are reused and a stopped one continues (compare --seeds passes resume=auto), so the same
 # command after an interruption picks up where it stopped. Each claim's summary (OUT/summary.md, .csv and the
@@ -14,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/claims}
 SEEDS=${SEEDS:-"0 1 2"}
-CLAIMS=${CLAIMS:-"sglr gas fsl_sage_iid fsl_sage_dir1"}
+CLAIMS=${CLAIMS:-"sglr gas fsl_sage_iid fsl_sage_dir1 gas_u100 fsl_sage_n600 fsl_sage_n2000"}
 export MPIR_CVAR_ENABLE_HEAVY_YIELD=${MPIR_CVAR_ENABLE_HEAVY_YIELD:-1} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 compare() { "$PY" -m mpisage.tools.compare --ranks 12 "$@"; }
@@ -35,23 +38,36 @@ gas() {
     -c configs/gas_alexnet_fmnist_shard2.yaml asynchronous.local_iters=5 rounds=20 comm_threshold_mb=880 \
     eval.samples=1000 checkpoint.interval=5
 }
+# GAS against its ablation over 100 global updates (E = 5), no byte budget: GiB and simulated seconds to 0.6.
+gas_u100() {
+  compare --seed-list "$1" --out "$OUT/gas_shard2_u100" --target 0.6,0.7 --reference gas \
+    --methods "gas,gas:gas.generative=false" \
+    -c configs/gas_alexnet_fmnist_shard2.yaml asynchronous.local_iters=5 rounds=100 eval.samples=1000 \
+    checkpoint.interval=10
+}
 
 # FSL-SAGE against its baselines: ResNet-18 split, Fashion-MNIST at 32x32x3, 10 clients x 160 samples, B = 32,
 # Q = 5, l = 5 (alignments at rounds 0, 5, 10), 64-sample alignment buffers, 20 alignment steps, 11 rounds.
-fsl_sage() {   # $1 seeds, $2 distribution (iid | dirichlet), $3 name
-  compare --seed-list "$1" --out "$OUT/$3" --target 0.6,0.7 --reference fsl_sage \
-    --methods "fsl_sage,cse_fsl,sl_single_server,sl_multi_server,fed_avg" \
+fsl_sage() {   # $1 seeds, $2 distribution (iid | dirichlet), $3 name[, $4 samples per client, $5 methods, $6 targets]
+  compare --seed-list "$1" --out "$OUT/$3" --target "${6:-0.6,0.7}" --reference fsl_sage \
+    --methods "${5:-fsl_sage,cse_fsl,sl_single_server,sl_multi_server,fed_avg}" \
     model=resnet18 dataset.name=fashion_mnist dataset.image_size=32 dataset.channels=3 dataset.distribution="$2" \
-    dataset.alpha=1 num_clients=10 dataset.samples_per_client=160 batch_size=32 fsl.server_update_interval=5 \
+    dataset.alpha=1 num_clients=10 dataset.samples_per_client="${4:-160}" batch_size=32 fsl.server_update_interval=5 \
     fsl.align_interval=5 fsl.align_buffer_size=64 fsl.align_steps=20 rounds=11 eval.samples=1000 checkpoint.interval=5
 }
 fsl_sage_iid() { fsl_sage "$1" iid fsl_sage_iid; }
 fsl_sage_dir1() { fsl_sage "$1" noniid_dirichlet fsl_sage_dir1; }
+# FSL-SAGE against SplitFed where their bytes per round part: n = 600 and 2,000 samples per client, both above the
+# crossover n* = 157 that `python benchmarks/crossover.py` predicts for this setting (FedAvg left out: its accuracy
+# equals SplitFed v1's to the bit, and its bytes per round are 2 (S_c + S_s) per client, n-independent).
+crossover_methods="fsl_sage,cse_fsl,sl_single_server,sl_multi_server"
+fsl_sage_n600() { fsl_sage "$1" iid fsl_sage_n600 600 "$crossover_methods" 0.7,0.8; }
+fsl_sage_n2000() { fsl_sage "$1" iid fsl_sage_n2000 2000 "$crossover_methods" 0.7,0.8; }
 
 # In groups, each seed-major: the two small claims first, then FSL-SAGE's IID and Dirichlet runs, so whatever time
 # there is gives paired seeds of whole claims. Each call names every seed so far (finished runs are reused without a
 # launch), so each summary covers them all.
-CLAIM_GROUPS=${CLAIM_GROUPS:-"sglr,gas fsl_sage_iid fsl_sage_dir1"}
+CLAIM_GROUPS=${CLAIM_GROUPS:-"sglr,gas fsl_sage_iid fsl_sage_dir1 gas_u100 fsl_sage_n600,fsl_sage_n2000"}
 status=0
 for group in $CLAIM_GROUPS; do
   done_seeds=""
