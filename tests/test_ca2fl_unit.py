@@ -108,3 +108,9 @@ def test_the_cache_survives_a_checkpoint_bit_for_bit(backend, tmp_path):
     fresh = _ca2fl(backend, tmp_path)                          # without the cache the same returns give another model
     fresh_x = _step(fresh, x1, nxt, template)
     assert not all(torch.equal(a[k], fresh_x[k]) for k in a)
+
+
+def test_a_nonpositive_global_learning_rate_is_refused_by_name():
+    from mpisage.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="ca2fl.global_lr=0.0 is not allowed: must be > 0"):
+        load_config(None, ["algorithm=ca2fl", "ca2fl.global_lr=0"])

@@ -1,4 +1,4 @@
-"""The base of asynchronous methods (GAS, FedBuff): no rounds, C of the K clients active at a
+"""The base of asynchronous methods (GAS, FedBuff, CA2FL): no rounds, C of the K clients active at a
 time, each running E local iterations from the newest global client model and sending its model back; every Q_c
 returned models make one global update. The role loops are mpisage/roles/asynchronous.py; an asynchronous method
 fills in the hooks below.
