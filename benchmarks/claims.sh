@@ -30,11 +30,11 @@ sglr() {
     checkpoint.interval=2
 }
 
-# GAS vs its ablation vs FedBuff vs FedAvg: Fashion-MNIST shard = 2, K = 20, C = 10, E = 5, simulated schedule,
-# every method stopped at the same byte budget (GAS's 20 updates).
+# GAS vs its ablation vs FedBuff vs CA2FL vs FedAvg: Fashion-MNIST shard = 2, K = 20, C = 10, E = 5, simulated
+# schedule, every method stopped at the same byte budget (GAS's 20 updates).
 gas() {
   compare --seed-list "$1" --out "$OUT/gas_shard2" --target 0.6,0.7 --reference gas \
-    --methods "gas,gas:gas.generative=false,fed_buff,fed_avg" \
+    --methods "gas,gas:gas.generative=false,fed_buff,ca2fl,fed_avg" \
     -c configs/gas_alexnet_fmnist_shard2.yaml asynchronous.local_iters=5 rounds=20 comm_threshold_mb=880 \
     eval.samples=1000 checkpoint.interval=5
 }

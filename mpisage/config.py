@@ -151,7 +151,7 @@ class FslConfig:
 
 @dataclass
 class AsynchronousConfig:
-    """The asynchronous algorithms (gas, fed_buff): a "round" is one global client-model update of the F-server.
+    """The asynchronous algorithms (gas, fed_buff, ca2fl): a "round" is one global client-model update of the F-server.
     Synchronous algorithms ignore this section."""
     active_clients: Optional[int] = None     # C: clients training at once (None: all of them)
     local_iters: int = 20                    # E: local iterations per participation
@@ -184,6 +184,15 @@ class GasConfig:
     def validate(self) -> None:
         _require(self.server_buffer is None or self.server_buffer >= 1, "gas.server_buffer", self.server_buffer,
                  "must be >= 1 or null")
+
+
+@dataclass
+class Ca2flConfig:
+    """CA2FL's server step (read by ca2fl only; it runs on the asynchronous section's scheduler and buffer)."""
+    global_lr: float = 1.0                   # eta: x <- x + eta * v, v the calibrated update (CA2FL's server rate)
+
+    def validate(self) -> None:
+        _require(self.global_lr > 0, "ca2fl.global_lr", self.global_lr, "must be > 0")
 
 
 @dataclass
@@ -263,8 +272,9 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)              # data and its split
     optim: OptimConfig = field(default_factory=OptimConfig)                    # optimiser of every model
     fsl: FslConfig = field(default_factory=FslConfig)                          # fsl_sage, cse_fsl
-    asynchronous: AsynchronousConfig = field(default_factory=AsynchronousConfig)   # gas, fed_buff
+    asynchronous: AsynchronousConfig = field(default_factory=AsynchronousConfig)   # gas, fed_buff, ca2fl
     gas: GasConfig = field(default_factory=GasConfig)                          # gas
+    ca2fl: Ca2flConfig = field(default_factory=Ca2flConfig)                    # ca2fl
     sglr: SglrConfig = field(default_factory=SglrConfig)                       # sglr
     lm: LMConfig = field(default_factory=LMConfig)                             # gpt2_medium, gpt2_tiny
     eval: EvalConfig = field(default_factory=EvalConfig)                       # test-set evaluation
@@ -282,7 +292,7 @@ class Config:
 
 # The algorithm names, one source: mpisage.algorithms.REGISTRY has exactly these (tests/test_config.py checks it).
 ALGORITHMS = ("fsl_sage", "cse_fsl", "local_loss", "fed_avg", "sl_single_server", "sl_multi_server", "sl_vanilla",
-              "gas", "sglr", "fed_buff")
+              "gas", "sglr", "fed_buff", "ca2fl")
 ALGORITHM_ALIASES = {"fedbuff": "fed_buff", "fedavg": "fed_avg", "split_avg": "sglr", "splitlr": "sglr",
                      "splitfed_v1": "sl_multi_server", "splitfed_v2": "sl_single_server",
                      "sflv1": "sl_multi_server", "sflv2": "sl_single_server", "vanilla_sl": "sl_vanilla",

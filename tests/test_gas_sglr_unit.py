@@ -292,7 +292,7 @@ def test_niidbench_dirichlet_split_refuses_more_clients_than_its_floor_allows():
         partition(np.arange(100) % 10, 11, "dirichlet_niidbench", alpha=0.5)
 
 
-@pytest.mark.parametrize("name", ["sglr", "gas", "fed_buff"])
+@pytest.mark.parametrize("name", ["sglr", "gas", "fed_buff", "ca2fl"])
 def test_image_only_methods_refuse_a_language_modelling_dataset(name):
     from mpisage.algorithms import REGISTRY
     from mpisage.config import ConfigError

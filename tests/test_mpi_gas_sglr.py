@@ -417,7 +417,8 @@ def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist
     update's metrics row, not of later); resumed from the first, the run completes without a gap; the same in
     arrival order (the client ranks paused at the update). A budget stop
     that comes after the ranks sent their state for a later cut, and FedBuff (an S-server that only evaluates),
-    finish too."""
+    finish too. CA2FL's cache of client updates is checkpointed at the cut and resumed exactly (two resumptions from
+    one cut are the same run), and its bytes per update are those of whole models at every start and return."""
     from mpisage.runtime.checkpoint import list_checkpoints, read_checkpoint
     common = ["model=alexnet", f"dataset.root={fmnist}", "num_clients=4", "asynchronous.active_clients=2",
               "asynchronous.local_iters=2",
@@ -482,3 +483,71 @@ def test_gas_checkpoints_mid_run_at_the_schedules_cut_and_resumes_from_it(fmnist
                 len(list_checkpoints(fed_buff)) == 3]
 
     assert all(on_root(check_stops))
+
+    # CA2FL: its per-client cache of updates and their running sum are in every mid-run checkpoint; two runs resumed
+    # from the same cut are the same run (the simulated schedule), and the restored cache is carried on (one update
+    # after the cut: two returns, so a client cached at the cut keeps its update, which the resumed run must carry)
+    ca2fl = os.path.join(shared_tmp, "ca2fl_cuts")
+    run_job(["algorithm=ca2fl", "rounds=3", "checkpoint.interval=2", f"run_dir={ca2fl}", *common])
+    again = [os.path.join(shared_tmp, f"ca2fl_resumed{i}") for i in range(2)]
+    assert all(on_root(lambda: _ca2fl_cut(ca2fl, again)))
+    for d in again:
+        run_job(["algorithm=ca2fl", "rounds=3", "checkpoint.interval=2", f"run_dir={d}", "resume=auto", *common])
+    assert all(on_root(lambda: _ca2fl_resumed(ca2fl, again)))
+
+
+def _ca2fl_state(path: str) -> dict:
+    """The F-server's CA2FL state in a checkpoint: {client id: cached update} and the cache's running sum."""
+    from mpisage.runtime.checkpoint import read_checkpoint
+    _, state = read_checkpoint(path, ["fserver"])
+    flat = state["fserver"]
+    cache = {int(k.split("/")[2].removeprefix("client")): v for k, v in flat.items()
+             if k.startswith("algorithm/cache/client") and k.endswith("/client")}
+    return {"cache": cache, "sum": flat["algorithm/cache_sum/client"], "global": flat["client/packed"]}
+
+
+def _ca2fl_cut(run_dir: str, resumed: list[str]) -> list:
+    """CA2FL's checkpoint at the first cut holds a cached update for exactly the clients that had returned a model
+    by then, and their sum; bytes per update: every start and every return carries the whole model (closed form)."""
+    import shutil
+
+    from mpisage.models import build_split, state_bytes
+    from mpisage.runtime.checkpoint import list_checkpoints
+    from mpisage.runtime.metrics import read_rounds
+    from mpisage.runtime.transport import Kind
+    r = read_rounds(os.path.join(run_dir, "metrics.h5"))
+    files = list_checkpoints(run_dir)
+    cut = _ca2fl_state(files[0])
+    returned = r["participations_by_client"]
+    total = sum(cut["cache"].values())
+    split = build_split("alexnet", in_channels=1, image_size=28, num_classes=10)
+    paper, returns = r["paper_bytes_by_kind"][-1], int(returned[-1].sum())
+    starts = 2 + returns - 1          # C first starts, then a replacement per return but the run's last
+    for d in resumed:
+        os.makedirs(d)
+        shutil.copy(files[0], d)
+    return [len(files) == 2, sorted(cut["cache"]) == sorted(np.flatnonzero(returned[1]).tolist()),
+            torch.allclose(cut["sum"], total.double(), atol=1e-9, rtol=0),
+            returns == 3 * 2, paper[Kind.ACTIVATION] == 0 and paper[Kind.GRADIENT] == 0,
+            paper[Kind.CLIENT_MODEL] == (starts + returns) * state_bytes(split.client),
+            paper[Kind.SERVER_MODEL] == (starts + returns) * state_bytes(split.server)]
+
+
+def _ca2fl_resumed(run_dir: str, resumed: list[str]) -> list:
+    """The two resumed runs are the same run (rows and final state, to the bit); a client that returned no model after
+    the cut keeps the cached update of the checkpoint; the cache's sum is that of its updates."""
+    from mpisage.runtime.checkpoint import list_checkpoints
+    from mpisage.runtime.metrics import read_rounds
+    a, b = (read_rounds(os.path.join(d, "metrics.h5")) for d in resumed)
+    same_rows = all(np.array_equal(a[k], b[k]) for k in ("round", "test_acc", "test_loss", "simulated_time",
+                                                         "participations_by_client"))
+    cut = _ca2fl_state(list_checkpoints(run_dir)[0])
+    ends = [_ca2fl_state(list_checkpoints(d)[-1]) for d in resumed]
+    same_state = (torch.equal(ends[0]["sum"], ends[1]["sum"]) and torch.equal(ends[0]["global"], ends[1]["global"])
+                  and ends[0]["cache"].keys() == ends[1]["cache"].keys()
+                  and all(torch.equal(v, ends[1]["cache"][c]) for c, v in ends[0]["cache"].items()))
+    after = a["participations_by_client"][-1] - a["participations_by_client"][1]     # returns since the cut
+    kept = [c for c in cut["cache"] if after[c] == 0]          # cached at the cut, no return since
+    carried = all(c in ends[0]["cache"] and torch.equal(cut["cache"][c], ends[0]["cache"][c]) for c in kept)
+    consistent = torch.allclose(ends[0]["sum"], sum(ends[0]["cache"].values()).double(), atol=1e-9, rtol=0)
+    return [list(a["round"]) == [0, 1, 2], same_rows, same_state, len(kept) > 0, carried, consistent]

@@ -1,4 +1,4 @@
-"""The base of asynchronous methods (GAS, FedBuff): no rounds, C of the K clients active at a
+"""The base of asynchronous methods (GAS, FedBuff, CA2FL): no rounds, C of the K clients active at a
 time, each running E local iterations from the newest global client model and sending its model back; every Q_c
 returned models make one global update. The role loops are mpisage/roles/asynchronous.py; an asynchronous method
 fills in the hooks below.
@@ -21,6 +21,7 @@ from mpisage.algorithms.base import Algorithm, ClientState, ServerState
 from mpisage.runtime import wire
 from mpisage.runtime.protocol import ClientLink
 from mpisage.runtime.state import fedavg, state_nbytes
+from mpisage.runtime.transport import Kind
 from mpisage.runtime.world import derive_seed
 
 
@@ -177,12 +178,21 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> float:
 
 
 class AsyncAlgorithm(Algorithm):
-    """Hooks: client_iteration (client), on_activation (S-server), average_models (F-server). `shared_parts` are
-    the parts a participation starts from and sends back; `uses_sserver` = False: clients train on their own (no
-    activation goes up; the S-server only evaluates)."""
+    """Hooks: client_iteration (client), on_activation (S-server), average_models or global_update (F-server),
+    fserver_state / load_fserver_state (what the method keeps on the F-server). `shared_parts` are the parts a
+    participation starts from and sends back; `uses_sserver` = False: clients train on their own (no activation
+    goes up; the S-server only evaluates)."""
     schedule = "async"
     uses_sserver = True
     images_only = True
+    # True: `global_update` is given, with each returned model, the global model it started from (the F-server then
+    # keeps every global model an active client started from). Set by overriding `global_update`.
+    updates_from_start_models = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "global_update" in cls.__dict__ and "updates_from_start_models" not in cls.__dict__:
+            cls.updates_from_start_models = True
 
     def __init__(self, world):
         super().__init__(world)
@@ -235,6 +245,13 @@ class AsyncAlgorithm(Algorithm):
         by_samples = self.cfg.asynchronous.model_weighting == "samples"
         weights = [self.world.num_samples(c) if by_samples else 1.0 for c in cids]
         return fedavg(packed, weights, template.state_dict())
+
+    def global_update(self, kind: Kind, current: torch.Tensor, returned: list[torch.Tensor],
+                      started: list[torch.Tensor] | None, cids: list[int], template: nn.Module) -> torch.Tensor:
+        """The new global part `kind` (packed) from the current one and the Q_c returned ones, in the order they were
+        taken; `started[j]`: the global part returned model j started from (None unless the method overrides this
+        hook). Default: `average_models` of the returned ones."""
+        return self.average_models(returned, cids, template)
 
     def describe(self) -> dict:
         return {**super().describe(), "active_clients": self.active, "model_buffer": self.model_buffer,

@@ -8,7 +8,8 @@ A synchronous method's hooks, by role (all have defaults except the client's ste
             first uploads are answered together; the S-server then serves every first upload before any second one
             and reports the previous round's evaluation before the last of them), end_server_round, evaluation,
             server_report_fields + server_report
-  F-server  aggregate (overriding it makes `aggregate_streams` False: every client's modules arrive at once)
+  F-server  aggregate (overriding it makes `aggregate_streams` False: every client's modules arrive at once),
+            fserver_state + load_fserver_state (state of the method's own on the F-server, checkpointed)
 Class attributes say how the loops run it: `schedule` (parallel | sequential | lockstep), `shared_parts` (what the
 F-server averages), `averages_shared` (False: the shared parts are never averaged, only evaluated).
 Asynchronous methods (GAS, FedBuff) implement `AsyncAlgorithm` instead (mpisage/algorithms/asynchronous.py); their
@@ -180,6 +181,14 @@ class Algorithm:
         weights = [self.world.num_samples(cid) for cid in range(self.world.num_clients)]
         return fedavg(packed, weights, template.state_dict())
 
+    def fserver_state(self) -> dict:
+        """What the method itself keeps on the F-server (nested dicts of tensors), saved in the F-server's part of
+        every checkpoint under `algorithm/` (default: nothing)."""
+        return {}
+
+    def load_fserver_state(self, flat: dict[str, torch.Tensor], prefix: str) -> None:
+        """Restores `fserver_state` on resume from the checkpoint's flat `prefix/...` tensors."""
+
     def describe(self) -> dict:
         """Facts about this run's algorithm for the metrics file."""
         return {"algorithm": self.name, "schedule": self.schedule,
@@ -200,8 +209,9 @@ class Algorithm:
         """A store of per-client state (mpisage/runtime/client_store.py) laid out by the config's client_store;
         `in_use`: how many clients are typically used at once (the slots when the config does not say)."""
         cs = self.cfg.client_store
+        kwargs.setdefault("device", self.world.device)
         return ClientStore(ids, make, slots=cs.slots or max(2, in_use), backend=cs.backend, directory=cs.directory,
-                           device=self.world.device, **kwargs)
+                           **kwargs)
 
     def server_slots(self) -> int:
         """Live per-client states on the S-server: client_store.slots, else one per client rank (each client rank

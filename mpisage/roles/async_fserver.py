@@ -16,6 +16,7 @@ one checkpoint of every rank, from which `resume=` continues."""
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +33,14 @@ from mpisage.runtime.state import pack_state
 from mpisage.runtime.protocol import (CLIENT_ROUND, EVAL_RESULT, FINAL_CLIENT_REPORT, RANK_REPORT,
                                       async_sserver_report, recv_any_report, recv_report)
 from mpisage.runtime.transport import F_SERVER, NUM_KINDS, S_SERVER, Kind, ProtocolError
+
+
+class Returned(NamedTuple):
+    """One returned model in the buffer: its parts by kind, its client, the global model it started from (by kind;
+    None unless the method's update needs it)."""
+    parts: dict
+    client: int
+    started: dict | None
 
 
 def run_async_fserver(algo, log) -> dict:
@@ -64,7 +73,10 @@ class AsyncFServer:
         self.starts = dict.fromkeys(world.client_ranks, 0)
         self.sim_start, self.sim_now = {}, 0.0
         self.participations = np.zeros(m, dtype=np.int64)
-        self.buffer: list[tuple[dict, int]] = []                 # (returned parts, client id)
+        self.buffer: list[Returned] = []
+        # the global model each active client started from, by version (only for a method whose update needs it)
+        self.started_from: dict[int, int] = {}                   # active client -> the version it started from
+        self.models_at: dict[int, dict] = {}                     # version -> that global model (versions in use)
         self.update_clock: dict[int, tuple[float, float]] = {}   # version -> (wall seconds, simulated seconds)
         self.participations_at: dict[int, np.ndarray] = {}       # version -> returned models per client then
         self.local_stats = np.zeros((m, 4))
@@ -88,6 +100,7 @@ class AsyncFServer:
         flat = self.world.resume_state("fserver")
         restore_transport(self.t, flat)
         self.global_model = {kind: flat[f"{part_name(kind)}/packed"].clone() for kind in self.templates}
+        self.algo.load_fserver_state(flat, "algorithm")
         self.version = self.requested = self.world.start_round
         self.participations = flat["schedule/participations"].numpy().copy()
         self.local_stats = flat["schedule/local_stats"].numpy().copy()
@@ -110,7 +123,8 @@ class AsyncFServer:
                              "clock": torch.tensor([self.sim_now, time.perf_counter() - self.start],
                                                    dtype=torch.float64),
                              "rng": self.rng.get_state(),
-                             "reports": torch.from_numpy(np.stack([self.counters[r] for r in range(1, t.size)]))}}
+                             "reports": torch.from_numpy(np.stack([self.counters[r] for r in range(1, t.size)]))},
+                "algorithm": self.algo.fserver_state()}
 
     # ------------------------------------------------------------------ schedule-specific steps
     def start_first_clients(self) -> None:
@@ -143,6 +157,9 @@ class AsyncFServer:
             self.t.send(self.world.rank_of(cid), kind, packed, round=self.version, client=cid)
         self.starts[self.world.rank_of(cid)] += 1
         self.sim_start[cid] = self.sim_now
+        if self.algo.updates_from_start_models:
+            self.started_from[cid] = self.version
+            self.models_at.setdefault(self.version, self.global_model)
 
     def take_return(self, src: int) -> None:
         """A returned model with its figures; every Q_c of them make a global update; its client's replacement
@@ -156,16 +173,19 @@ class AsyncFServer:
         self.counters[src], self.resident[src] = rank_report["counters"], rank_report["resident_bytes"]
         self.participations[cid] += 1
         self.advance_clock(cid)
-        self.buffer.append((returned, cid))
+        self.buffer.append(Returned(returned, cid, self.start_model(cid)))
         if len(self.buffer) == self.algo.model_buffer:
             self.update()
         self.start_replacement(cid)
 
     def update(self) -> None:
         """The new global model from the buffer; its evaluation asked for; a mid-run checkpoint's cut taken."""
-        buffer = self.buffer
-        self.global_model = {kind: self.algo.average_models([b[0][kind] for b in buffer], [b[1] for b in buffer],
-                                                            template) for kind, template in self.templates.items()}
+        buffer, cids = self.buffer, [b.client for b in self.buffer]
+        self.global_model = {
+            kind: self.algo.global_update(kind, self.global_model[kind], [b.parts[kind] for b in buffer],
+                                          [b.started[kind] for b in buffer] if buffer[0].started else None, cids,
+                                          template)
+            for kind, template in self.templates.items()}
         buffer.clear()
         self.update_clock[self.version] = (time.perf_counter() - self.start, self.sim_now)
         self.participations_at[self.version] = self.participations.copy()
@@ -177,6 +197,17 @@ class AsyncFServer:
             self.cut_states[self.version] = self.own_state()
             self.pause(self.version)
         self.version += 1
+
+    def start_model(self, cid: int) -> dict | None:
+        """The global model client `cid`'s returned one started from (None: the method does not use it); versions
+        no active client started from are dropped, so at most C + 1 global models are kept."""
+        if not self.algo.updates_from_start_models:
+            return None
+        started = self.models_at[self.started_from.pop(cid)]
+        in_use = {*self.started_from.values(), self.version}
+        for version in [v for v in self.models_at if v not in in_use]:
+            del self.models_at[version]
+        return started
 
     def take_evaluation(self, src: int) -> None:
         """An evaluation result: its row, then the stop rule; a mid-run checkpoint once its row is in."""
